@@ -1,0 +1,115 @@
+"""Batched generation with a KV cache: one prefill over the left-padded prompts, then one-token decode steps.
+
+Prompts of different lengths are left-padded; `Transformer` masks the pad slots and counts RoPE
+positions over real tokens only, so each row generates exactly what it would generate alone.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol
+
+import torch
+
+from llama.model import Transformer
+
+
+class _HasStopTokens(Protocol):
+    stop_tokens: list[int]
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row from logits (B, vocab) fp32: greedy when temperature == 0, else nucleus sampling.
+
+    Nucleus sampling keeps the smallest set of most likely tokens whose probability mass reaches
+    `top_p` (the token that crosses the threshold included), renormalises, and draws once.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sorted, idx = probs.sort(dim=-1, descending=True)
+    mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+    probs_sorted = probs_sorted.masked_fill(mass_before > top_p, 0.0)
+    choice = torch.multinomial(probs_sorted, num_samples=1, generator=generator)  # renormalises itself
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Run the left-padded prompts (B, T) through the model into the cache; logits (B, vocab) of the last slot."""
+    h = model.hidden_states(tokens, 0, token_mask)[:, -1]
+    return model.output(h).float()
+
+
+def decode_one(model: Transformer, token: torch.Tensor, pos: int) -> torch.Tensor:
+    """One decode step: token (B,) at cache slot `pos` -> logits (B, vocab) for the next slot."""
+    return model(token[:, None], start_pos=pos)[:, -1]
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompt_tokens: list[list[int]],
+    max_gen_len: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_tokens: Optional[list[int]] = None,
+    *,
+    tokenizer: Optional[_HasStopTokens] = None,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> list[list[int]]:
+    """Generate up to `max_gen_len` new tokens for each prompt; returns the new tokens of each row,
+    cut before its first stop token.
+
+    stop_tokens: None means the tokenizer's (`tokenizer.stop_tokens`; none without a tokenizer),
+        [] means none. Each row stops on its own; the loop ends once every row has stopped.
+    temperature: 0 is greedy; otherwise nucleus sampling with `top_p`, reproducible through `generator`.
+    callback(step, tokens): called after each step with the step index and the (B,) tokens just chosen.
+    max_gen_len is shortened so that prompt + generation fits the model's `max_seq_len`.
+    """
+    if not prompt_tokens:
+        return []
+    if stop_tokens is None:
+        stop_tokens = list(tokenizer.stop_tokens) if tokenizer is not None else []
+    max_seq_len = model.args.max_seq_len
+    lens = [len(p) for p in prompt_tokens]
+    for i, n in enumerate(lens):
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if n >= max_seq_len:
+            raise ValueError(f"prompt {i} has {n} tokens; max_seq_len {max_seq_len} leaves no room to generate")
+    bsz, max_prompt = len(prompt_tokens), max(lens)
+    total_len = min(max_seq_len, max_prompt + max_gen_len)
+    max_gen_len = total_len - max_prompt
+
+    device = model.tok_embeddings.weight.device
+    if model.cache_shape is None or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len:
+        model.setup_caches(bsz, total_len)
+    model.cache_valid.zero_()
+
+    tokens = torch.zeros(bsz, max_prompt, dtype=torch.long, device=device)
+    token_mask = torch.zeros(bsz, max_prompt, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompt_tokens):
+        tokens[i, max_prompt - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        token_mask[i, max_prompt - len(p):] = True
+
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    out = torch.zeros(bsz, max_gen_len, dtype=torch.long, device=device)
+    n_steps = 0
+    logits = prefill(model, tokens, token_mask)
+    for step in range(max_gen_len):
+        next_token = sample_top_p(logits, temperature, top_p, generator)
+        out[:, step] = next_token
+        n_steps = step + 1
+        if callback is not None:
+            callback(step, next_token)
+        done |= torch.isin(next_token, stop)
+        if bool(done.all()) or step + 1 == max_gen_len:
+            break
+        logits = decode_one(model, next_token, max_prompt + step)
+
+    result = []
+    for row in out[:, :n_steps].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop_tokens), len(row))
+        result.append(row[:cut])
+    return result

@@ -1,0 +1,337 @@
+"""LLaMA-3/3.1 in one file, with Meta's parameter names so `consolidated.*.pth` loads as is.
+
+Padding: every forward may take `token_mask` (B, T), True at real tokens. A row's real tokens get
+RoPE positions 0, 1, 2, ... counted over real tokens only, and attention never reads a padded
+key. This makes left padding (generation) and right padding (training) both exact: a padded row
+computes, at its real positions, the same numbers as the row alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """Every key of Meta's LLaMA-3/3.1 `params.json`, plus the run-time sizes.
+
+    `ModelArgs(**params)` raises `ValueError` naming an unknown or missing key.
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: Optional[int] = None
+    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional package, causal unpadded calls only)
+
+    def __new__(cls, *args, **kwargs):
+        if args:
+            raise ValueError("ModelArgs takes keyword arguments only (the keys of params.json)")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            raise ValueError(f"ModelArgs: unknown key(s) {unknown}; expected keys of params.json: {sorted(fields)}")
+        missing = [n for n, f in fields.items()
+                   if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"ModelArgs: missing required key(s) {missing}")
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.vocab_size <= 0:
+            raise ValueError(f"ModelArgs: vocab_size must be positive, got {self.vocab_size} "
+                             "(LLaMA-2 params.json stores -1: set it from the tokenizer)")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.attn_impl not in ("sdpa", "flash_attn"):
+            raise ValueError(f"ModelArgs: attn_impl must be 'sdpa' or 'flash_attn', got {self.attn_impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's SwiGLU width: 2/3 of 4*dim, times `ffn_dim_multiplier`, rounded up to `multiple_of`."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 loses the small variance terms), scale in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,), fp32, with LLaMA-3.1 scaling when `use_scaled_rope`.
+
+    LLaMA-3.1 scaling (factor 8, low-frequency factor 1, high-frequency factor 4, original
+    context 8192): wavelengths shorter than 8192/4 are kept, longer than 8192/1 divided by 8,
+    and those between interpolated smoothly.
+    """
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32)[: hd // 2] / hd))
+    if not args.use_scaled_rope:
+        return inv_freq
+    factor, low_ff, high_ff, old_ctx = 8.0, 1.0, 4.0, 8192.0
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low_ff) / (high_ff - low_ff)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_ctx / low_ff, inv_freq / factor, interpolated)
+    return torch.where(wavelen < old_ctx / high_ff, inv_freq, scaled)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by angles with cos/sin (B, T, hd/2).
+
+    Meta's checkpoints store wq/wk rows in this interleaved layout (transformers' use a half split).
+    Computed in fp32, returned in x's dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class ForwardMeta:
+    """What every block needs besides its input, built once per forward by `Transformer`.
+
+    cos, sin: (B, T, head_dim/2) fp32 rotary tables at each token's position.
+    attn_mask: (B, 1, T, S) bool, True where a query may read a key; None means plain causal
+        attention over this chunk (no cache, no padding).
+    token_mask: (B, T) bool, True at real tokens; None when every token is real.
+    start_pos: the KV-cache slot of the chunk's first token.
+    """
+
+    start_pos: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attn_mask: Optional[torch.Tensor]
+    token_mask: Optional[torch.Tensor]
+
+
+class KVCache(nn.Module):
+    """Keys and values of past tokens, (B, n_kv_heads, S, head_dim), made by `Transformer.setup_caches`."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there."""
+        bsz, _, seqlen, _ = k.shape
+        end = start_pos + seqlen
+        self.k[:bsz, :, start_pos:end] = k
+        self.v[:bsz, :, start_pos:end] = v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. `forward` is split into `qkv` and `attend` so that a subclass can
+    add to the attention output before `wo` without repeating the rest."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.attn_impl = args.attn_impl
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def qkv(self, x: torch.Tensor, meta: ForwardMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q (B, H, T, hd) rotated; k, v (B, KV, S, hd) including cached slots."""
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q = apply_rotary_emb(q, meta.cos, meta.sin).transpose(1, 2)
+        k = apply_rotary_emb(k, meta.cos, meta.sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.cache is not None:
+            k, v = self.cache.update(meta.start_pos, k, v)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
+        """Softmax attention of q (B, H, T, hd) over k, v (B, KV, S, hd) -> (B, T, H*hd)."""
+        if self.attn_impl == "flash_attn" and meta.attn_mask is None:
+            from flash_attn import flash_attn_func  # optional dependency, imported only when asked for
+
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=meta.attn_mask, is_causal=meta.attn_mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            ).transpose(1, 2)
+        return out.flatten(2)
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
+        q, k, v = self.qkv(x, meta)
+        return self.wo(self.attend(q, k, v, meta))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(SiLU(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), meta)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.grad_checkpointing = False  # recompute each block in backward (training memory)
+        self.cache_valid: Optional[torch.Tensor] = None  # (B, S) bool: which cache slots hold real tokens
+        self._inv_freq: Optional[torch.Tensor] = None
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate a KV cache of (max_batch_size, max_seq_len) in every layer (default: the weights' dtype/device)."""
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"setup_caches: max_seq_len {max_seq_len} exceeds the model's max_seq_len "
+                             f"{self.args.max_seq_len}")
+        w = self.tok_embeddings.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
+                                            self.args.head_dim, dtype, device)
+        self.cache_valid = torch.zeros(max_batch_size, max_seq_len, dtype=torch.bool, device=device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+        self.cache_valid = None
+
+    @property
+    def cache_shape(self) -> Optional[tuple[int, int]]:
+        """(max_batch_size, max_seq_len) of the current KV cache, or None."""
+        return None if self.cache_valid is None else tuple(self.cache_valid.shape)
+
+    # ---- forward --------------------------------------------------------------------------
+    def _meta(self, tokens: torch.Tensor, start_pos: int, token_mask: Optional[torch.Tensor]) -> ForwardMeta:
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope_inv_freq(self.args, device)
+        if token_mask is not None and token_mask.shape != tokens.shape:
+            raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != tokens shape {tuple(tokens.shape)}")
+        end = start_pos + seqlen
+        if end > self.args.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.args.max_seq_len}")
+
+        if self.cache_valid is None:
+            if start_pos != 0:
+                raise ValueError("start_pos > 0 needs a KV cache: call setup_caches first")
+            if token_mask is None:
+                positions = torch.arange(seqlen, device=device).expand(bsz, seqlen)
+                attn_mask = None
+            else:
+                positions = (token_mask.long().cumsum(1) - 1).clamp(min=0)
+                causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
+                attn_mask = causal & token_mask[:, None, :]
+        else:
+            cache_bsz, cache_len = self.cache_valid.shape
+            if bsz > cache_bsz or end > cache_len:
+                raise ValueError(f"batch {bsz} x {end} tokens does not fit the KV cache {cache_bsz} x {cache_len}")
+            valid = self.cache_valid[:bsz]
+            valid[:, start_pos:end] = True if token_mask is None else token_mask
+            # Position of each new token = number of real tokens before it in its row.
+            positions = valid[:, :end].long().cumsum(1)[:, start_pos:end] - 1
+            positions = positions.clamp(min=0)
+            causal = torch.ones(seqlen, end, dtype=torch.bool, device=device).tril(diagonal=start_pos)
+            attn_mask = causal & valid[:, None, :end]
+        if attn_mask is not None:
+            # A padded query with no readable key would give NaN; let it read itself (its output is unused).
+            diag = torch.zeros_like(attn_mask[0])
+            diag[torch.arange(seqlen, device=device), torch.arange(start_pos, end, device=device)] = True
+            attn_mask = (attn_mask | diag)[:, None]  # (B, 1, T, S)
+
+        angles = positions[..., None].float() * self._inv_freq  # (B, T, hd/2)
+        return ForwardMeta(start_pos, angles.cos(), angles.sin(), attn_mask, token_mask)
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0,
+                      token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, dim), without the vocabulary projection.
+
+        Training computes logits from these only at label positions.
+        """
+        meta = self._meta(tokens, start_pos, token_mask)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, meta, use_reentrant=False)
+            else:
+                h = layer(h, meta)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0,
+                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) fp32.
+
+        start_pos: cache slot of tokens[:, 0] (0 without a KV cache).
+        token_mask: (B, T) bool, True at real tokens (left or right padding), None if all real.
+        """
+        return self.output(self.hidden_states(tokens, start_pos, token_mask)).float()
