@@ -1,0 +1,31 @@
+"""Score math predictions: a prediction file and its siblings for the six math sets.
+
+    python evaluate_math.py --predict_file DIR/AddSub_predict_X.jsonl [--mode strict]
+
+Prints a table, writes `<file>_scored.jsonl` beside each prediction file and appends one
+line to `DIR/acc_score.jsonl` (DESIGN §3 "scores", §3a; the rules live in moa/scoring.py).
+"""
+import argparse
+import sys
+
+from moa.scoring import MATH_SETS, format_report, score_benchmark
+
+
+def main() -> None:
+    """Parse the flags, score, print the malformed lines (stderr) and the table (stdout)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predict_file", required=True,
+                        help=f"a prediction file of any of {', '.join(MATH_SETS)}; "
+                             "its siblings are found by swapping the set name in the file name")
+    parser.add_argument("--mode", choices=("standard", "strict"), default="standard",
+                        help="strict also reads only an explicit final answer and reports it "
+                             "beside the standard score (never instead of it)")
+    args = parser.parse_args()
+    report = score_benchmark(args.predict_file, "math", args.mode)
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    print(format_report(report))
+
+
+if __name__ == "__main__":
+    main()

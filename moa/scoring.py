@@ -1,0 +1,468 @@
+"""Scoring of prediction files for the math and commonsense benchmarks (DESIGN §3 "scores", §3a).
+
+Pure Python (no torch), so scoring runs anywhere the prediction files are.
+
+Two halves:
+- the rules: what a generation predicts for a set, and whether that prediction is right.
+  The standard rules are the LLM-Adapters rules that the MoA paper's numbers use; the
+  strict rules (math only) read an explicit final answer and are reported beside them.
+- the driver: from one prediction file, find its siblings for the other sets of the
+  benchmark, score each, write per-row verdicts beside each file, append one summary line
+  to `acc_score.jsonl` in the same directory, and return a printable report.
+
+Accuracies are fractions in [0, 1]. A set with no prediction file, or an empty one, is
+"missing": its key in the summary line is `null` and it is named in `"missing"`; the
+average is the unweighted mean over the sets that were scored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+MATH_SETS: tuple[str, ...] = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
+COMMONSENSE_SETS: tuple[str, ...] = (
+    "boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa", "winogrande",
+)
+# Scored when its prediction file exists; never reported as missing.
+OPTIONAL_COMMONSENSE_SETS: tuple[str, ...] = ("hellaswag",)
+
+TOLERANCE = 1e-3  # |prediction - answer| <= TOLERANCE counts as correct (LLM-Adapters)
+SUMMARY_FILE = "acc_score.jsonl"
+SCORED_SUFFIX = "_scored"
+
+Mode = Literal["standard", "strict"]
+Benchmark = Literal["math", "commonsense"]
+
+# The standard math rules, exactly as LLM-Adapters wrote them: any number, the last wins;
+# AQuA: any capital A-E, the first wins (so "A car ..." reads as "A"; that is the standard).
+_NUMBER_RE = re.compile(r"-?\d+\.?\d*")
+_LETTER_RE = re.compile(r"A|B|C|D|E")
+
+# Strict readings: only an explicit final answer. The FIRST such statement wins: a model
+# that does not stop goes on to write a new "### Instruction:" with answers of its own,
+# so the first explicit answer is the one it gave to this question.
+_STRICT_NUMBER_RE = re.compile(
+    r"(?i:\banswer is)\s*:?\s*\$?\s*(?P<is>-?\d+(?:\.\d+)?)"
+    r"|(?i:\banswer)\s*:\s*\$?\s*(?P<colon>-?\d+(?:\.\d+)?)"
+    r"|\\boxed\{\s*\$?\s*(?P<boxed>-?\d+(?:\.\d+)?)"
+)
+_STRICT_LETTER_RE = re.compile(
+    r"(?i:\banswer is)\s*:?\s*\(?(?P<is>[A-E])(?![A-Za-z])"
+    r"|(?i:\banswer)\s*:\s*\(?(?P<colon>[A-E])(?![A-Za-z])"
+    r"|\\boxed\{\s*\(?(?P<boxed>[A-E])\)?\s*\}"
+)
+
+# The answer words of each commonsense set (checked against data/commonsense/*/test.json:
+# ARC-Easy has one row with answer5, so every answer-numbered set takes answer1..answer5).
+_ANSWER_NUMBERS = ("answer1", "answer2", "answer3", "answer4", "answer5")
+COMMONSENSE_WORDS: dict[str, tuple[str, ...]] = {
+    "boolq": ("true", "false"),
+    "piqa": ("solution1", "solution2"),
+    "social_i_qa": _ANSWER_NUMBERS,
+    "ARC-Challenge": _ANSWER_NUMBERS,
+    "ARC-Easy": _ANSWER_NUMBERS,
+    "openbookqa": _ANSWER_NUMBERS,
+    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+    "winogrande": ("option1", "option2"),
+}
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+def extract_number(generation: str) -> str | None:
+    """Standard numeric reading: the last match of `-?\\d+\\.?\\d*` after dropping every `,`.
+
+    Returns the matched text (e.g. "1234", "3.") or None when there is no number.
+    """
+    matches = _NUMBER_RE.findall(generation.replace(",", ""))
+    return matches[-1] if matches else None
+
+
+def extract_letter(generation: str) -> str | None:
+    """Standard AQuA reading: the first capital A-E in the stripped generation, or None."""
+    match = _LETTER_RE.search(generation.strip())
+    return match.group(0) if match else None
+
+
+def extract_strict_number(generation: str) -> str | None:
+    """Strict numeric reading: the first "answer is[:] X", "Answer: X" or "\\boxed{X}".
+
+    Commas are dropped first and a leading `$` is allowed; returns the number's text
+    (a trailing full stop is not part of it) or None when no explicit answer is stated.
+    """
+    match = _STRICT_NUMBER_RE.search(generation.replace(",", ""))
+    return _first_group(match)
+
+
+def extract_strict_letter(generation: str) -> str | None:
+    """Strict AQuA reading: the first "answer is (C)" / "answer is: C" / "Answer: C" / "\\boxed{C}".
+
+    The letter must be a capital A-E standing alone ("answer is Alice" is no answer).
+    """
+    return _first_group(_STRICT_LETTER_RE.search(generation))
+
+
+def extract_word(generation: str, words: Sequence[str]) -> str | None:
+    """Commonsense reading: the first occurrence of any of `words` (case-sensitive), or None."""
+    match = re.search("|".join(re.escape(w) for w in words), generation)
+    return match.group(0) if match else None
+
+
+def _first_group(match: re.Match[str] | None) -> str | None:
+    """The text of whichever named group of an alternation matched."""
+    if match is None:
+        return None
+    return next(v for v in match.groupdict().values() if v is not None)
+
+
+def parse_number_answer(raw: object) -> float:
+    """A numeric set's `answer` field (str, int or float, e.g. "5.0", 9, 0.6) as a finite float.
+
+    Raises ValueError when it is anything else.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ValueError(f"expected a number or a numeric string, got {raw!r}")
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except ValueError:
+        raise ValueError(f"expected a number or a numeric string, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return value
+
+
+def number_is_correct(pred: str | None, answer: float) -> bool:
+    """True when the predicted number is within TOLERANCE of the answer (None: wrong)."""
+    if pred is None:
+        return False
+    return abs(float(pred) - answer) <= TOLERANCE
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one set is scored.
+
+    extract: generation -> prediction text or None (standard reading).
+    strict_extract: the strict reading, or None for sets that have none.
+    parse_answer: the row's `answer` field -> the value compared (ValueError if unusable).
+    is_correct: (prediction, parsed answer) -> verdict.
+    """
+
+    extract: Callable[[str], str | None]
+    strict_extract: Callable[[str], str | None] | None
+    parse_answer: Callable[[object], object]
+    is_correct: Callable[[str | None, object], bool]
+
+
+def _choice_answer_parser(choices: Sequence[str]) -> Callable[[object], str]:
+    """A parser that accepts exactly one of `choices` as the answer field."""
+
+    def parse(raw: object) -> str:
+        if not isinstance(raw, str) or raw.strip() not in choices:
+            raise ValueError(f"expected one of {'/'.join(choices)}, got {raw!r}")
+        return raw.strip()
+
+    return parse
+
+
+def _equal(pred: str | None, answer: object) -> bool:
+    """Exact match of the prediction with the answer (None: wrong)."""
+    return pred is not None and pred == answer
+
+
+_NUMBER_RULE = Rule(extract_number, extract_strict_number, parse_number_answer, number_is_correct)
+_LETTER_RULE = Rule(extract_letter, extract_strict_letter, _choice_answer_parser(("A", "B", "C", "D", "E")), _equal)
+
+
+def rule_for(set_name: str) -> Rule:
+    """The scoring rule of a math or commonsense set, by its name (e.g. "gsm8k", "piqa")."""
+    if set_name == "AQuA":
+        return _LETTER_RULE
+    if set_name in MATH_SETS:
+        return _NUMBER_RULE
+    if set_name in COMMONSENSE_WORDS:
+        words = COMMONSENSE_WORDS[set_name]
+        return Rule(lambda g: extract_word(g, words), None, _choice_answer_parser(words), _equal)
+    raise ValueError(f"unknown set {set_name!r}: expected one of "
+                     f"{', '.join(MATH_SETS + tuple(COMMONSENSE_WORDS))}")
+
+
+def score_generation(set_name: str, generation: str, answer: object,
+                     mode: Mode = "standard") -> tuple[str | None, bool]:
+    """Score one generation against one answer field: returns (prediction text or None, correct).
+
+    mode "strict" uses the strict reading (math sets only). Raises ValueError for an
+    unusable answer or a set without a strict reading.
+    """
+    rule = rule_for(set_name)
+    extract = rule.extract if mode == "standard" else rule.strict_extract
+    if extract is None:
+        raise ValueError(f"set {set_name!r} has no strict reading")
+    pred = extract(generation)
+    return pred, rule.is_correct(pred, rule.parse_answer(answer))
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+@dataclass
+class SetScore:
+    """The result of scoring one prediction file.
+
+    rows: non-blank lines read; malformed: how many of them could not be scored (counted
+    wrong); correct / strict_correct: rows right under the standard / strict reading
+    (strict_correct is None when the strict reading was not asked for).
+    """
+
+    name: str
+    path: Path
+    rows: int = 0
+    malformed: int = 0
+    correct: int = 0
+    strict_correct: int | None = None
+    scored_rows: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of rows correct under the standard reading."""
+        return self.correct / self.rows
+
+    @property
+    def strict_accuracy(self) -> float | None:
+        """Fraction of rows correct under the strict reading, or None if not scored."""
+        return None if self.strict_correct is None else self.strict_correct / self.rows
+
+
+@dataclass
+class Report:
+    """Everything one scoring run produced: per-set scores, missing sets, the summary line."""
+
+    predict_file: Path
+    sets: tuple[str, ...]
+    scores: dict[str, SetScore]
+    missing: dict[str, str]  # set name -> why (no file / empty file)
+    strict: bool
+    summary: dict
+
+    @property
+    def problems(self) -> list[str]:
+        """Every malformed-line message, in set order."""
+        return [p for s in self.scores.values() for p in s.problems]
+
+
+def find_siblings(predict_file: Path, sets: Sequence[str]) -> dict[str, Path]:
+    """The prediction file of every set in `sets`, by swapping the set name in the file name.
+
+    The file name must start with a set name (`AddSub_predict_X.jsonl`) or contain exactly
+    one; only that occurrence is swapped. Returns every candidate path, existing or not.
+    """
+    name = predict_file.name
+    found = [s for s in sets if name.startswith(s)]
+    start = 0
+    if not found:
+        found = [s for s in sets if s in name]
+        if len(found) != 1:
+            raise ValueError(
+                f"--predict_file {predict_file}: its file name must start with, or contain "
+                f"exactly one of, the set names {', '.join(sets)} (found {found or 'none'})")
+        start = name.index(found[0])
+    current = found[0]
+    head, tail = name[:start], name[start + len(current):]
+    return {s: predict_file.with_name(head + s + tail) for s in sets}
+
+
+def scored_path(predict_file: Path) -> Path:
+    """Where the per-row verdicts of a prediction file go: `X.jsonl` -> `X_scored.jsonl`."""
+    return predict_file.with_name(predict_file.stem + SCORED_SUFFIX + predict_file.suffix)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield (1-based line number, row, error) for each non-blank line of a JSONL file.
+
+    row is None and error says why when the line is not a JSON object.
+    """
+    # Undecodable bytes become U+FFFD: the line is still scored rather than stopping the run.
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield number, None, f"bad JSON ({e.msg} at column {e.colno})"
+                continue
+            if not isinstance(row, dict):
+                yield number, None, f"expected a JSON object, got {type(row).__name__}"
+                continue
+            yield number, row, None
+
+
+def _row_problem(row: dict) -> str | None:
+    """Why a parsed row cannot be scored (missing or non-string fields), or None."""
+    if not isinstance(row.get("generate"), str):
+        return "missing field 'generate' (or not a string)"
+    if row.get("answer") is None:
+        return "missing field 'answer'"
+    return None
+
+
+def score_file(name: str, path: Path, strict: bool) -> SetScore:
+    """Score every line of one prediction file with its set's rule.
+
+    Malformed lines are recorded (file and line in `problems`) and counted wrong. An answer
+    field the rule cannot use raises ValueError naming the file, line and field.
+    """
+    rule = rule_for(name)
+    score = SetScore(name, path, strict_correct=0 if strict else None)
+    for number, row, error in read_jsonl(path):
+        score.rows += 1
+        error = error or _row_problem(row)
+        if error is not None:
+            score.malformed += 1
+            score.problems.append(f"{path} line {number}: {error}; counted wrong")
+            verdict = {"pred": None, "flag": False, "error": error, "line": number}
+            if strict:
+                verdict.update(strict_pred=None, strict_flag=False)
+            score.scored_rows.append({**(row or {}), **verdict})
+            continue
+        try:
+            answer = rule.parse_answer(row["answer"])
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: field 'answer': {e}") from None
+        pred = rule.extract(row["generate"])
+        flag = rule.is_correct(pred, answer)
+        score.correct += flag
+        verdict = {"pred": pred, "flag": flag}
+        if strict and rule.strict_extract is not None:
+            strict_pred = rule.strict_extract(row["generate"])
+            strict_flag = rule.is_correct(strict_pred, answer)
+            score.strict_correct += strict_flag
+            verdict.update(strict_pred=strict_pred, strict_flag=strict_flag)
+        score.scored_rows.append({**row, **verdict})
+    return score
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
+    """Write `rows` as JSONL to `path` through a temporary file in the same directory + rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def append_summary(path: Path, record: dict) -> None:
+    """Append one JSON line to `path` in a single write."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _accuracies(sets: Sequence[str], scores: dict[str, SetScore],
+                accuracy: Callable[[SetScore], float | None]) -> dict[str, float | None]:
+    """{set: accuracy or None (missing), ..., "average": mean over scored sets or None}."""
+    values: dict[str, float | None] = {
+        s: (accuracy(scores[s]) if s in scores else None) for s in sets}
+    present = [v for v in values.values() if v is not None]
+    values["average"] = sum(present) / len(present) if present else None
+    return values
+
+
+def summary_record(predict_file: Path, sets: Sequence[str], scores: dict[str, SetScore],
+                   missing: Sequence[str], strict: bool) -> dict:
+    """The `acc_score.jsonl` line: per-set accuracies, average, ["strict"], missing, predict_file."""
+    record: dict = _accuracies(sets, scores, lambda s: s.accuracy)
+    if strict:
+        record["strict"] = _accuracies(sets, scores, lambda s: s.strict_accuracy)
+    record["missing"] = list(missing)
+    record["predict_file"] = str(predict_file)
+    return record
+
+
+def score_benchmark(predict_file: str | os.PathLike, benchmark: Benchmark,
+                    mode: Mode = "standard") -> Report:
+    """Score a prediction file and its siblings, write the verdicts and append the summary.
+
+    Writes `<file>_scored.jsonl` beside every scored file (overwritten) and appends one
+    line to `acc_score.jsonl` in the file's directory. Nothing is written when an answer
+    field is unusable (ValueError naming file, line and field).
+    """
+    path = Path(predict_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--predict_file {path}: no such file")
+    if path.stem.endswith(SCORED_SUFFIX):
+        raise ValueError(f"--predict_file {path}: this is a scored file; "
+                         "give the prediction file it was made from")
+    if mode not in ("standard", "strict"):
+        raise ValueError(f"--mode {mode!r}: expected 'standard' or 'strict'")
+    if benchmark == "math":
+        required, optional = MATH_SETS, ()
+    elif benchmark == "commonsense":
+        required, optional = COMMONSENSE_SETS, OPTIONAL_COMMONSENSE_SETS
+    else:
+        raise ValueError(f"benchmark {benchmark!r}: expected 'math' or 'commonsense'")
+    strict = mode == "strict"
+    if strict and benchmark != "math":
+        raise ValueError("--mode strict: only the math benchmark has a strict reading")
+    siblings = find_siblings(path, required + optional)
+    scores: dict[str, SetScore] = {}
+    missing: dict[str, str] = {}
+    for name, sibling in siblings.items():
+        if not sibling.is_file():
+            if name in required:
+                missing[name] = f"no file {sibling}"
+            continue
+        score = score_file(name, sibling, strict)
+        if score.rows == 0:
+            missing[name] = f"empty file {sibling}"
+            continue
+        scores[name] = score
+    sets = required + tuple(s for s in optional if s in scores)
+    for score in scores.values():
+        write_jsonl_atomic(scored_path(score.path), score.scored_rows)
+    record = summary_record(path, sets, scores, list(missing), strict)
+    append_summary(path.parent / SUMMARY_FILE, record)
+    return Report(path, sets, scores, missing, strict, record)
+
+
+def _percent(value: float | None) -> str:
+    """A fraction as a percentage with two decimals, or "-" for None."""
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def format_report(report: Report) -> str:
+    """The printed table: one line per set (rows, malformed, accuracy [, strict]), the average,
+    and the missing sets with the reason."""
+    header = f"{'set':<14}{'rows':>7}{'malformed':>11}{'accuracy':>10}"
+    if report.strict:
+        header += f"{'strict':>10}"
+    lines = [header]
+    for name in report.sets:
+        score = report.scores.get(name)
+        if score is None:
+            line = f"{name:<14}{'-':>7}{'-':>11}{'missing':>10}"
+            line += f"{'-':>10}" if report.strict else ""
+        else:
+            line = (f"{name:<14}{score.rows:>7}{score.malformed:>11}"
+                    f"{_percent(score.accuracy):>10}")
+            line += f"{_percent(score.strict_accuracy):>10}" if report.strict else ""
+        lines.append(line)
+    n_present = len(report.scores)
+    line = f"{f'average ({n_present} sets)':<32}{_percent(report.summary['average']):>10}"
+    if report.strict:
+        line += f"{_percent(report.summary['strict']['average']):>10}"
+    lines.append(line)
+    lines += [f"missing: {name} ({why})" for name, why in report.missing.items()]
+    lines.append(f"appended to {report.predict_file.parent / SUMMARY_FILE}")
+    return "\n".join(lines)
