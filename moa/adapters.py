@@ -1,0 +1,226 @@
+"""The expert modules (DESIGN §1): LoRA sites (plain, MoLoRA, HydraLoRA), the parallel adapter
+(single, MoE, hydra) and the prompt (single, E prompt sets).
+
+Every site reads `self.route` (a `Route`, set by its block for the duration of one forward; None
+means weight 1 on every token). Adapter tensors have their own dtype (fp32 by default): inputs are
+cast to it and results cast back to the base's dtype. Homogeneous experts are stacked tensors
+(`A: (E, r, in)`) contracted in one einsum, never a list of modules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.config import MoAConfig
+from moa.routers import ExpertRouter, Route
+
+# delta_fn(z (n, in), row_mask (n,) bool | None, weight (n, 1) | None) -> (n, out)
+DeltaFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+
+
+def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Optional[Route]) -> torch.Tensor:
+    """out (..., d_out) plus the route-weighted expert output delta_fn(z), z (..., d_in).
+
+    Dense route: every token runs the expert. Sparse route (`route.index`): only the selected
+    tokens are gathered, run and scatter-added back; the others cost nothing (an empty selection
+    still runs, with zero rows, so the expert's parameters stay in the autograd graph).
+
+    `out` must be a fresh result that no autograd node saved (a projection's output): it is updated
+    in place, which saves a copy of the activation (and CPU's out-of-place `index_add` is a slow
+    scatter); autograd's version check would raise, not mis-compute, if that were ever violated.
+    """
+    d_out = out.shape[-1]
+    if route is not None and route.index is not None:
+        rows = z.reshape(-1, z.shape[-1]).index_select(0, route.index)  # (n, d_in)
+        delta = delta_fn(rows, None, route.weight)  # (n, d_out)
+        out.view(-1, d_out).index_add_(0, route.index, delta.to(out.dtype))
+        return out
+    lead = z.shape[:-1]
+    weight = row_mask = None
+    if route is not None:
+        if route.weight is not None:
+            weight = route.weight.expand(*lead, 1).reshape(-1, 1)  # (N, 1)
+        if route.token_mask is not None:
+            row_mask = route.token_mask.reshape(-1)
+    delta = delta_fn(z.reshape(-1, z.shape[-1]), row_mask, weight)  # (N, d_out)
+    return out.add_(delta.view(out.shape).to(out.dtype))
+
+
+def _uniform_(t: torch.Tensor, bound: float) -> None:
+    with torch.no_grad():
+        t.uniform_(-bound, bound)
+
+
+class LoRALinear(nn.Module):
+    """Replaces a frozen `nn.Linear`, keeping its `weight` (the same tensor, under the same key).
+
+    mixture 'lora': `lora_A (r, in)`, `lora_B (out, r)`; adds `B A z * alpha / r`.
+    mixture 'molora': `lora_A (E, r, in)`, `lora_B (E, out, r)`, `router` (Linear(in, E), no bias);
+        adds `sum_e p_e B_e A_e z * alpha / r`.
+    mixture 'hydra': one `lora_A (r, in)`, `lora_B (E, out, r)`, `router`; adds `sum_e p_e B_e A z * alpha / r`.
+    Init: A Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default), B zero.
+    """
+
+    def __init__(self, base: nn.Linear, cfg: MoAConfig, mixture: str = "lora", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if mixture not in ("lora", "molora", "hydra"):
+            raise ValueError(f"LoRALinear: mixture must be 'lora', 'molora' or 'hydra', got {mixture!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # frozen, shared (not copied)
+        self.bias = base.bias
+        self.mixture = mixture
+        self.rank = cfg.lora_rank
+        self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.n_experts = 1 if mixture == "lora" else cfg.expert_num
+        kw = dict(device=base.weight.device, dtype=dtype)
+        e, r = self.n_experts, self.rank
+        a_shape = (e, r, self.in_features) if mixture == "molora" else (r, self.in_features)
+        b_shape = (self.out_features, r) if mixture == "lora" else (e, self.out_features, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
+        self.router = None if mixture == "lora" else ExpertRouter(self.in_features, e, cfg, False, **kw)
+        self.route: Optional[Route] = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """Re-initialise the adapter tensors only (never the frozen weight)."""
+        _uniform_(self.lora_A, 1.0 / math.sqrt(self.in_features))
+        nn.init.zeros_(self.lora_B)
+        if self.router is not None:
+            self.router.reset_parameters()
+
+    def delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
+              weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (n, in) -> LoRA output (n, out) in the adapter dtype, times weight (n, 1) if given."""
+        z = z.to(self.lora_A.dtype)
+        coef = self.scale if weight is None else weight.to(z.dtype) * self.scale  # scalar or (n, 1)
+        if self.mixture == "lora":
+            # Weight the rank-r intermediate, not the (n, out) result: r << out.
+            return (z @ self.lora_A.t() * coef) @ self.lora_B.t()
+        p = self.router(z, row_mask) * coef  # (n, E)
+        if self.mixture == "hydra":
+            h = (z @ self.lora_A.t())[:, None, :]  # (n, 1, r), shared A
+        else:
+            h = (z @ self.lora_A.flatten(0, 1).t()).unflatten(-1, (self.n_experts, self.rank))  # (n, E, r)
+        return torch.einsum("ner,eor->no", h * p[..., None], self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) in the base dtype -> (..., out): frozen projection plus the routed LoRA."""
+        return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, self.route)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, mixture={self.mixture}, rank={self.rank}, "
+                f"experts={self.n_experts}, scale={self.scale}")
+
+
+class ParallelAdapter(nn.Module):
+    """`up(SiLU(down(u)))` added to the FFN output, u = ffn_norm(h) (DESIGN §1).
+
+    E = 1: `down (size, dim)`, `down_bias (size,)`, `up (dim, size)`, `up_bias (dim,)`.
+    E > 1: `up (E, dim, size)`, `up_bias (E, dim)`, `router` (Linear(dim, E) with bias); `down`
+    shared (`--p_adapter_hydra True`) or stacked `(E, size, dim)`, `(E, size)`.
+    Init: weights Xavier-uniform with gain 1e-4 (per expert), biases zero.
+    """
+
+    def __init__(self, dim: int, cfg: MoAConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dim, self.size, self.n_experts = dim, cfg.p_adapter_size, cfg.expert_num
+        e, s = self.n_experts, self.size
+        self.shared_down = e == 1 or cfg.p_adapter_hydra
+        kw = dict(device=device, dtype=dtype)
+        self.down = nn.Parameter(torch.empty((s, dim) if self.shared_down else (e, s, dim), **kw))
+        self.down_bias = nn.Parameter(torch.empty((s,) if self.shared_down else (e, s), **kw))
+        self.up = nn.Parameter(torch.empty((dim, s) if e == 1 else (e, dim, s), **kw))
+        self.up_bias = nn.Parameter(torch.empty((dim,) if e == 1 else (e, dim), **kw))
+        self.router = ExpertRouter(dim, e, cfg, True, **kw) if e > 1 else None
+        self.route: Optional[Route] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        xavier = 1e-4 * math.sqrt(6.0 / (self.dim + self.size))  # same fans for down and up
+        _uniform_(self.down, xavier)
+        _uniform_(self.up, xavier)
+        nn.init.zeros_(self.down_bias)
+        nn.init.zeros_(self.up_bias)
+        if self.router is not None:
+            self.router.reset_parameters()
+
+    def delta(self, u: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
+              weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """u (n, dim) -> adapter output (n, dim) in the adapter dtype, times weight (n, 1) if given."""
+        z = u.to(self.down.dtype)
+        w = None if weight is None else weight.to(z.dtype)
+        if self.n_experts == 1:
+            h = F.silu(F.linear(z, self.down, self.down_bias))  # (n, size)
+            if w is None:
+                return F.linear(h, self.up, self.up_bias)
+            return F.linear(h * w, self.up) + w * self.up_bias
+        p = self.router(z, row_mask)  # (n, E)
+        if w is not None:
+            p = p * w
+        if self.shared_down:
+            h = F.silu(F.linear(z, self.down, self.down_bias))[:, None, :]  # (n, 1, size)
+        else:
+            h = F.silu(torch.einsum("nd,esd->nes", z, self.down) + self.down_bias)  # (n, E, size)
+        return torch.einsum("nes,eds->nd", h * p[..., None], self.up) + p @ self.up_bias
+
+
+class PromptExpert(nn.Module):
+    """`prompt_len` learned vectors per layer, read through the frozen wk, wv (no RoPE) as extra
+    keys/values; the RoPE'd query attends to them with a softmax over the prompt positions only,
+    times a per-head `gate (1, n_heads, 1, 1)` (zero init). E > 1: `vectors (E, L, dim)` and the
+    per-token mixture `router` (Linear(dim, E) with bias, on the attention-normed x).
+    Init: vectors N(0, 1) (an embedding's default, the scale of a normed activation); gate zero.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, cfg: MoAConfig, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dim, self.n_heads, self.n_kv_heads = dim, n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.n_experts, self.prompt_len = cfg.expert_num, cfg.prompt_len
+        kw = dict(device=device, dtype=dtype)
+        shape = (cfg.prompt_len, dim) if self.n_experts == 1 else (self.n_experts, cfg.prompt_len, dim)
+        self.vectors = nn.Parameter(torch.empty(shape, **kw))
+        self.gate = nn.Parameter(torch.empty(1, n_heads, 1, 1, **kw))
+        self.router = ExpertRouter(dim, self.n_experts, cfg, True, **kw) if self.n_experts > 1 else None
+        self.route: Optional[Route] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.vectors.normal_()
+        nn.init.zeros_(self.gate)
+        if self.router is not None:
+            self.router.reset_parameters()
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, wk: nn.Module, wv: nn.Module) -> torch.Tensor:
+        """x (B, T, dim) attention input, q (B, H, T, hd) RoPE'd queries -> (B, T, H*hd) in q's dtype,
+        already multiplied by the gate and the route weight (add it before `wo`)."""
+        bsz, _, seqlen, hd = q.shape
+        e, plen, kv = self.n_experts, self.prompt_len, self.n_kv_heads
+        dtype = self.vectors.dtype
+        prompts = self.vectors.reshape(e * plen, self.dim).to(wk.weight.dtype)
+        # The frozen projections only (a LoRA on wk/wv does not apply to the prompt).
+        k = F.linear(prompts, wk.weight, wk.bias).to(dtype).view(e, plen, kv, hd).permute(0, 2, 1, 3)
+        v = F.linear(prompts, wv.weight, wv.bias).to(dtype).view(e, plen, kv, hd).permute(0, 2, 1, 3)
+        # (E, KV, L, hd) -> (E, H, L, hd): query head h reads kv head h // (H / KV), as SDPA's GQA.
+        k = k.repeat_interleave(self.n_heads // kv, dim=1)
+        v = v.repeat_interleave(self.n_heads // kv, dim=1)
+        scores = torch.einsum("bhtd,ehld->bhtel", q.to(dtype), k) / math.sqrt(hd)
+        out = torch.einsum("bhtel,ehld->bthed", scores.softmax(-1), v)  # (B, T, H, E, hd)
+        route = self.route
+        if self.router is not None:
+            row_mask = None if route is None or route.token_mask is None else route.token_mask.reshape(-1)
+            p = self.router(x.reshape(-1, self.dim).to(dtype), row_mask).view(bsz, seqlen, 1, e, 1)
+            out = (out * p).sum(3)  # (B, T, H, hd)
+        else:
+            out = out[:, :, :, 0]
+        scale = self.gate.view(1, 1, self.n_heads, 1)
+        if route is not None and route.weight is not None:
+            scale = scale * route.weight[..., None]  # (B, T|1, H, 1): one product, one saved activation
+        return (out * scale).reshape(bsz, seqlen, self.n_heads * hd).to(q.dtype)

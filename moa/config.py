@@ -1,0 +1,191 @@
+"""`MoAConfig`: every adapter flag by its command-line name, validated; layer spans; adapter_params.json.
+
+Defaults switch every adapter type off (`*_layers = "0-0"`). A wrong value is a `ValueError`
+that names the flag and says what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+# --lora_targets name -> (slot name, path of the projection inside a TransformerBlock).
+# The slot name is the key the type router uses for that LoRA type.
+LORA_TARGETS: dict[str, tuple[str, str]] = {
+    "Q": ("lora.wq", "attention.wq"),
+    "K": ("lora.wk", "attention.wk"),
+    "V": ("lora.wv", "attention.wv"),
+    "O": ("lora.wo", "attention.wo"),
+    "FFN_GATE": ("lora.w1", "feed_forward.w1"),
+    "FFN_UP": ("lora.w3", "feed_forward.w3"),
+    "FFN_DOWN": ("lora.w2", "feed_forward.w2"),
+}
+TYPE_ROUTERS = ("soft", "sparse", "instance", "unipeft", "none")
+EXPERT_ROUTERS = ("soft", "topk", "adamole")
+_SPAN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def parse_spans(flag: str, text: str) -> list[tuple[int, int]]:
+    """Parse `a-b[,c-d]` (end exclusive; `0-0` is empty) into [(a, b), ...]; ValueError naming `flag`."""
+    if not isinstance(text, str):
+        raise ValueError(f"--{flag}: expected layer spans like '0-32' or '0-8,24-32' as a string, got {text!r}")
+    spans = []
+    for part in text.split(","):
+        m = _SPAN.match(part)
+        if m is None:
+            raise ValueError(f"--{flag}: {part!r} is not a span 'start-end' (end exclusive, e.g. '0-32'; '0-0' = none)")
+        start, end = int(m.group(1)), int(m.group(2))
+        if end < start:
+            raise ValueError(f"--{flag}: span {part.strip()!r} ends before it starts")
+        spans.append((start, end))
+    return spans
+
+
+def _as_bool(flag: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("True", "False"):
+        return value == "True"
+    raise ValueError(f"--{flag}: expected True or False, got {value!r}")
+
+
+@dataclass
+class MoAConfig:
+    """The adapter flags, by their command-line names (see DESIGN §1 for what each one means).
+
+    Layer spans are strings `a-b[,c-d]` over block indices, end exclusive (`0-32` = blocks 0..31,
+    `0-0` = none); their range is checked against the model in `layers()`.
+    """
+
+    lora_layers: str = "0-0"
+    lora_rank: int = 8
+    lora_targets: str = "Q,K,V,O,FFN_DOWN"  # subset of Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN
+    lora_alpha: float = 8.0
+    expert_num: int = 1  # E > 1: homogeneous mixture inside every type (MoLoRA/HydraLoRA, MoE adapter, prompt sets)
+    hydra_moe: bool = False  # E > 1: LoRA shares one A per site (HydraLoRA) instead of E full LoRAs (MoLoRA)
+    p_adapter_layers: str = "0-0"
+    p_adapter_size: int = 16
+    p_adapter_hydra: bool = False  # E > 1: parallel adapters share `down`
+    prompt_layers: str = "0-0"
+    prompt_len: int = 10
+    swi_x: int = 0  # type router: 0 = Linear(dim, n_types); k > 0 = SwiGLU with hidden width k * n_types
+    type_router: str = "soft"  # soft | sparse | instance | unipeft | none
+    expert_router: str = "soft"  # soft | topk | adamole (mixtures with expert_num > 1)
+    top_k: int = 2
+    max_threshold: float = 0.5  # sparse: threshold = sigmoid(Linear(x)) * max_threshold (or the constant)
+    const_threshold: bool = False
+    threshold_ste: bool = False  # sparse learned threshold: straight-through gradient (off = paper's code)
+    lb_loss_coeff: float = 0.0  # load-balance loss of the homogeneous mixtures (returned by collect_aux_loss)
+
+    def __post_init__(self) -> None:
+        for flag in ("hydra_moe", "p_adapter_hydra", "const_threshold", "threshold_ste"):
+            setattr(self, flag, _as_bool(flag, getattr(self, flag)))
+        for flag in ("lora_layers", "p_adapter_layers", "prompt_layers"):
+            parse_spans(flag, getattr(self, flag))
+        for flag, low in (("lora_rank", 1), ("expert_num", 1), ("p_adapter_size", 1), ("prompt_len", 1),
+                          ("swi_x", 0), ("top_k", 1)):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{flag}: expected an integer >= {low}, got {value!r}")
+        for flag in ("lora_alpha", "max_threshold", "lb_loss_coeff"):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"--{flag}: expected a number, got {value!r}")
+            setattr(self, flag, float(value))
+        if not 0.0 <= self.max_threshold <= 1.0:
+            raise ValueError(f"--max_threshold: expected a value in [0, 1] (router weights are sigmoids), "
+                             f"got {self.max_threshold}")
+        if self.lb_loss_coeff < 0:
+            raise ValueError(f"--lb_loss_coeff: expected >= 0, got {self.lb_loss_coeff}")
+        if isinstance(self.lora_targets, (list, tuple)):
+            self.lora_targets = ",".join(self.lora_targets)
+        if not isinstance(self.lora_targets, str):
+            raise ValueError(f"--lora_targets: expected a comma-separated string, got {self.lora_targets!r}")
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"--lora_targets: {self.lora_targets!r} must be distinct names from "
+                             f"{','.join(LORA_TARGETS)}" + (f" (unknown: {bad})" if bad else ""))
+        self.lora_targets = ",".join(targets)
+        if self.type_router not in TYPE_ROUTERS:
+            raise ValueError(f"--type_router: expected one of {TYPE_ROUTERS}, got {self.type_router!r}")
+        if self.expert_router not in EXPERT_ROUTERS:
+            raise ValueError(f"--expert_router: expected one of {EXPERT_ROUTERS}, got {self.expert_router!r}")
+        if self.expert_router == "topk" and self.expert_num > 1 and self.top_k > self.expert_num:
+            raise ValueError(f"--top_k: {self.top_k} exceeds --expert_num {self.expert_num}")
+
+    # ---- derived views ------------------------------------------------------------------------
+    @property
+    def target_list(self) -> list[str]:
+        """`lora_targets` as a list, e.g. ['Q', 'K', 'V', 'O', 'FFN_DOWN']."""
+        return self.lora_targets.split(",")
+
+    def layers(self, flag: str, n_layers: int) -> set[int]:
+        """Block indices selected by the span flag `flag` (e.g. 'lora_layers') in a model of `n_layers`.
+
+        A span reaching past `n_layers` is a `ValueError` naming the flag.
+        """
+        if flag not in ("lora_layers", "p_adapter_layers", "prompt_layers"):
+            raise ValueError(f"layers(): {flag!r} is not a layer-span flag")
+        selected: set[int] = set()
+        for start, end in parse_spans(flag, getattr(self, flag)):
+            if end > n_layers:
+                raise ValueError(f"--{flag}: span {start}-{end} is out of range for a model of {n_layers} "
+                                 f"layers (end is exclusive, at most {n_layers})")
+            selected.update(range(start, end))
+        return selected
+
+    @property
+    def has_unused_params(self) -> bool:
+        """True when some trainable parameter never receives a gradient (the sparse learned threshold
+        without --threshold_ste: a comparison): DDP then needs `find_unused_parameters=True`."""
+        return self.type_router == "sparse" and not self.const_threshold and not self.threshold_ste
+
+    # ---- adapter_params.json --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every flag (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "MoAConfig":
+        """Inverse of `to_dict`; an unknown key is a `ValueError` naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"adapter params: unknown flag(s) {unknown}; expected a subset of {sorted(names)}")
+        return cls(**params)
+
+    def to_json(self, path: str) -> None:
+        """Write `adapter_params.json` atomically (temporary file in the same folder, then rename)."""
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter_params.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json(cls, path: str) -> "MoAConfig":
+        """Read `adapter_params.json`; `FileNotFoundError` / `ValueError` name the file."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"adapter params file {path} does not exist")
+        with open(path) as f:
+            try:
+                params = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: expected a JSON object of adapter flags")
+        try:
+            return cls.from_dict(params)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e

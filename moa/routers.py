@@ -1,0 +1,271 @@
+"""Routers: the per-block type router (soft, sparse, instance, UniPEFT, none) and the expert router of
+the homogeneous mixtures (soft, top-k, AdaMoLE), plus the load-balance loss they return.
+
+A block's `BlockRouter` turns the block input into one `Route` per slot (slot names such as
+`"lora.wq"`, `"p_adapter"`, `"prompt"`; never a position in a list). A site reads its `Route` when
+it runs: a dense weight, or (sparse) the flat indices of the tokens that selected it and their
+weights. Padding never reaches a decision: pooled means and selections use the real-token mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.config import MoAConfig
+
+# Surrogate slope of the straight-through threshold gradient (--threshold_ste): the mask's
+# backward is that of sigmoid((w - t) / STE_TEMPERATURE).
+STE_TEMPERATURE = 0.1
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes a
+    block: statistics and auxiliary losses must not be recorded a second time then."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class Route:
+    """How one site is gated in one forward.
+
+    weight: None (= 1); dense: broadcastable to (B, T, 1) ((B, 1, 1) per sequence); sparse: (n, 1).
+    index: None = dense (every token runs the site); else (n,) int64 indices into the flattened
+        B*T tokens that run it (sparse; may be empty).
+    token_mask: (B, T) bool real tokens (dense routes), for the expert routers' statistics.
+    """
+
+    weight: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+    token_mask: Optional[torch.Tensor] = None
+
+
+def masked_mean(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of x (B, T, d) over the real tokens of each row -> (B, d); pads never count."""
+    if token_mask is None:
+        return x.mean(1)
+    m = token_mask.to(x.dtype)[..., None]  # (B, T, 1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ExpertRouter(nn.Module):
+    """Weights (N, E) over the E experts of one homogeneous mixture, from its input z (N, in).
+
+    `soft`: softmax(Linear(z)). `topk`: the top-k softmax weights, renormalised. `adamole`:
+    relu(p - sigmoid(Linear(z)) / E), renormalised. With `lb_loss_coeff > 0`, each training
+    forward leaves `E * sum_i f_i P_i` (over real rows; f_i = share of rows whose top-k, k = 1
+    unless `topk`, contains expert i, divided by k; P_i = mean softmax weight) in `aux_loss`,
+    which `collect_aux_loss` picks up.
+    """
+
+    def __init__(self, in_dim: int, n_experts: int, cfg: MoAConfig, bias: bool,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.n_experts = n_experts
+        self.kind = cfg.expert_router
+        self.top_k = min(cfg.top_k, n_experts)
+        self.lb_loss_coeff = cfg.lb_loss_coeff
+        self.proj = nn.Linear(in_dim, n_experts, bias=bias, device=device, dtype=dtype)
+        self.threshold = (nn.Linear(in_dim, 1, device=device, dtype=dtype) if self.kind == "adamole" else None)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.proj, self.threshold):
+            if lin is not None:
+                lin.reset_parameters()
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+
+    def forward(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (N, in) -> weights (N, E) in z's dtype; row_mask (N,) bool marks real rows (None = all)."""
+        p = F.softmax(self.proj(z), dim=-1)
+        if self.kind == "topk":
+            top, idx = p.topk(self.top_k, dim=-1)
+            w = torch.zeros_like(p).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        elif self.kind == "adamole":
+            tau = torch.sigmoid(self.threshold(z)) / self.n_experts  # (N, 1), below 1/E <= max p
+            w = F.relu(p - tau)
+            w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        else:
+            w = p
+        if self.lb_loss_coeff > 0 and torch.is_grad_enabled():
+            aux = self._balance(p, row_mask)
+            # Checkpointing's recomputation must save what the forward saved, so it computes the term
+            # too, but only the forward's term is handed out.
+            if not in_backward():
+                self.aux_loss = aux
+        return w
+
+    def _balance(self, p: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        k = self.top_k if self.kind == "topk" else 1
+        chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0 / k)  # (N, E)
+        real = torch.ones_like(p[:, 0]) if row_mask is None else row_mask.to(p.dtype)
+        n = real.sum().clamp_min(1.0)
+        f = (chosen.detach() * real[:, None]).sum(0) / n  # (E,) share of routed rows
+        mean_p = (p * real[:, None]).sum(0) / n  # (E,)
+        return self.n_experts * (f * mean_p).sum()
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of `lb_loss_coeff * E * sum_i f_i P_i` over every mixture site of the last training forward.
+
+    Returns a scalar (0 when `lb_loss_coeff` is 0 or there is no mixture) to add to the loss; each
+    stored term is handed out once (collecting clears it).
+    """
+    total = None
+    for module in model.modules():
+        if isinstance(module, ExpertRouter) and module.aux_loss is not None:
+            term = module.lb_loss_coeff * module.aux_loss
+            total = term if total is None else total + term
+            module.aux_loss = None
+    if total is None:
+        param = next(model.parameters(), None)
+        total = torch.zeros((), device=None if param is None else param.device)
+    return total
+
+
+def slot_group(slot: str) -> str:
+    """UniPEFT gate group of a slot: 'lora' for every LoRA site, else the slot itself."""
+    return slot.split(".")[0]
+
+
+class BlockRouter(nn.Module):
+    """One block's type router (`--type_router`) over that block's slots.
+
+    soft/sparse/instance: `w = sigmoid(proj(x))` (`--swi_x 0`) or `sigmoid(w2(SiLU(w1 x) * w3 x))`
+    with hidden width `swi_x * n_types` (biases zero-initialised). sparse adds the threshold
+    `t = sigmoid(threshold(x)) * max_threshold` (or the constant `max_threshold`); a token runs a
+    type iff `w > t` (strict, so `t = 0` keeps every nonzero weight and `t = 1` keeps none), keeping
+    its weight `w`. instance: the router reads the mean of x over each row's real tokens. unipeft:
+    three per-sequence gates `sigmoid(Linear(dim, 1)(mean x))` named 'lora', 'prompt', 'p_adapter'.
+    none: every site at weight 1.
+    """
+
+    def __init__(self, layer_id: int, dim: int, slots: tuple[str, ...], cfg: MoAConfig,
+                 device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.layer_id = layer_id
+        self.slots = slots
+        self.col = {slot: j for j, slot in enumerate(slots)}  # slot name -> router output column
+        self.mode = cfg.type_router
+        self.max_threshold = cfg.max_threshold
+        self.threshold_ste = cfg.threshold_ste
+        self.dtype = dtype
+        n = len(slots)
+        kw = dict(device=device, dtype=dtype)
+        if self.mode in ("soft", "sparse", "instance"):
+            if cfg.swi_x == 0:
+                self.proj = nn.Linear(dim, n, **kw)
+            else:
+                self.w1 = nn.Linear(dim, cfg.swi_x * n, **kw)
+                self.w3 = nn.Linear(dim, cfg.swi_x * n, **kw)
+                self.w2 = nn.Linear(cfg.swi_x * n, n, **kw)
+        self.threshold = (nn.Linear(dim, 1, **kw) if self.mode == "sparse" and not cfg.const_threshold else None)
+        self.gates = (nn.ModuleDict({g: nn.Linear(dim, 1, **kw) for g in dict.fromkeys(map(slot_group, slots))})
+                      if self.mode == "unipeft" else None)
+        self.stats = None  # a RouterStats collecting while its `with` block runs
+        self._prefill_weights: Optional[torch.Tensor] = None  # (B, n) instance/unipeft weights for KV decode
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+                nn.init.zeros_(module.bias)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "proj"):
+            return self.proj(x)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def _sequence_weights(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], start_pos: int,
+                          caching: bool) -> torch.Tensor:
+        """(B, n) per-sequence weights; during KV decode (start_pos > 0) the ones stored at prefill."""
+        bsz = x.shape[0]
+        if start_pos > 0:
+            stored = self._prefill_weights
+            if stored is None or stored.shape[0] < bsz:
+                raise ValueError(f"--type_router {self.mode}: a decode step (start_pos {start_pos}) needs the "
+                                 "whole prompt run first in one chunk at start_pos 0 with a KV cache")
+            return stored[:bsz]
+        pooled = masked_mean(x, token_mask)  # (B, dim)
+        if self.mode == "unipeft":
+            gate = {g: torch.sigmoid(lin(pooled)) for g, lin in self.gates.items()}  # each (B, 1)
+            w = torch.cat([gate[slot_group(s)] for s in self.slots], dim=-1)
+        else:
+            w = torch.sigmoid(self._logits(pooled))
+        if caching:
+            self._prefill_weights = w.detach()
+        return w
+
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], start_pos: int = 0,
+                caching: bool = False) -> dict[str, Route]:
+        """Block input x (B, T, dim), token_mask (B, T) bool or None -> {slot: Route}.
+
+        caching: a KV cache is attached (instance/unipeft store the prefill weights for decode).
+        """
+        if self.mode == "none":
+            self._record(None, None, token_mask, x)
+            return {slot: Route(None, None, token_mask) for slot in self.slots}
+        xr = x.to(self.dtype)
+        if self.mode in ("instance", "unipeft"):
+            w = self._sequence_weights(xr, token_mask, start_pos, caching)[:, None, :]  # (B, 1, n)
+            self._record(w, None, token_mask, x)
+            return {s: Route(w[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
+        w = torch.sigmoid(self._logits(xr))  # (B, T, n)
+        if self.mode == "soft":
+            self._record(w, None, token_mask, x)
+            return {s: Route(w[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
+        return self._sparse_routes(xr, w, token_mask)
+
+    def _sparse_routes(self, x: torch.Tensor, w: torch.Tensor,
+                       token_mask: Optional[torch.Tensor]) -> dict[str, Route]:
+        n = w.shape[-1]
+        if self.threshold is None:
+            t = torch.full_like(w[..., :1], self.max_threshold)
+        else:
+            t = torch.sigmoid(self.threshold(x)) * self.max_threshold  # (B, T, 1)
+        keep = w > t  # (B, T, n)
+        if token_mask is not None:
+            keep = keep & token_mask[..., None]
+        g = w * keep
+        if self.threshold_ste and self.threshold is not None:
+            # Straight-through: forward is the hard mask; backward lets t feel d sigmoid((w - t)/temp),
+            # on the kept tokens only (a skipped token ran no expert, so it has no output to differentiate).
+            s = torch.sigmoid((w.detach() - t) / STE_TEMPERATURE)
+            g = g * (1.0 + s - s.detach())
+        self._record(w, keep, token_mask, x)
+        routes = {}
+        if "prompt" in self.col:  # attention to the prompt cannot skip a token: dense, masked weight
+            j = self.col["prompt"]
+            routes["prompt"] = Route(g[..., j:j + 1], None, token_mask)
+        cols = [j for s, j in self.col.items() if s != "prompt"]
+        if cols:
+            keep_t = keep.reshape(-1, n)[:, cols].t()  # (n_skippable, B*T)
+            counts = keep_t.sum(1).tolist()  # the only host sync: selection sizes
+            pairs = keep_t.nonzero()  # (K, 2) = (column among cols, flat token), grouped by column
+            flat_g = g.reshape(-1, n)[:, cols].t()  # (n_skippable, B*T)
+            rows = pairs[:, 1].split(counts)
+            weights = flat_g[pairs[:, 0], pairs[:, 1]].split(counts)
+            for i, j in enumerate(cols):
+                routes[self.slots[j]] = Route(weights[i][:, None], rows[i], None)
+        return routes
+
+    @torch.no_grad()
+    def _record(self, w: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                token_mask: Optional[torch.Tensor], x: torch.Tensor) -> None:
+        """Add this forward's sums over real tokens to the attached RouterStats (if any)."""
+        if self.stats is None or in_backward():
+            return
+        bsz, seqlen, _ = x.shape
+        n = len(self.slots)
+        real = (torch.ones(bsz, seqlen, device=x.device) if token_mask is None else token_mask.float())  # (B, T)
+        tokens = real.sum()
+        weight_sum = (tokens.expand(n) if w is None
+                      else (w.float().expand(bsz, seqlen, n) * real[..., None]).sum((0, 1)))
+        active_sum = tokens.expand(n) if keep is None else keep.float().sum((0, 1))
+        self.stats.record(self.layer_id, self.slots, weight_sum, active_sum, tokens)
