@@ -1,0 +1,417 @@
+"""The training loop behind main_finetune.py: data, forward, label-only loss, backward, step, log,
+checkpoint. One process per device under torchrun (NCCL on CUDA, Gloo on CPU), or a plain process.
+
+Loss: cross-entropy averaged over the label tokens of the whole effective batch (all micro-batches
+of an optimizer step on all ranks), so the gradient does not depend on how the batch is split over
+micro-batches and processes. Logits exist only at label positions, a chunk of rows at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import re
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from llama.checkpoint import load_model
+from llama.model import Transformer
+from moa import MoAConfig, attach_adapters, collect_aux_loss
+from moa.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
+from moa.data import IGNORE_INDEX, InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
+from moa.schedule import ADAMW_BETAS, WarmupCosine, param_groups, scaled_lr
+
+LOGITS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MiB): rows = this // vocab_size
+
+
+@dataclass
+class TrainConfig:
+    """Every training flag of main_finetune.py except the adapter ones (those are `MoAConfig`)."""
+
+    llama_path: str
+    data_path: str
+    output_dir: str
+    data_root: str
+    keep_test_overlap: bool = False
+    max_seq_len: int = 300
+    max_batch_size: int = 32
+    batch_size: int = 8
+    accum_iter: int = 1
+    epochs: int = 2
+    warmup_epochs: float = 1.0
+    start_epoch: int = 0
+    blr: float = 6e-3
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.02
+    w_bias: bool = False
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    flash_attention2: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    num_workers: int = 2
+    resume: str = ""
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for flag, low in (("max_seq_len", 2), ("max_batch_size", 1), ("batch_size", 1), ("accum_iter", 1),
+                          ("epochs", 1), ("start_epoch", 0), ("num_workers", 0), ("log_every", 1)):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{flag}: expected an integer >= {low}, got {value!r}")
+        for flag in ("warmup_epochs", "blr", "min_lr", "weight_decay") + (("lr",) if self.lr is not None else ()):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"--{flag}: expected a number >= 0, got {value!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup_epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available (use --device cpu)")
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits: rank, world size, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistEnv:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, Gloo on CPU);
+    a plain process is rank 0 of 1. On CUDA each process takes the GPU of its LOCAL_RANK."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistEnv(0, 1, torch.device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistEnv(rank, world, dev)
+
+
+class _LabelCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropies of rows `hidden @ weight.T` against `targets`, chunk by chunk, with the
+    gradient w.r.t. `hidden` computed in the same pass (the frozen `weight` gets none), so that no
+    chunk's logits outlive it: peak extra memory is one (chunk, vocab) fp32 block."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logp = torch.log_softmax((h.to(weight.dtype) @ weight.t()).float(), dim=-1)  # (n, vocab)
+            total -= logp.gather(1, t[:, None]).sum()
+            if need_grad:
+                probs = logp.exp_()  # softmax, in place of the log-probabilities
+                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None
+
+
+def label_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Summed cross-entropy (fp32 scalar) of hidden (N, dim) projected by the frozen weight (V, dim)
+    against targets (N,) int64; never materialises more than `chunk_rows` rows of logits."""
+    if weight.requires_grad:
+        raise ValueError("label_cross_entropy: the output projection must be frozen")
+    chunk = chunk_rows or max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    return _LabelCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+class CausalLMLoss(nn.Module):
+    """The training forward: `model` plus the label-only loss; the module DDP wraps."""
+
+    def __init__(self, model: Transformer, chunk_rows: Optional[int] = None):
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
+                token_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens, labels (B, T) int64 (labels -100 where untrained, unshifted), token_mask (B, T) bool
+        or None -> (summed label cross-entropy, auxiliary loss), fp32 scalars."""
+        hidden = self.model.hidden_states(tokens, token_mask=token_mask)  # (B, T, dim)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        selected = targets != IGNORE_INDEX
+        loss_sum = label_cross_entropy(hidden[:, :-1][selected], self.model.output.weight, targets[selected],
+                                       self.chunk_rows)
+        return loss_sum, collect_aux_loss(self.model)
+
+
+def wrap_ddp(module: CausalLMLoss, env: DistEnv, find_unused_parameters: bool) -> nn.Module:
+    """DDP over the trainable parameters only (the frozen base is neither broadcast nor reduced).
+
+    `find_unused_parameters` is needed when some trainable tensor gets no gradient in a step (the
+    sparse router's learned threshold without --threshold_ste); sparse experts that no token picked
+    still run on zero rows, so they stay in the graph and cost DDP nothing special.
+    """
+    if env.world_size == 1:
+        return module
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in module.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
+
+
+def count_labels(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def forward_backward(module: nn.Module, batches: list[dict[str, torch.Tensor]], env: DistEnv,
+                     bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the gradients of one optimizer step over `batches` (this rank's micro-batches).
+
+    Each micro-batch's summed loss is divided by the label count of the whole step (all ranks) and
+    multiplied by the world size (DDP averages over ranks). Returns (this rank's summed loss, the
+    global label count), both detached tensors on the device.
+    """
+    n_global = torch.tensor(float(sum(count_labels(b) for b in batches)), device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(n_global)
+    scale = env.world_size / n_global
+    total = torch.zeros((), device=env.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not isinstance(module, DDP) else module.no_sync()
+        mask = batch["token_mask"]
+        mask = None if bool(mask.all()) else mask.to(env.device, non_blocking=True)
+        with sync:
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss_sum, aux = module(batch["tokens"].to(env.device, non_blocking=True),
+                                       batch["labels"].to(env.device, non_blocking=True), mask)
+            (loss_sum * scale + aux / len(batches)).backward()
+        total += loss_sum.detach()
+    return total, n_global
+
+
+def trainable_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter elements per type: LoRA sites by slot (`lora.wq`, ...), `prompt`,
+    `p_adapter`, `type_router`, `threshold`, and `norms/biases` (--w_bias)."""
+    adapters = set(getattr(model, "moa_adapter_names", ()))
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rest = re.sub(r"^layers\.\d+\.", "", name)
+        if name not in adapters:
+            kind = "norms/biases"
+        elif rest.startswith("type_router.threshold"):
+            kind = "threshold"
+        elif rest.startswith("type_router"):
+            kind = "type_router"
+        elif ".prompt." in f".{rest}":
+            kind = "prompt"
+        elif ".p_adapter." in f".{rest}":
+            kind = "p_adapter"
+        else:
+            kind = "lora." + rest.split(".")[1]  # attention.wq.lora_A -> lora.wq
+        counts[kind] = counts.get(kind, 0) + p.numel()
+    return counts
+
+
+def _attn_impl(cfg: TrainConfig, device: torch.device, say) -> str:
+    if not cfg.flash_attention2:
+        return "sdpa"
+    reason = ("it needs a CUDA device" if device.type != "cuda" else
+              "it needs --bf16 True" if not cfg.bf16 else
+              "flash-attn is not installed" if importlib.util.find_spec("flash_attn") is None else None)
+    if reason:
+        say(f"--flash_attention2 True: {reason}; falling back to PyTorch SDPA attention")
+        return "sdpa"
+    say("--flash_attention2 True: flash-attn for batches without padding, SDPA with a mask for padded ones")
+    return "flash_attn"
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB of peak RSS
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's RNGs (the trainer passes --seed + rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any]) -> dict[str, Any]:
+    """Train the adapters of `moa_cfg` on `cfg.data_path` and write `checkpoint-{epoch}.pth` and
+    `log.txt` to `cfg.output_dir` (created only once every input has been checked).
+
+    `args` (the command line as a dict) is stored in the checkpoints. Returns a summary
+    {"epochs": [...], "last_loss": float, "steps": int} on every rank. User mistakes raise
+    ValueError / FileNotFoundError naming the flag, file, row or field.
+    """
+    rows = load_rows(cfg.data_path)
+    if cfg.resume and not os.path.isfile(cfg.resume):
+        raise FileNotFoundError(f"--resume {cfg.resume}: checkpoint file not found")
+    env = init_distributed(cfg.device)
+    try:
+        return _finetune(cfg, moa_cfg, args, rows, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: list[dict],
+              env: DistEnv) -> dict[str, Any]:
+    say = print if env.is_main else (lambda *a, **k: None)
+    kept, overlap, test_files = split_test_overlap(rows, cfg.data_root)
+    if not test_files:
+        say(f"warning: no test sets under --data_root {cfg.data_root}: test-set overlap not checked")
+    elif overlap:
+        action = "kept (--keep_test_overlap True)" if cfg.keep_test_overlap else "left out"
+        say(f"{len(overlap)} of {len(rows)} training rows repeat a question of the {len(test_files)} test sets "
+            f"under {cfg.data_root}: {action} (rows {overlap[:10]}{' ...' if len(overlap) > 10 else ''})")
+    else:
+        say(f"no training row repeats a question of the {len(test_files)} test sets under {cfg.data_root}")
+    if not cfg.keep_test_overlap:
+        rows = kept
+
+    seed_everything(cfg.seed + env.rank)
+    attn_impl = _attn_impl(cfg, env.device, say)
+    model, tokenizer = load_model(cfg.llama_path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                  device=env.device, max_seq_len=cfg.max_seq_len,
+                                  max_batch_size=cfg.max_batch_size, attn_impl=attn_impl)
+    attach_adapters(model, moa_cfg)
+    model.train()
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.w_bias:  # also train the base's norms and biases, in fp32 (AdamW steps vanish in bf16)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.data = p.data.float()
+                p.requires_grad_(True)
+    adapter_names = set(model.moa_adapter_names)
+    base_trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapter_names]
+
+    examples, skipped = tokenize_rows(rows, tokenizer, cfg.max_seq_len)
+    if skipped:
+        say(f"{len(skipped)} rows skipped: their prompt alone fills --max_seq_len {cfg.max_seq_len} "
+            f"(rows {skipped[:10]}{' ...' if len(skipped) > 10 else ''})")
+    if not examples:
+        raise ValueError(f"{cfg.data_path}: no trainable row left (after test-overlap removal and "
+                         f"--max_seq_len {cfg.max_seq_len})")
+    dataset = InstructionDataset(examples)
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda", drop_last=False)
+
+    peak_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, env.world_size, cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=ADAMW_BETAS)
+    schedule = WarmupCosine(peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+    steps_per_epoch = -(-len(loader) // cfg.accum_iter)
+    start_epoch, step = cfg.start_epoch, cfg.start_epoch * steps_per_epoch
+    if cfg.resume:
+        start_epoch, step = resume_training(cfg.resume, model, base_trained, optimizer, schedule, moa_cfg,
+                                            env.rank, env.world_size, say)
+    if start_epoch >= cfg.epochs:
+        raise ValueError(f"--epochs {cfg.epochs}: training would start at epoch {start_epoch}, nothing to do")
+
+    counts = trainable_counts(model)
+    n_base = sum(p.numel() for n, p in model.named_parameters() if n not in adapter_names)
+    say(f"trainable parameters by type ({model.args.n_layers} layers, base {n_base / 1e6:.1f}M frozen):")
+    for kind, n in counts.items():
+        say(f"  {kind:<14} {n:>14,}")
+    say(f"  {'total':<14} {sum(counts.values()):>14,}")
+    say(f"{len(dataset)} examples, {env.world_size} process(es) on {env.device}, effective batch "
+        f"{cfg.batch_size * cfg.accum_iter * env.world_size}, peak lr {peak_lr:.3g}, {steps_per_epoch} steps/epoch")
+
+    if env.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    module = wrap_ddp(CausalLMLoss(model), env, moa_cfg.has_unused_params)
+    log_path = os.path.join(cfg.output_dir, "log.txt")
+    summary: dict[str, Any] = {"epochs": [], "last_loss": float("nan"), "steps": step}
+
+    def log(record: dict[str, Any]) -> None:
+        if env.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not env.is_main, dynamic_ncols=True)
+        epoch_t0 = window_t0 = time.perf_counter()
+        epoch_sums = torch.zeros(3, device=env.device)  # loss sum, labels, real tokens (this rank)
+        window_sums = torch.zeros(3, device=env.device)
+        batches: list[dict[str, torch.Tensor]] = []
+        for i, batch in enumerate(loader):
+            batches.append(batch)
+            if len(batches) < cfg.accum_iter and i + 1 < len(loader):
+                continue
+            first = i + 1 - len(batches)  # index of the step's first micro-batch in the epoch
+            lr = schedule.step(optimizer, epoch + first / len(loader))
+            loss_sum, _ = forward_backward(module, batches, env, cfg.bf16)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            n_labels = sum(count_labels(b) for b in batches)
+            n_tokens = sum(int(b["token_mask"].sum()) for b in batches)
+            counts_t = torch.tensor([n_labels, n_tokens], dtype=torch.float32, device=env.device)
+            sums = torch.cat([loss_sum[None], counts_t])
+            window_sums += sums
+            epoch_sums += sums
+            bar.update(len(batches))
+            batches = []
+            if step % cfg.log_every == 0:
+                totals = _reduce(window_sums, env)
+                now = time.perf_counter()
+                record = {"kind": "step", "epoch": epoch, "step": step, "loss": totals[0] / totals[1], "lr": lr,
+                          "tokens_per_s": totals[2] / (now - window_t0), "peak_mem_mb": _peak_mem_mb(env.device)}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                window_sums.zero_()
+                window_t0 = now
+        bar.close()
+        totals = _reduce(epoch_sums, env)
+        record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": totals[0] / totals[1],
+                  "lr": schedule.last_lr, "tokens_per_s": totals[2] / (time.perf_counter() - epoch_t0),
+                  "peak_mem_mb": _peak_mem_mb(env.device)}
+        log(record)
+        say(json.dumps(record))
+        summary["epochs"].append(record)
+        summary["last_loss"], summary["steps"] = record["loss"], step
+        save_training_checkpoint(checkpoint_path(cfg.output_dir, epoch), model, base_trained, optimizer, schedule,
+                                 epoch, step, moa_cfg, args, env.rank, env.world_size)
+    return summary
+
+
+def _reduce(sums: torch.Tensor, env: DistEnv) -> list[float]:
+    sums = sums.clone()
+    if env.world_size > 1:
+        dist.all_reduce(sums)
+    return sums.tolist()
