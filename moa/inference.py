@@ -1,0 +1,605 @@
+"""Predictions for a test set (example.py): a base model with or without trained adapters, Alpaca
+prompts, length-sorted batches, data-parallel ranks and a resumable prediction file.
+
+Adapters: `adapter.pth` with the `adapter_params.json` beside it (every adapter flag, plus the
+training `max_seq_len`), and `base_trained.pth` when training also changed base tensors (--w_bias).
+
+Prompt of a row: BOS (when the tokenizer has one) + `moa.data.build_prompt(instruction, input)`,
+the template training used. Lengths, in tokens:
+- `max_seq_len` caps prompt + generation. Default: the adapter's training `max_seq_len` (from its
+  adapter_params.json), as the paper's loop does, so that numbers are comparable; the bare model
+  (or an adapter_params.json without it) gets the model's context length, as does `max_seq_len=0`.
+- a prompt longer than `max_seq_len - min_gen_len` is shortened so that at least `min_gen_len`
+  tokens remain for generation: first the row's `input` text is cut at its end (re-tokenised,
+  the longest prefix that fits), as the paper's loop does; if the prompt still does not fit
+  (the instruction alone is too long), the prompt's tokens are cut from the left, keeping BOS and
+  the end of the prompt (the question and "### Response:", which the answer depends on most).
+  Each line of the prediction file says which (`truncated`: null, "input" or "prompt_left").
+- a row generates at most `min(max_gen_len, max_seq_len - prompt tokens)` new tokens; `finish` says
+  why it ended: "stop" (a stop token of the tokenizer), "max_gen_len" or "max_seq_len" (the cap;
+  these rows are counted and reported).
+
+Batches: rows are sorted by prompt length, longest first (a batch that runs out of memory does so
+at the start), and packed up to `max_batch_size` rows. The left-padded batched generation of
+`llama.generation.generate` computes for each row exactly what the row alone computes, and each
+row's own length limit is applied to its output, so greedy predictions do not depend on
+`max_batch_size` or on the number of ranks (bit for bit on CPU in fp32, as tested; GPU kernels
+may round differently at another batch size, which can flip a near-tie in bf16). Sampling (`temperature > 0`) draws from one
+`torch.Generator` per rank seeded with `seed + rank`: reproducible for the same flags, batch size
+and number of ranks, but a row's sample depends on which rows share its batch and its rank.
+
+Resumable, atomic output: each rank appends finished rows (with their test-row index) to its own
+partial file beside the prediction file (`<save_path>.partial`, or `.partial.rankK` under
+torchrun), flushed after every batch; its first line records the settings that shape the
+predictions. A rerun with the same settings skips the rows found in any partial file (a truncated
+last line, left by a kill, is dropped). When every row is done, rank 0 writes the prediction file
+in test order under a temporary name, renames it into place and deletes the partial files. An
+existing complete prediction file is left alone unless `overwrite`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llama.checkpoint import load_model
+from llama.generation import generate
+from llama.model import Transformer
+from moa.config import MoAConfig
+from moa.data import build_prompt, load_rows
+from moa.inject import attach_adapters
+from moa.scoring import write_jsonl_atomic
+from moa.trainer import init_distributed
+from moa.state import ADAPTER_PARAMS, load_adapter_state_dict
+
+PARTIAL_SUFFIX = ".partial"
+# Written beside adapter.pth by extract_adapter_from_checkpoint.py when training ran with --w_bias:
+# the base tensors training changed (norms, biases).
+BASE_TRAINED = "base_trained.pth"
+# Fields every prediction line starts with (DESIGN §3 "predictions"), then the row's other fields,
+# then what inference adds.
+PREDICTION_FIELDS = ("generate", "output", "input", "instruction", "answer")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+T = TypeVar("T")
+
+
+@dataclass
+class InferenceConfig:
+    """What example.py's flags describe (same names; see example.py --help for each)."""
+
+    ckpt_dir: str
+    data_path: str
+    save_path: str
+    adapter_path: Optional[str] = None
+    max_gen_len: int = 200
+    min_gen_len: int = 120
+    max_seq_len: Optional[int] = None  # None: adapter's training max_seq_len, else the model's context; 0: context
+    max_batch_size: int = 32
+    temperature: float = 0.1
+    top_p: float = 0.75
+    seed: int = 1
+    overwrite: bool = False
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 elsewhere
+    device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        for flag, low in (("max_gen_len", 1), ("min_gen_len", 0), ("max_batch_size", 1)):
+            value = getattr(self, flag)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{flag}: expected an integer >= {low}, got {value!r}")
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 0):
+            raise ValueError(f"--max_seq_len: expected an integer >= 0 (0 = the model's context), "
+                             f"got {self.max_seq_len!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature: expected >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"--dtype: expected auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class InferenceSummary:
+    """The outcome of `run_inference` (counts over the whole test set unless said otherwise)."""
+
+    save_path: str
+    rows: int
+    left_alone: bool = False  # the prediction file existed complete and was not redone
+    generated_rows: int = 0  # rows generated by this run (all ranks)
+    resumed_rows: int = 0  # rows taken from partial files of an interrupted run
+    new_tokens: int = 0  # tokens generated by this run (all ranks)
+    seconds: float = 0.0  # generation wall time of this run (slowest rank), model loading excluded
+    world_size: int = 1
+    max_seq_len: int = 0
+    max_seq_len_source: str = ""
+    base_trained: int = 0  # base tensors replaced from base_trained.pth (training with --w_bias)
+    truncated_input: int = 0
+    truncated_prompt_left: int = 0
+    hit_max_seq_len: int = 0
+    hit_max_gen_len: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.generated_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Prompt:
+    """One test row ready to generate: `tokens` (BOS included) and its own `budget` of new tokens."""
+
+    index: int
+    tokens: list[int]
+    budget: int
+    truncated: Optional[str]  # None, "input" or "prompt_left"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+@dataclass
+class LoadedAdapter:
+    """What `load_trained_adapter` loaded: the adapter's training `max_seq_len` (None when its
+    adapter_params.json does not record it) and the names of the base tensors replaced from
+    base_trained.pth (training with --w_bias; empty without that file)."""
+
+    max_seq_len: Optional[int]
+    base_trained: list[str]
+
+
+def load_trained_adapter(model: Transformer, adapter_path: str | os.PathLike,
+                         base_dir: str | os.PathLike) -> LoadedAdapter:
+    """Attach the adapters described by `adapter_params.json` beside `adapter_path` to `model` and
+    load `adapter_path` into them, strictly; with a `base_trained.pth` beside it (training with
+    --w_bias), also copy its tensors over the base's.
+
+    A key missing from or left over in adapter.pth is a ValueError naming it; so is a tensor whose
+    shape differs from what this base needs (naming the tensor and both shapes: the adapter was
+    trained on a different base than `base_dir`), and a base_trained.pth tensor the base lacks or
+    holds in another shape.
+    """
+    path = Path(adapter_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--adapter_path {path}: no such file")
+    params_path = path.parent / ADAPTER_PARAMS
+    if not params_path.is_file():
+        raise FileNotFoundError(f"--adapter_path {path}: no {ADAPTER_PARAMS} beside it (extract_adapter_from_"
+                                "checkpoint.py writes both; it holds the flags that rebuild the adapters)")
+    try:
+        params = json.loads(params_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{params_path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_path}: expected a JSON object of adapter flags")
+    train_max_seq_len = params.pop("max_seq_len", None)
+    if train_max_seq_len is not None and (isinstance(train_max_seq_len, bool)
+                                          or not isinstance(train_max_seq_len, int) or train_max_seq_len < 2):
+        raise ValueError(f"{params_path}: max_seq_len must be an integer >= 2, got {train_max_seq_len!r}")
+    try:
+        cfg = MoAConfig.from_dict(params)
+    except ValueError as e:
+        raise ValueError(f"{params_path}: {e}") from None
+
+    a = model.args
+    base = (f"{base_dir} (dim {a.dim}, n_layers {a.n_layers}, n_heads {a.n_heads}, "
+            f"n_kv_heads {a.n_kv_heads}, vocab_size {a.vocab_size})")
+    try:
+        attach_adapters(model, cfg)
+    except ValueError as e:
+        raise ValueError(f"{params_path}: {e}: the adapter was trained on a different base model than "
+                         f"--ckpt_dir {base}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a tensor dict
+        raise ValueError(f"--adapter_path {path}: cannot read it as a saved tensor dict ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--adapter_path {path}: expected a dict of adapter tensors, got {type(state).__name__}")
+    params_now = dict(model.named_parameters())
+    wrong = [(k, tuple(state[k].shape), tuple(params_now[k].shape)) for k in model.moa_adapter_names
+             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != params_now[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+        raise ValueError(f"--adapter_path {path}: adapter tensor {key} has shape {got}, but the base model "
+                         f"--ckpt_dir {base} needs {want}{more}: the adapter was trained on a different "
+                         f"base model; pass the base it was trained on")
+    try:
+        load_adapter_state_dict(model, state)
+    except ValueError as e:
+        raise ValueError(f"--adapter_path {path}: {e} (adapter.pth does not match the {ADAPTER_PARAMS} "
+                         "beside it)") from None
+    return LoadedAdapter(train_max_seq_len, _load_base_trained(model, path.parent / BASE_TRAINED, base))
+
+
+def _load_base_trained(model: Transformer, path: Path, base: str) -> list[str]:
+    """Copy the tensors of `path` (when it exists) over the base parameters of the same name."""
+    if not path.is_file():
+        return []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # as for adapter.pth
+        raise ValueError(f"{path}: cannot read it as a saved tensor dict ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of base tensors, got {type(state).__name__}")
+    params = dict(model.named_parameters())
+    adapter_names = set(model.moa_adapter_names)
+    for name, t in state.items():
+        if name not in params or name in adapter_names:
+            raise ValueError(f"{path}: {name!r} is not a parameter of the base model --ckpt_dir {base}")
+        if not isinstance(t, torch.Tensor) or t.shape != params[name].shape:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{path}: {name} has shape {shape}, but the base model --ckpt_dir {base} needs "
+                             f"{tuple(params[name].shape)}: it was trained on a different base model")
+    with torch.no_grad():
+        for name, t in state.items():
+            params[name].copy_(t)
+    return sorted(state)
+
+
+def resolve_max_seq_len(requested: Optional[int], train_max_seq_len: Optional[int], context: int) -> tuple[int, str]:
+    """The cap on prompt + generation (tokens) and where it comes from (for the report)."""
+    if requested == 0:
+        return context, "the model's context (--max_seq_len 0)"
+    if requested is not None:
+        if requested > context:
+            raise ValueError(f"--max_seq_len {requested} exceeds the model's context length {context} "
+                             "(0 = the context)")
+        return requested, "--max_seq_len"
+    if train_max_seq_len is not None:
+        return min(train_max_seq_len, context), "the adapter's training max_seq_len"
+    return context, "the model's context (no training max_seq_len known)"
+
+
+# ---- prompts and batches -------------------------------------------------------------------------
+def encode_prompt(tokenizer: Any, row: dict, max_prompt_tokens: int) -> tuple[list[int], Optional[str]]:
+    """Tokens (BOS included) of a row's Alpaca prompt, shortened to at most `max_prompt_tokens`.
+
+    Returns (tokens, truncated): truncated is None, "input" (the row's input text was cut at its
+    end, the longest prefix that fits) or "prompt_left" (even the prompt without input is too long:
+    its tokens were cut from the left, BOS kept).
+    """
+    if max_prompt_tokens < 2:
+        raise ValueError(f"max_prompt_tokens must be >= 2, got {max_prompt_tokens}")
+    instruction, text = row["instruction"], row.get("input") or ""
+
+    def encode(inp: str) -> list[int]:
+        return tokenizer.encode(build_prompt(instruction, inp), bos=True, eos=False)
+
+    tokens = encode(text)
+    if len(tokens) <= max_prompt_tokens:
+        return tokens, None
+    if text:
+        input_ids = tokenizer.encode(text, bos=False, eos=False)
+        shortest = encode("")
+        if len(shortest) <= max_prompt_tokens:
+            # Largest k whose prompt with the first k input tokens fits (k = 0 fits, all does not).
+            lo, hi, best = 0, len(input_ids), shortest
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                candidate = encode(tokenizer.decode(input_ids[:mid]))
+                if len(candidate) <= max_prompt_tokens:
+                    lo, best = mid, candidate
+                else:
+                    hi = mid
+            return best, "input"
+        tokens = shortest
+    bos = tokenizer.bos_id
+    if bos is not None and tokens and tokens[0] == bos:
+        return [bos] + tokens[len(tokens) - (max_prompt_tokens - 1):], "prompt_left"
+    return tokens[len(tokens) - max_prompt_tokens:], "prompt_left"
+
+
+def make_prompts(tokenizer: Any, rows: list[dict], indices: list[int], max_seq_len: int,
+                 max_gen_len: int, min_gen_len: int) -> list[Prompt]:
+    """`Prompt`s of rows[i] for i in `indices`, each leaving room for at least `min_gen_len` (>= 1) new tokens."""
+    max_prompt_tokens = max_seq_len - max(min_gen_len, 1)
+    if max_prompt_tokens < 2:
+        raise ValueError(f"--min_gen_len {min_gen_len} leaves no room for a prompt within max_seq_len {max_seq_len}")
+    prompts = []
+    for i in indices:
+        tokens, truncated = encode_prompt(tokenizer, rows[i], max_prompt_tokens)
+        prompts.append(Prompt(i, tokens, min(max_gen_len, max_seq_len - len(tokens)), truncated))
+    return prompts
+
+
+def make_batches(prompts: list[Prompt], max_batch_size: int, max_slots: int) -> list[list[Prompt]]:
+    """Pack prompts, longest first, into batches of at most `max_batch_size`.
+
+    A batch is also closed before its longest prompt plus its largest budget would exceed
+    `max_slots` (the model's `max_seq_len`): `generate` shortens every row of a batch to fit that,
+    which would make a row's output depend on its batch.
+    """
+    batches: list[list[Prompt]] = []
+    current: list[Prompt] = []
+    budget = 0
+    for p in sorted(prompts, key=lambda p: (-len(p.tokens), p.index)):
+        if current and (len(current) == max_batch_size or len(current[0].tokens) + max(budget, p.budget) > max_slots):
+            batches.append(current)
+            current, budget = [], 0
+        current.append(p)
+        budget = max(budget, p.budget)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def prediction_record(row: dict, text: str, p: Prompt, n_new: int, finish: str) -> dict:
+    """One line of the prediction file: the DESIGN fields first, then the row's others, then ours."""
+    record = {"generate": text, "output": row.get("output"), "input": row.get("input"),
+              "instruction": row.get("instruction"), "answer": row.get("answer")}
+    record.update({k: v for k, v in row.items() if k not in record})
+    record.update(prompt_tokens=len(p.tokens), generate_tokens=n_new, finish=finish, truncated=p.truncated)
+    return record
+
+
+# ---- partial files -------------------------------------------------------------------------------
+def partial_path(save_path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """This rank's partial file: `<save_path>.partial` (one process) or `<save_path>.partial.rankK`."""
+    suffix = PARTIAL_SUFFIX if world_size == 1 else f"{PARTIAL_SUFFIX}.rank{rank}"
+    return Path(f"{os.fspath(save_path)}{suffix}")
+
+
+def partial_files(save_path: str | os.PathLike) -> list[Path]:
+    """Every partial file of `save_path` (any rank, any earlier world size), sorted by name."""
+    save = Path(save_path)
+    pattern = re.compile(re.escape(save.name + PARTIAL_SUFFIX) + r"(\.rank\d+)?")
+    if not save.parent.is_dir():
+        return []
+    return sorted(p for p in save.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
+def _partial_header(save_path: str | os.PathLike, settings: dict) -> dict:
+    return {"partial_of": os.path.basename(os.fspath(save_path)), "settings": settings}
+
+
+def read_partials(save_path: str | os.PathLike, settings: dict, rows: list[dict],
+                  repair: bool = False) -> dict[int, dict]:
+    """{test-row index: record} of the rows finished in the partial files of `save_path`.
+
+    A last line without its newline (the write a kill interrupted) is ignored, and with `repair`
+    cut off the file, so that appending continues on a clean line. A file written with other
+    `settings`, a malformed complete line, or a record whose instruction/input differs from its
+    test row is a ValueError naming the file (and line).
+    """
+    done: dict[int, dict] = {}
+    for path in partial_files(save_path):
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if repair and len(complete) < len(data):
+            if complete:
+                os.truncate(path, len(complete))
+            else:
+                path.unlink()
+        lines = complete.decode("utf-8").splitlines()
+        if not lines:
+            continue
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or not isinstance(header.get("settings"), dict):
+            raise ValueError(f"{path}: not a partial prediction file (no settings line); remove it or rerun "
+                             "with --overwrite True")
+        if header["settings"] != settings:
+            diff = sorted(k for k in set(settings) | set(header["settings"])
+                          if settings.get(k) != header["settings"].get(k))
+            raise ValueError(f"{path}: an interrupted run with other settings ({', '.join(diff)}) left this "
+                             f"partial file; rerun with its settings {header['settings']} to resume it, or "
+                             "with --overwrite True to start over")
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                record = json.loads(line)
+                index = record.pop("index")
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                raise ValueError(f"{path} line {number}: not a prediction record with an 'index'; remove the "
+                                 "file or rerun with --overwrite True") from None
+            if not isinstance(index, int) or not 0 <= index < len(rows):
+                raise ValueError(f"{path} line {number}: index {index!r} is not a row of the test file "
+                                 f"({len(rows)} rows); rerun with --overwrite True")
+            row = rows[index]
+            if record.get("instruction") != row["instruction"] or record.get("input") != row.get("input"):
+                raise ValueError(f"{path} line {number}: its instruction/input differ from test row {index}: "
+                                 "the test file changed since; rerun with --overwrite True")
+            done.setdefault(index, record)
+    return done
+
+
+def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], batches: list[list[Prompt]],
+                          cfg: InferenceConfig, partial: Path, header: dict, generator: torch.Generator,
+                          show_progress: bool) -> tuple[int, float]:
+    """Generate `batches` and append their prediction records (with the row index) to `partial`, which
+    gets `header` as its first line when new; flushed and synced after every batch.
+
+    Returns (new tokens kept, seconds of generation).
+    """
+    new_tokens, t0 = 0, time.perf_counter()
+    fresh = not partial.exists() or partial.stat().st_size == 0
+    bar = tqdm(total=sum(map(len, batches)), unit="row", disable=not show_progress,
+               desc=Path(cfg.save_path).name)
+    with open(partial, "a", encoding="utf-8") as f:
+        if fresh:
+            f.write(json.dumps(header) + "\n")
+        for batch in batches:
+            outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
+                            temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer, generator=generator)
+            lines = []
+            for p, out in zip(batch, outs):
+                # The batch may run past a row's own budget; a row that reached its budget without a
+                # stop token ended at its limit, whichever of the two it was.
+                if len(out) >= p.budget:
+                    finish = "max_gen_len" if p.budget == cfg.max_gen_len else "max_seq_len"
+                else:
+                    finish = "stop"
+                out = out[: p.budget]
+                new_tokens += len(out)
+                record = prediction_record(rows[p.index], tokenizer.decode(out), p, len(out), finish)
+                lines.append(json.dumps({"index": p.index, **record}, ensure_ascii=False) + "\n")
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
+    bar.close()
+    return new_tokens, time.perf_counter() - t0
+
+
+def merge_partials(save_path: str | os.PathLike, settings: dict, rows: list[dict]) -> dict[str, int]:
+    """Write the prediction file from the partial files (test order, atomically), delete them, and
+    return the counts of `finish` and `truncated` values over all rows. ValueError if a row is missing."""
+    found = read_partials(save_path, settings, rows)
+    missing = [i for i in range(len(rows)) if i not in found]
+    if missing:
+        raise ValueError(f"{save_path}: rows {missing[:20]} of {len(rows)} are in no partial file; rerun to "
+                         "generate them")
+    records = [found[i] for i in range(len(rows))]
+    write_jsonl_atomic(Path(save_path), records)
+    for path in partial_files(save_path):
+        path.unlink()
+    finish = [r.get("finish") for r in records]
+    truncated = [r.get("truncated") for r in records]
+    return {"hit_max_seq_len": finish.count("max_seq_len"), "hit_max_gen_len": finish.count("max_gen_len"),
+            "truncated_input": truncated.count("input"), "truncated_prompt_left": truncated.count("prompt_left")}
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Number of non-blank lines of a text file."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ---- ranks ---------------------------------------------------------------------------------------
+def _on_rank0(fn: Callable[[], T], rank: int, world: int) -> T:
+    """Run `fn` on rank 0 only and hand its result (or its ValueError / FileNotFoundError) to every rank."""
+    if world == 1:
+        return fn()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except (ValueError, FileNotFoundError) as e:
+            box[0] = ("error", type(e).__name__, str(e))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[box[0][1]](box[0][2])
+    return box[0][1]
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def run_inference(cfg: InferenceConfig) -> InferenceSummary:
+    """Generate the prediction file `cfg.save_path` for the test rows of `cfg.data_path`.
+
+    Under torchrun every rank calls this: the rows are split across ranks and rank 0 writes the
+    file. Returns the same summary on every rank. User mistakes raise ValueError /
+    FileNotFoundError naming the flag or file.
+    """
+    own_group = not dist.is_initialized()
+    env = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        return _run(cfg, env.rank, env.world_size, str(env.device))
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceSummary:
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    save = Path(cfg.save_path)
+    rows = load_rows(cfg.data_path)
+
+    def check_existing() -> bool:
+        if save.is_dir():
+            raise ValueError(f"--save_path {save} is a directory; expected a .jsonl file name")
+        save.parent.mkdir(parents=True, exist_ok=True)
+        if not save.exists() or cfg.overwrite:
+            return False
+        n = count_lines(save)
+        if n != len(rows):
+            raise ValueError(f"--save_path {save} exists with {n} lines but --data_path {cfg.data_path} has "
+                             f"{len(rows)} rows; rerun with --overwrite True to redo it")
+        return True
+
+    if _on_rank0(check_existing, rank, world):
+        return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
+
+    model, tokenizer = load_model(cfg.ckpt_dir, dtype=_DTYPES[dtype_name], device=device,
+                                  max_batch_size=cfg.max_batch_size)
+    context = model.args.max_seq_len
+    loaded = LoadedAdapter(None, [])
+    if cfg.adapter_path:
+        loaded = load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir)
+    max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, loaded.max_seq_len, context)
+    model.eval()
+
+    # What shapes the predictions: a partial file written with other values cannot be resumed.
+    settings = {
+        "data_path": os.path.abspath(cfg.data_path), "ckpt_dir": os.path.abspath(cfg.ckpt_dir),
+        "adapter_path": os.path.abspath(cfg.adapter_path) if cfg.adapter_path else None,
+        "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": max_seq_len,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
+    }
+    settings = json.loads(json.dumps(settings))  # the form it takes after a round trip through the file
+
+    def finished_rows() -> list[int]:
+        if cfg.overwrite:
+            for path in partial_files(save):
+                path.unlink()
+            return []
+        return sorted(read_partials(save, settings, rows, repair=True))
+
+    done = set(_on_rank0(finished_rows, rank, world))
+    pending = [i for i in range(len(rows)) if i not in done]
+    prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
+    prompts.sort(key=lambda p: (-len(p.tokens), p.index))
+    mine = prompts[rank::world]  # round-robin over the length order: every rank gets a similar mix
+    batches = make_batches(mine, cfg.max_batch_size, context)
+
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    new_tokens, seconds = 0, 0.0
+    if mine:
+        new_tokens, seconds = generate_into_partial(
+            model, tokenizer, rows, batches, cfg, partial_path(save, rank, world),
+            _partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0)
+    stats = {"rows": len(mine), "tokens": new_tokens, "seconds": seconds}
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, stats)  # also the barrier: every partial file is closed
+    else:
+        gathered = [stats]
+
+    counts = _on_rank0(lambda: merge_partials(save, settings, rows), rank, world)
+    return InferenceSummary(
+        save_path=str(save), rows=len(rows), generated_rows=sum(s["rows"] for s in gathered),
+        resumed_rows=len(done), new_tokens=sum(s["tokens"] for s in gathered),
+        seconds=max(s["seconds"] for s in gathered), world_size=world, max_seq_len=max_seq_len,
+        max_seq_len_source=source, base_trained=len(loaded.base_trained), **counts)
+
+
+def format_summary(s: InferenceSummary, min_gen_len: int) -> str:
+    """A few lines for the end of example.py's output."""
+    if s.left_alone:
+        return (f"{s.save_path} already holds predictions for all {s.rows} rows: left alone "
+                "(--overwrite True to redo it)")
+    resumed = f", {s.resumed_rows} resumed from an interrupted run" if s.resumed_rows else ""
+    base = f"; base_trained.pth replaced {s.base_trained} base tensors (--w_bias)" if s.base_trained else ""
+    return "\n".join([
+        f"wrote {s.save_path}: {s.rows} rows ({s.generated_rows} generated now{resumed}){base}",
+        f"max_seq_len {s.max_seq_len} ({s.max_seq_len_source}): {s.hit_max_seq_len} rows hit it, "
+        f"{s.hit_max_gen_len} reached max_gen_len without a stop token",
+        f"prompts shortened to leave min_gen_len {min_gen_len} tokens: {s.truncated_input} by cutting the "
+        f"input, {s.truncated_prompt_left} by cutting the prompt's tokens from the left",
+        f"generation: {s.new_tokens} new tokens in {s.seconds:.1f} s on {s.world_size} rank(s): "
+        f"{s.tokens_per_s:.1f} tokens/s, {s.rows_per_s:.2f} rows/s",
+    ])
