@@ -1,0 +1,372 @@
+"""LoRA algebra on adapter files: merge a plain LoRA into a base-model directory, extract a LoRA
+from the difference of two base-model directories (truncated SVD), combine several LoRAs.
+
+A *plain LoRA* is an adapter whose only type is LoRA, one per site, applied at weight 1:
+`--expert_num 1`, `--type_router none`, no prompt, no parallel adapter. Only such an adapter is a
+fixed low-rank change `dW = B A * alpha / r` of the frozen weights; a mixture, a router, a prompt
+or a parallel adapter depends on the input and cannot be folded into a matrix.
+
+In memory a LoRA is its `MoAConfig` and its adapter state dict (`layers.N.attention.wq.lora_A`
+`(r, in)`, `...lora_B` `(out, r)`), exactly what `adapter.pth` + `adapter_params.json` hold.
+
+`combine` mirrors PEFT's `LoraModel.add_weighted_adapter` (PEFT's names and definitions, see
+`COMBINE_METHODS`); the combined LoRA, like PEFT's, has `lora_alpha = rank` (scaling 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths
+from llama.model import ModelArgs
+from moa.config import LORA_TARGETS, MoAConfig, parse_spans
+from moa.state import ADAPTER_PARAMS, load_adapter, merge_lora
+
+ADAPTER_FILE = "adapter.pth"
+
+# PEFT's combination types (`add_weighted_adapter(combination_type=...)`):
+#   cat: concatenate ranks, A_cat = [w_i s_i A_i] (rows), B_cat = [B_i] (columns): exact sum of w_i dW_i.
+#   linear | ties | dare_linear | dare_ties | magnitude_prune: the A's and the B's are merged
+#       separately (equal ranks required) with weights sqrt(|w_i s_i|), the sign of w_i s_i on A only;
+#       an approximation of sum w_i dW_i (cross terms B_i A_j appear).
+#   svd | ties_svd | dare_linear_svd | dare_ties_svd | magnitude_prune_svd: the full deltas
+#       dW_i = s_i B_i A_i are merged with weights w_i, then truncated to `rank` by SVD (B = U S, A = V^T).
+# The merge rule of each: task arithmetic (sum), TIES (magnitude pruning to `density`, majority sign
+# on the pruned unweighted tensors, disjoint mean), DARE (Bernoulli(density) keep mask, rescale by
+# 1/density) then sum (linear) or TIES' sign election (ties), magnitude pruning then sum.
+COMBINE_METHODS = ("cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                   "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+# ---- plain LoRA files ----------------------------------------------------------------------------
+
+def _span_indices(flag: str, text: str) -> list[int]:
+    return sorted({i for start, end in parse_spans(flag, text) for i in range(start, end)})
+
+
+def indices_to_spans(indices: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-3,5-6' (end exclusive); [] -> '0-0'."""
+    idx = sorted(set(indices))
+    if not idx:
+        return "0-0"
+    spans, start, prev = [], idx[0], idx[0]
+    for i in idx[1:]:
+        if i != prev + 1:
+            spans.append(f"{start}-{prev + 1}")
+            start = i
+        prev = i
+    spans.append(f"{start}-{prev + 1}")
+    return ",".join(spans)
+
+
+def check_plain_lora(cfg: MoAConfig, where: str) -> None:
+    """`ValueError` (naming `where` and every offending flag) unless `cfg` describes a plain LoRA."""
+    reasons = []
+    if cfg.expert_num != 1:
+        reasons.append(f"--expert_num {cfg.expert_num}: a mixture of LoRAs per site whose weights depend on "
+                       "the input")
+    if cfg.type_router != "none":
+        reasons.append(f"--type_router {cfg.type_router}: per-token/per-sequence weights on each type "
+                       "(a plain LoRA needs --type_router none)")
+    if _span_indices("prompt_layers", cfg.prompt_layers):
+        reasons.append(f"--prompt_layers {cfg.prompt_layers}: prompt keys/values are not a weight change")
+    if _span_indices("p_adapter_layers", cfg.p_adapter_layers):
+        reasons.append(f"--p_adapter_layers {cfg.p_adapter_layers}: a parallel adapter is a nonlinear "
+                       "branch, not a weight change")
+    if not _span_indices("lora_layers", cfg.lora_layers):
+        reasons.append("--lora_layers 0-0: the adapter has no LoRA")
+    if reasons:
+        raise ValueError(f"{where}: not a plain LoRA, so it cannot be used as a fixed weight change B A * "
+                         "alpha / r: " + "; ".join(reasons))
+
+
+def lora_sites(cfg: MoAConfig) -> list[str]:
+    """Module paths of the LoRA sites of `cfg`, layer by layer, targets in canonical order
+    (Q, K, V, O, FFN_GATE, FFN_UP, FFN_DOWN), e.g. ['layers.0.attention.wq', ...]."""
+    targets = [t for t in LORA_TARGETS if t in cfg.target_list]
+    return [f"layers.{i}.{LORA_TARGETS[t][1]}" for i in _span_indices("lora_layers", cfg.lora_layers)
+            for t in targets]
+
+
+def site_shape(args: ModelArgs, site: str) -> tuple[int, int]:
+    """(out, in) of the frozen weight at module path `site` in a model with `args`."""
+    hd = args.dim // args.n_heads
+    shapes = {"wq": (args.n_heads * hd, args.dim), "wk": (args.n_kv_heads * hd, args.dim),
+              "wv": (args.n_kv_heads * hd, args.dim), "wo": (args.dim, args.n_heads * hd),
+              "w1": (args.ffn_hidden_dim, args.dim), "w3": (args.ffn_hidden_dim, args.dim),
+              "w2": (args.dim, args.ffn_hidden_dim)}
+    return shapes[site.rsplit(".", 1)[1]]
+
+
+def adapter_file(path: str | os.PathLike) -> Path:
+    """`path` itself when it is a file, else `path/adapter.pth`; FileNotFoundError when missing."""
+    path = Path(path)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"adapter file {file} does not exist (expected adapter.pth with "
+                                f"{ADAPTER_PARAMS} beside it)")
+    return file
+
+
+def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
+    """Read `adapter.pth` (a file or its folder) + `adapter_params.json` of a plain LoRA.
+
+    Returns (cfg, state), state fp32 on the CPU. Not a plain LoRA, or keys/ranks that do not match
+    the config: `ValueError` naming the file.
+    """
+    file = adapter_file(path)
+    cfg = MoAConfig.from_json(str(file.parent / ADAPTER_PARAMS))
+    check_plain_lora(cfg, str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    expected = {f"{s}.lora_{m}" for s in lora_sites(cfg) for m in "AB"}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{file}: keys do not match {ADAPTER_PARAMS}: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}")
+    r = cfg.lora_rank
+    for site in lora_sites(cfg):
+        a, b = state[f"{site}.lora_A"], state[f"{site}.lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(f"{file}: {site} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; expected "
+                             f"(r, in), (out, r) with r = --lora_rank {r}")
+    return cfg, {k: v.float() for k, v in state.items()}
+
+
+def write_adapter(path: str | os.PathLike, cfg: MoAConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Write `state` to `path` (a file name, e.g. `out/adapter.pth`; a folder gets `adapter.pth`) and
+    `cfg` to `adapter_params.json` beside it, each to a temporary name then renamed."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".pth":
+        path = path / ADAPTER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".adapter.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    cfg.to_json(str(path.parent / ADAPTER_PARAMS))
+    return path
+
+
+def lora_delta(cfg: MoAConfig, state: dict[str, torch.Tensor], site: str) -> torch.Tensor:
+    """dW = B A * alpha / r of `site`, (out, in) fp32."""
+    return (state[f"{site}.lora_B"].float() @ state[f"{site}.lora_A"].float()) * (cfg.lora_alpha / cfg.lora_rank)
+
+
+# ---- merge into a base-model directory ------------------------------------------------------------
+
+def _stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
+    sd = torch.load(shard_paths(model_dir)[0], map_location="cpu", mmap=True, weights_only=True)
+    return next(t.dtype for t in sd.values() if t.is_floating_point())
+
+
+def _extra_files(model_dir: str | os.PathLike) -> dict[str, bytes]:
+    """Every plain file of a base-model directory except params.json and the weight shards."""
+    skip = {"params.json"} | {p.name for p in shard_paths(model_dir)}
+    return {p.name: p.read_bytes() for p in sorted(Path(model_dir).iterdir()) if p.is_file() and p.name not in skip}
+
+
+def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Fold a plain LoRA into a base model and write the result as a new base-model directory.
+
+    base_dir: params.json + consolidated.NN.pth (+ tokenizer files, copied as they are).
+    adapter: adapter.pth (or its folder) with adapter_params.json beside it.
+    out_dir: must not exist; written atomically by `save_model_dir` (one shard), every weight in the
+        base's stored dtype: W + B A * alpha / r (the product in fp32, see `moa.merge_lora`).
+    A mixture, router, prompt or parallel adapter: `ValueError` saying why; an adapter made for
+    another base (layers, shapes): `ValueError` naming both.
+    """
+    file = adapter_file(adapter)
+    check_plain_lora(MoAConfig.from_json(str(file.parent / ADAPTER_PARAMS)), str(file))
+    model, _ = load_model(base_dir, dtype=_stored_dtype(base_dir))
+    base_keys = list(model.state_dict())
+    try:
+        load_adapter(model, str(file))
+    except ValueError as e:
+        raise ValueError(f"{file} does not fit the base model {base_dir}: {e}") from None
+    merge_lora(model)
+    merged = model.state_dict()
+    state = {k: merged[k].contiguous() for k in base_keys}  # the base's tensors only, merged ones updated
+    return save_model_dir(out_dir, load_params(base_dir), state, files=_extra_files(base_dir))
+
+
+# ---- extraction by truncated SVD ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ExtractReport:
+    """Per site (module path): kept energy sum_{i<=r} s_i^2 / sum_i s_i^2 of dW (1.0 for dW = 0) and
+    the singular values (fp32, descending); `other_changed`: non-target tensors that differ between
+    the two models (not captured by the LoRA)."""
+
+    kept_energy: dict[str, float]
+    singular_values: dict[str, torch.Tensor]
+    other_changed: list[str]
+
+
+def extract_lora_svd(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, rank: int,
+                     targets: str | Sequence[str] = "Q,K,V,O,FFN_DOWN", layers: Optional[str] = None,
+                     ) -> tuple[MoAConfig, dict[str, torch.Tensor], ExtractReport]:
+    """The rank-`rank` LoRA closest (Frobenius) to dW = W_tuned - W_base at each site.
+
+    dW = U S V^T (fp32); B = U_r S_r `(out, r)`, A = V_r^T `(r, in)`, and `lora_alpha = rank` so that
+    the scaling alpha / r is 1 and B A is the truncated dW itself. targets: `--lora_targets` names;
+    layers: a `--lora_layers` span (default every layer). Returns (cfg of a plain LoRA, state fp32,
+    report). Different params.json or tensor shapes: `ValueError` naming both directories.
+    """
+    params, tuned_params = load_params(base_dir), load_params(tuned_dir)
+    if params != tuned_params:
+        diff = sorted(k for k in set(params) | set(tuned_params) if params.get(k) != tuned_params.get(k))
+        raise ValueError(f"{tuned_dir} is not a fine-tune of {base_dir}: params.json differs in {diff}")
+    n_layers = ModelArgs(**params).n_layers
+    cfg = MoAConfig(lora_layers=layers or f"0-{n_layers}", lora_rank=rank, lora_alpha=float(rank),
+                    lora_targets=targets, type_router="none")
+    cfg.layers("lora_layers", n_layers)  # range check
+    base = load_state_dict(base_dir, dtype=torch.float32)
+    tuned = load_state_dict(tuned_dir, dtype=torch.float32)
+    if set(base) != set(tuned):
+        raise ValueError(f"{base_dir} and {tuned_dir} hold different tensors: {sorted(set(base) ^ set(tuned))[:6]}")
+    for key in base:
+        if base[key].shape != tuned[key].shape:
+            raise ValueError(f"{key}: shape {tuple(base[key].shape)} in {base_dir}, {tuple(tuned[key].shape)} "
+                             f"in {tuned_dir}")
+    state, energy, values = {}, {}, {}
+    sites = lora_sites(cfg)
+    for site in sites:
+        delta = tuned[f"{site}.weight"] - base[f"{site}.weight"]  # (out, in)
+        if rank > min(delta.shape):
+            raise ValueError(f"--rank {rank} exceeds min(out, in) = {min(delta.shape)} of {site}")
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        state[f"{site}.lora_A"] = vh[:rank].contiguous()  # (r, in)
+        state[f"{site}.lora_B"] = (u[:, :rank] * s[:rank]).contiguous()  # (out, r)
+        total = float((s * s).sum())
+        energy[site] = 1.0 if total == 0.0 else float((s[:rank] ** 2).sum()) / total
+        values[site] = s
+    site_keys = {f"{s}.weight" for s in sites}
+    other = [k for k in base if k not in site_keys and not torch.equal(base[k], tuned[k])]
+    return cfg, state, ExtractReport(energy, values, other)
+
+
+# ---- combination (PEFT's add_weighted_adapter) ----------------------------------------------------
+
+def _prune_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density * numel) entries of largest |t|, zero the rest (density >= 1: keep all)."""
+    if density >= 1:
+        return t
+    keep = torch.zeros(t.numel(), dtype=t.dtype)
+    keep[torch.topk(t.abs().reshape(-1), k=int(density * t.numel())).indices] = 1
+    return t * keep.view_as(t)
+
+
+def _prune_random(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` and rescale the kept ones by 1/density."""
+    if density >= 1:
+        return t
+    mask = torch.bernoulli(torch.full_like(t, density), generator=generator)
+    return t * mask / density
+
+
+def _disjoint_merge(stacked: torch.Tensor, weights: torch.Tensor, sign_method: str) -> torch.Tensor:
+    """TIES: elect a sign per entry from the (pruned, unweighted) stack (`total`: sign of the sum,
+    `frequency`: the more frequent sign, ties to +), then average the weighted entries that agree."""
+    sign = stacked.sign()
+    votes = stacked.sum(0) if sign_method == "total" else sign.sum(0)
+    agree = sign == torch.where(votes >= 0, 1.0, -1.0)
+    weighted = stacked * weights.view(-1, *[1] * (stacked.dim() - 1))
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _merge_tensors(rule: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float,
+                   sign_method: str, generator: torch.Generator) -> torch.Tensor:
+    """Merge same-shape task tensors by `rule` (linear/svd = weighted sum, see COMBINE_METHODS)."""
+    if rule in ("ties", "magnitude_prune"):
+        tensors = [_prune_magnitude(t, density) for t in tensors]
+    elif rule in ("dare_linear", "dare_ties"):
+        tensors = [_prune_random(t, density, generator) for t in tensors]
+    stacked = torch.stack(tensors)
+    if rule in ("ties", "dare_ties"):
+        return _disjoint_merge(stacked, weights, sign_method)
+    return (stacked * weights.view(-1, *[1] * (stacked.dim() - 1))).sum(0)
+
+
+def combine(adapters: Sequence[tuple[MoAConfig, dict[str, torch.Tensor]]], weights: Sequence[float],
+            method: str, density: Optional[float] = None, rank: Optional[int] = None, seed: int = 0,
+            majority_sign_method: str = "total") -> tuple[MoAConfig, dict[str, torch.Tensor]]:
+    """Combine plain LoRAs (each `(cfg, state)`, see `read_plain_lora`) like PEFT's
+    `add_weighted_adapter(adapters, weights, combination_type=method, density=, svd_rank=rank,
+    majority_sign_method=)`; see COMBINE_METHODS for each method.
+
+    All adapters must have the same layers and targets; `linear`, `ties`, `dare_*`,
+    `magnitude_prune` also the same rank. Result rank: sum of ranks (`cat`), `rank` or the largest
+    rank (`*svd`), else the common rank; `lora_alpha` = that rank (scaling 1). `density` in [0, 1]
+    for the pruning methods; DARE's masks come from a `torch.Generator` seeded with `seed`, drawn
+    site by site, for each site all A's then all B's (`*svd`: the deltas). A single adapter is
+    always combined `linear`, as in PEFT. Returns (cfg, state fp32).
+    """
+    if method not in COMBINE_METHODS:
+        raise ValueError(f"--method: expected one of {COMBINE_METHODS}, got {method!r}")
+    if len(adapters) == 0 or len(adapters) != len(weights):
+        raise ValueError(f"--weights: got {len(weights)} weights for {len(adapters)} adapters (need one each, "
+                         "at least one adapter)")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"--majority_sign_method: expected total or frequency, got {majority_sign_method!r}")
+    rule = method.removesuffix("_svd")
+    if rule in _NEEDS_DENSITY and (density is None or not 0.0 <= density <= 1.0):
+        raise ValueError(f"--density: method {method} needs a density in [0, 1], got {density!r}")
+    for i, (cfg, _) in enumerate(adapters):
+        check_plain_lora(cfg, f"adapter #{i}")
+    cfgs = [cfg for cfg, _ in adapters]
+    sites = lora_sites(cfgs[0])
+    for i, cfg in enumerate(cfgs[1:], 1):
+        if lora_sites(cfg) != sites:
+            raise ValueError(f"adapter #{i} has --lora_layers {cfg.lora_layers} --lora_targets {cfg.lora_targets}, "
+                             f"adapter #0 {cfgs[0].lora_layers} {cfgs[0].lora_targets}: combine needs the same "
+                             "layers and targets")
+    if len(adapters) == 1:
+        method = rule = "linear"
+    ranks = [cfg.lora_rank for cfg in cfgs]
+    if method == "cat":
+        new_rank = sum(ranks)
+    elif method.endswith("svd"):
+        new_rank = rank or max(ranks)
+    else:
+        if len(set(ranks)) != 1:
+            raise ValueError(f"method {method} needs LoRAs of equal rank, got ranks {ranks} (use cat or svd)")
+        new_rank = ranks[0]
+    generator = torch.Generator().manual_seed(seed)
+    scales = [cfg.lora_alpha / cfg.lora_rank for cfg in cfgs]
+    out: dict[str, torch.Tensor] = {}
+    for site in sites:
+        a_list = [state[f"{site}.lora_A"].float() for _, state in adapters]  # (r_i, in)
+        b_list = [state[f"{site}.lora_B"].float() for _, state in adapters]  # (out, r_i)
+        if method == "cat":
+            a = torch.cat([w * s * a_i for w, s, a_i in zip(weights, scales, a_list)], 0)
+            b = torch.cat(b_list, 1)
+        elif method.endswith("svd"):
+            deltas = [s * (b_i @ a_i) for s, a_i, b_i in zip(scales, a_list, b_list)]
+            delta = _merge_tensors(rule, deltas, torch.tensor(weights, dtype=torch.float32), density or 1.0,
+                                   majority_sign_method, generator)  # (out, in)
+            if new_rank > min(delta.shape):
+                raise ValueError(f"--rank {new_rank} exceeds min(out, in) = {min(delta.shape)} of {site}")
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            a, b = vh[:new_rank], u[:, :new_rank] * sv[:new_rank]
+        else:
+            # sqrt(|w s|) on both factors, the sign on A only, so that B A carries w s (PEFT).
+            ws = [w * s for w, s in zip(weights, scales)]
+            w_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in ws], dtype=torch.float32)
+            w_b = torch.tensor([math.sqrt(abs(x)) for x in ws], dtype=torch.float32)
+            a = _merge_tensors(rule, a_list, w_a, density or 1.0, majority_sign_method, generator)
+            b = _merge_tensors(rule, b_list, w_b, density or 1.0, majority_sign_method, generator)
+        out[f"{site}.lora_A"], out[f"{site}.lora_B"] = a.contiguous(), b.contiguous()
+    new_cfg = dataclasses.replace(cfgs[0], lora_rank=new_rank, lora_alpha=float(new_rank))
+    return new_cfg, out

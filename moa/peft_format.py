@@ -1,0 +1,174 @@
+"""Plain LoRA adapters <-> PEFT's LoRA format for a transformers `LlamaForCausalLM`.
+
+PEFT's folder: `adapter_model.safetensors` with keys
+`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` `(r, in)` / `...lora_B.weight`
+`(out, r)`, and `adapter_config.json` (`peft_type: LORA`, `r`, `lora_alpha`, `target_modules`,
+`layers_to_transform`). The scaling is `lora_alpha / r` in both (`lora_alpha / sqrt(r)` with PEFT's
+`use_rslora`, converted on import).
+
+Rotary layout: Meta's wq/wk rows interleave each head's rotary pairs (x[2i], x[2i+1]), transformers'
+rows split each head in halves (x[i], x[i + hd/2]). dW = B A permutes like W's rows, so the rows of
+B for wq/wk are permuted (Meta -> halves on export, back on import); A is unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llama.model import ModelArgs
+from moa.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape, write_adapter
+from moa.config import LORA_TARGETS, MoAConfig
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model.model."
+# our module path inside a block -> transformers' (the PEFT target module name is the last part)
+HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+            "feed_forward.w2": "mlp.down_proj"}
+_TARGET_OF_HF = {HF_NAMES[path].rsplit(".", 1)[1]: t for t, (_, path) in LORA_TARGETS.items()}  # 'q_proj' -> 'Q'
+
+
+def interleaved_to_halves(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows (n_heads*hd, k) in Meta's interleaved rotary order -> transformers' half-split order:
+    within a head, row 2i+j goes to row i + j*hd/2."""
+    n, k = rows.shape
+    return rows.reshape(n_heads, n // n_heads // 2, 2, k).transpose(1, 2).reshape(n, k)
+
+
+def halves_to_interleaved(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `interleaved_to_halves`."""
+    n, k = rows.shape
+    return rows.reshape(n_heads, 2, n // n_heads // 2, k).transpose(1, 2).reshape(n, k)
+
+
+def _heads(args: ModelArgs, proj: str) -> int | None:
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(proj)
+
+
+def _hf_key(site: str) -> str:
+    layer, inner = site.split(".", 2)[1:]  # 'layers.N.attention.wq' -> N, 'attention.wq'
+    return f"{_PREFIX}layers.{layer}.{HF_NAMES[inner]}"
+
+
+def to_peft_state(cfg: MoAConfig, state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Our plain-LoRA state -> PEFT's keys, B rows of wq/wk in transformers' rotary layout (fp32)."""
+    out = {}
+    for site in lora_sites(cfg):
+        a, b = state[f"{site}.lora_A"].float(), state[f"{site}.lora_B"].float()
+        heads = _heads(args, site.rsplit(".", 1)[1])
+        if heads is not None:
+            b = interleaved_to_halves(b, heads)
+        key = _hf_key(site)
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    return out
+
+
+def from_peft_state(cfg: MoAConfig, peft_state: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Inverse of `to_peft_state` (keys must be exactly those of `cfg`'s sites)."""
+    out = {}
+    for site in lora_sites(cfg):
+        key = _hf_key(site)
+        a, b = peft_state[f"{key}.lora_A.weight"].float(), peft_state[f"{key}.lora_B.weight"].float()
+        heads = _heads(args, site.rsplit(".", 1)[1])
+        if heads is not None:
+            b = halves_to_interleaved(b, heads)
+        out[f"{site}.lora_A"], out[f"{site}.lora_B"] = a.contiguous(), b.contiguous()
+    return out
+
+
+def _check_shapes(cfg: MoAConfig, state: Mapping[str, torch.Tensor], args: ModelArgs, where: str) -> None:
+    cfg.layers("lora_layers", args.n_layers)
+    for site in lora_sites(cfg):
+        out_f, in_f = site_shape(args, site)
+        a, b = state[f"{site}.lora_A"], state[f"{site}.lora_B"]
+        if tuple(a.shape) != (cfg.lora_rank, in_f) or tuple(b.shape) != (out_f, cfg.lora_rank):
+            raise ValueError(f"{where}: {site} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; the base "
+                             f"model expects {(cfg.lora_rank, in_f)}, {(out_f, cfg.lora_rank)}")
+
+
+def export_peft(adapter: str | os.PathLike, out_dir: str | os.PathLike, base_params: Mapping) -> Path:
+    """Write a plain LoRA (adapter.pth or its folder, adapter_params.json beside it) as a PEFT LoRA
+    folder for transformers' LLaMA: `out_dir/adapter_model.safetensors` (fp32) + `adapter_config.json`.
+
+    base_params: the base model's params.json dict (head counts for the rotary permutation, shapes).
+    `out_dir` must not exist; it is written to a temporary folder beside it and renamed.
+    """
+    cfg, state = read_plain_lora(adapter)
+    args = ModelArgs(**base_params)
+    _check_shapes(cfg, state, args, str(adapter))
+    layers = sorted(cfg.layers("lora_layers", args.n_layers))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "target_modules": sorted(HF_NAMES[LORA_TARGETS[t][1]].rsplit(".", 1)[1] for t in cfg.target_list),
+        "layers_to_transform": layers if len(layers) < args.n_layers else None,
+    }
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists: remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(to_peft_state(cfg, state, args), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_params: Mapping) -> Path:
+    """Read a PEFT LoRA folder (for transformers' LLaMA) into our format: `out_path` (adapter.pth, or a
+    folder that gets one) + adapter_params.json, a plain LoRA (`--type_router none`).
+
+    The adapted (layer, module) pairs must form layers x targets (our config's shape); every layer
+    has the same rank and alpha. Refused with a `ValueError` naming the field: another peft_type,
+    DoRA, bias training, rank/alpha patterns, modules other than the seven projections.
+    """
+    peft_dir = Path(peft_dir)
+    cfg_path, weights_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist (a PEFT LoRA folder holds {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    pc = json.loads(cfg_path.read_text())
+    if pc.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}, expected 'LORA'")
+    for field, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
+                         ("lora_bias", False), ("modules_to_save", None)):
+        if pc.get(field, plain) not in (plain, None, [], {}):
+            raise ValueError(f"{cfg_path}: {field} = {pc[field]!r} is not supported (expected {plain!r})")
+    r, alpha = int(pc["r"]), float(pc["lora_alpha"])
+    if pc.get("use_rslora", False):
+        alpha = alpha * r ** 0.5  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
+    peft_state = load_file(str(weights_path))
+    args = ModelArgs(**base_params)
+    pairs = set()
+    for key in peft_state:
+        parts = key.removeprefix(_PREFIX).split(".")  # layers N self_attn q_proj lora_A weight
+        if not key.startswith(_PREFIX) or len(parts) != 6 or parts[0] != "layers" or parts[3] not in _TARGET_OF_HF \
+                or parts[4] not in ("lora_A", "lora_B") or parts[5] != "weight":
+            raise ValueError(f"{weights_path}: unexpected key {key!r} "
+                             f"(expected {_PREFIX}layers.N.<proj>.lora_A|B.weight)")
+        pairs.add((int(parts[1]), _TARGET_OF_HF[parts[3]]))
+    layers = sorted({i for i, _ in pairs})
+    targets = [t for t in LORA_TARGETS if any(t == tt for _, tt in pairs)]
+    if pairs != {(i, t) for i in layers for t in targets}:
+        raise ValueError(f"{weights_path}: the adapted modules are not the same in every layer "
+                         f"(layers {layers}, targets {targets}); our format needs layers x targets")
+    cfg = MoAConfig(lora_layers=indices_to_spans(layers), lora_rank=r, lora_alpha=alpha,
+                    lora_targets=",".join(targets), type_router="none")
+    check_plain_lora(cfg, str(peft_dir))
+    state = from_peft_state(cfg, peft_state, args)
+    _check_shapes(cfg, state, args, str(weights_path))
+    return write_adapter(out_path, cfg, state)

@@ -1,0 +1,230 @@
+"""moa/algebra.py: merge into a base dir (reference: the unmerged adapter, rel <= 1e-5 fp32), SVD
+extraction (a known rank-r delta, known singular values), combine (reference: PEFT's
+add_weighted_adapter on the same LoRAs exported with moa/peft_format.py, rel <= 1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model, load_params, load_state_dict
+from moa import MoAConfig, attach_adapters, save_adapter
+from moa.algebra import COMBINE_METHODS, combine, extract_lora_svd, merge_into_base, read_plain_lora, write_adapter
+from moa.peft_format import export_peft, from_peft_state
+from tests.helpers import write_meta_model_dir
+from tests.hf_reference import hf_twin
+
+ALL_TARGETS = "Q,K,V,O,FFN_GATE,FFN_UP,FFN_DOWN"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LAPACK's SVD with 2 OpenMP threads on 2 shared cores is ~100x slower than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("algebra") / "base"
+    write_meta_model_dir(d, seed=2)
+    return d
+
+
+def make_adapter(base_dir, path, targets=ALL_TARGETS, rank=4, alpha=8.0, seed=0, **flags):
+    """A LoRA on the tiny base with random non-zero B; returns the model carrying it."""
+    model, _ = load_model(base_dir)
+    cfg = MoAConfig(lora_layers="0-2", lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
+                    **{"type_router": "none", **flags})
+    attach_adapters(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    save_adapter(model, str(path))
+    return model
+
+
+def tokens():
+    return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(4))
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+
+def test_merged_base_matches_unmerged_adapter_fp32_rtol1em5(base_dir, tmp_path):
+    ours = make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    out = merge_into_base(base_dir, tmp_path / "ad", tmp_path / "merged")
+    merged, _ = load_model(out)
+    base, _ = load_model(base_dir)
+    assert (out / "tokenizer.model").read_bytes() == (base_dir / "tokenizer.model").read_bytes()
+    t = tokens()
+    with torch.no_grad():
+        expected = ours(t)
+        assert rel(expected, base(t)) > 1e-3
+        assert rel(merged(t), expected) <= 1e-5
+
+
+def test_merge_keeps_base_dtype_bf16(tmp_path):
+    base = tmp_path / "bf16"
+    write_meta_model_dir(base, dtype=torch.bfloat16, seed=3)
+    make_adapter(base, tmp_path / "ad" / "adapter.pth")
+    out = merge_into_base(base, tmp_path / "ad" / "adapter.pth", tmp_path / "merged")
+    sd = torch.load(out / "consolidated.00.pth", weights_only=True)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("flags, reason", [
+    ({"expert_num": 2}, "expert_num 2"),
+    ({"type_router": "soft"}, "type_router soft"),
+    ({"prompt_layers": "0-1"}, "prompt"),
+    ({"p_adapter_layers": "0-1"}, "parallel adapter"),
+])
+def test_merge_refuses_mixture_router_prompt_p_adapter_valueerror(base_dir, tmp_path, flags, reason):
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth", **flags)
+    with pytest.raises(ValueError, match=reason):
+        merge_into_base(base_dir, tmp_path / "ad", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_wrong_base_valueerror(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    other = tmp_path / "other"
+    write_meta_model_dir(other, params={**load_params(base_dir), "dim": 32})
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        merge_into_base(other, tmp_path / "ad", tmp_path / "merged")
+
+
+# ---- SVD extraction -------------------------------------------------------------------------------
+
+def test_extract_recovers_known_rank_delta_and_energy_fp32_rtol1em5(base_dir, tmp_path):
+    sd = load_state_dict(base_dir)
+    values = torch.tensor([4.0, 3.0, 2.0, 1.0])  # known singular values of every delta
+    g = torch.Generator().manual_seed(7)
+    for i in range(2):
+        for proj in ("attention.wv", "feed_forward.w2"):
+            w = sd[f"layers.{i}.{proj}.weight"]
+            u, _ = torch.linalg.qr(torch.randn(w.shape[0], 4, generator=g))
+            v, _ = torch.linalg.qr(torch.randn(w.shape[1], 4, generator=g))
+            sd[f"layers.{i}.{proj}.weight"] = w + 0.02 * (u * values) @ v.t()
+    tuned = tmp_path / "tuned"
+    write_meta_model_dir(tuned, sd=sd)
+
+    cfg, state, report = extract_lora_svd(base_dir, tuned, rank=4, targets="V,FFN_DOWN")
+    assert cfg.lora_alpha == 4.0 and cfg.lora_rank == 4 and report.other_changed == []
+    assert all(e == pytest.approx(1.0, abs=1e-6) for e in report.kept_energy.values())
+    write_adapter(tmp_path / "ex", cfg, state)
+    merged = merge_into_base(base_dir, tmp_path / "ex", tmp_path / "merged")
+    t = tokens()
+    with torch.no_grad():
+        assert rel(load_model(merged)[0](t), load_model(tuned)[0](t)) <= 1e-5
+
+    _, _, low = extract_lora_svd(base_dir, tuned, rank=2, targets="V,FFN_DOWN")
+    expected = float((values[:2] ** 2).sum() / (values ** 2).sum())
+    assert len(low.kept_energy) == 4
+    assert all(e == pytest.approx(expected, rel=1e-5) for e in low.kept_energy.values())
+
+
+# ---- combine vs PEFT ------------------------------------------------------------------------------
+
+def peft_combined(base_dir, tmp_path, adapter_dirs, weights, method, density=None, rank=None):
+    """PEFT's add_weighted_adapter on our adapters (exported), read back into our layout."""
+    peft = pytest.importorskip("peft")
+    params = load_params(base_dir)
+    peft_dirs = [export_peft(d, tmp_path / f"peft{i}", params) for i, d in enumerate(adapter_dirs)]
+    base, _ = load_model(base_dir)
+    model = peft.PeftModel.from_pretrained(hf_twin(base), str(peft_dirs[0]), adapter_name="a0")
+    for i, d in enumerate(peft_dirs[1:], 1):
+        model.load_adapter(str(d), adapter_name=f"a{i}")
+    model.add_weighted_adapter([f"a{i}" for i in range(len(peft_dirs))], weights, "merged",
+                               combination_type=method, density=density, svd_rank=rank)
+    return peft.get_peft_model_state_dict(model, adapter_name="merged")
+
+
+def deltas(state):
+    return {k[:-len(".lora_A")]: state[k[:-1] + "B"] @ state[k] for k in state if k.endswith("lora_A")}
+
+
+@pytest.mark.parametrize("method", [m for m in COMBINE_METHODS if not m.startswith("dare")])
+def test_combine_matches_peft_add_weighted_adapter_fp32_rtol1em5(base_dir, tmp_path, method):
+    equal_rank = method in ("linear", "ties", "magnitude_prune")
+    dirs = [tmp_path / "ad0", tmp_path / "ad1"]
+    make_adapter(base_dir, dirs[0] / "adapter.pth", rank=4, alpha=8.0, seed=0)
+    make_adapter(base_dir, dirs[1] / "adapter.pth", rank=4 if equal_rank else 2, alpha=16.0, seed=1)
+    weights, density = [0.7, -0.4], 0.5
+    rank = 3 if method.endswith("svd") else None
+    cfg, ours = combine([read_plain_lora(d) for d in dirs], weights, method, density=density, rank=rank)
+    theirs = from_peft_state(cfg, peft_combined(base_dir, tmp_path, dirs, weights, method, density, rank),
+                             load_model(base_dir)[0].args)
+    assert cfg.lora_alpha == cfg.lora_rank == {"cat": 6, "linear": 4, "ties": 4, "magnitude_prune": 4}.get(method, 3)
+    if method.endswith("svd"):  # factors are unique only up to signs: compare the products
+        ours, theirs = deltas(ours), deltas(theirs)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert rel(ours[k], theirs[k]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_combine_dare_matches_peft_same_seed_fp32_rtol1em5(base_dir, tmp_path, method, monkeypatch):
+    """PEFT draws DARE masks from the global RNG after initialising the new adapter; reseeding right
+    there makes its draws those of our seeded generator (same order: site by site, the A's then the
+    B's). Targets without Q/K: PEFT masks their B (or delta) rows in transformers' rotary order."""
+    import peft.tuners.lora.model as lora_model
+
+    freeze = lora_model._freeze_adapter
+    monkeypatch.setattr(lora_model, "_freeze_adapter", lambda m, name: (freeze(m, name), torch.manual_seed(11)))
+    targets = "V,O,FFN_GATE,FFN_UP,FFN_DOWN"
+    dirs = [tmp_path / "ad0", tmp_path / "ad1"]
+    make_adapter(base_dir, dirs[0] / "adapter.pth", targets=targets, seed=0)
+    make_adapter(base_dir, dirs[1] / "adapter.pth", targets=targets, alpha=4.0, seed=1)
+    weights = [0.6, 0.9]
+    cfg, ours = combine([read_plain_lora(d) for d in dirs], weights, method, density=0.5, seed=11)
+    theirs = from_peft_state(cfg, peft_combined(base_dir, tmp_path, dirs, weights, method, 0.5),
+                             load_model(base_dir)[0].args)
+    if method.endswith("svd"):
+        ours, theirs = deltas(ours), deltas(theirs)
+    for k in ours:
+        assert rel(ours[k], theirs[k]) <= 1e-5, k
+
+
+def test_combine_errors_valueerror(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "a" / "adapter.pth", rank=4)
+    make_adapter(base_dir, tmp_path / "b" / "adapter.pth", rank=2)
+    make_adapter(base_dir, tmp_path / "c" / "adapter.pth", targets="Q,V")
+    a, b, c = (read_plain_lora(tmp_path / n) for n in "abc")
+    with pytest.raises(ValueError, match="equal rank"):
+        combine([a, b], [1.0, 1.0], "linear")
+    with pytest.raises(ValueError, match="same layers and targets"):
+        combine([a, c], [1.0, 1.0], "cat")
+    with pytest.raises(ValueError, match="--density"):
+        combine([a, a], [1.0, 1.0], "ties")
+    with pytest.raises(ValueError, match="--weights"):
+        combine([a, a], [1.0], "cat")
+    with pytest.raises(ValueError, match="--method"):
+        combine([a, a], [1.0, 1.0], "average")
+
+
+def test_cli_subcommands_cat_halves_equal_original_merge_fp32_rtol1em5(base_dir, tmp_path, capsys):
+    from scripts.lora_tools import main
+
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    ad, base = str(tmp_path / "ad"), str(base_dir)
+    main(["combine", "--adapters", ad, ad, "--weights", "0.5", "0.5", "--method", "cat",
+          "--out", str(tmp_path / "cat")])
+    main(["merge", "--base", base, "--adapter", ad, "--out", str(tmp_path / "m1")])
+    main(["merge", "--base", base, "--adapter", str(tmp_path / "cat"), "--out", str(tmp_path / "m2")])
+    main(["extract", "--base", base, "--tuned", str(tmp_path / "m1"), "--rank", "4", "--targets", "Q,FFN_DOWN",
+          "--out", str(tmp_path / "ex" / "adapter.pth")])
+    main(["export-peft", "--adapter", ad, "--base", base, "--out", str(tmp_path / "peft")])
+    main(["import-peft", "--peft", str(tmp_path / "peft"), "--base", base, "--out", str(tmp_path / "back")])
+    printed = capsys.readouterr().out
+    assert "kept energy 1.0000" in printed and "not captured" in printed  # K, V, ... also changed
+    m1, m2 = load_state_dict(tmp_path / "m1"), load_state_dict(tmp_path / "m2")
+    assert all(rel(m2[k], m1[k]) <= 1e-5 for k in m1)
+    assert read_plain_lora(tmp_path / "cat")[0].lora_rank == 8
+    assert (tmp_path / "back" / "adapter.pth").is_file() and (tmp_path / "ex" / "adapter_params.json").is_file()

@@ -1,0 +1,130 @@
+"""moa/peft_format.py against PEFT itself (peft.PeftModel on transformers' LLaMA, tests/hf_reference.py):
+export -> PeftModel.from_pretrained and get_peft_model -> save -> import give our logits (rel <= 1e-4, fp32)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model, load_params
+from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
+from moa.peft_format import export_peft, halves_to_interleaved, import_peft, interleaved_to_halves
+from tests.helpers import write_meta_model_dir
+from tests.hf_reference import hf_twin, interleaved_to_half_split
+
+peft = pytest.importorskip("peft")
+
+ALL_TARGETS = "Q,K,V,O,FFN_GATE,FFN_UP,FFN_DOWN"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread (two threads wait on each other on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("peft") / "base"
+    write_meta_model_dir(d, seed=1)
+    return d
+
+
+def make_adapter(base_dir, path, lora_layers="0-2", targets=ALL_TARGETS, rank=4, alpha=8.0, seed=0):
+    """A plain LoRA on the tiny base with random non-zero B (zero-init B would hide layout errors)."""
+    model, _ = load_model(base_dir)
+    cfg = MoAConfig(lora_layers=lora_layers, lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
+                    type_router="none")
+    attach_adapters(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    save_adapter(model, str(path))
+    return model
+
+
+def tokens():
+    return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def test_rotary_row_permutation_matches_hf_reference_exact():
+    w = torch.randn(4 * 16, 5)
+    assert torch.equal(interleaved_to_halves(w, 4), interleaved_to_half_split(w, 4))
+    assert torch.equal(halves_to_interleaved(interleaved_to_halves(w, 4), 4), w)
+
+
+@pytest.mark.parametrize("lora_layers", ["0-2", "1-2"])
+def test_export_loads_in_peft_logits_match_fp32_rtol1em4(base_dir, tmp_path, lora_layers):
+    ours = make_adapter(base_dir, tmp_path / "ad" / "adapter.pth", lora_layers=lora_layers)
+    out = export_peft(tmp_path / "ad", tmp_path / "peft", load_params(base_dir))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    base, _ = load_model(base_dir)
+    hf = peft.PeftModel.from_pretrained(hf_twin(base), str(out)).eval()
+    t = tokens()
+    with torch.no_grad():
+        expected = ours(t)
+        got = hf(t).logits
+        plain = base(t)
+    assert rel(expected, plain) > 1e-3  # the adapter changes the logits
+    assert rel(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_import_peft_lora_logits_match_fp32_rtol1em4(base_dir, tmp_path, use_rslora):
+    base, _ = load_model(base_dir)
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                             "gate_proj", "up_proj", "down_proj"], use_rslora=use_rslora, lora_dropout=0.0)
+    hf = peft.get_peft_model(hf_twin(base), config).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(str(tmp_path / "peft"))
+    path = import_peft(tmp_path / "peft", tmp_path / "ours", load_params(base_dir))
+    assert path.name == "adapter.pth"
+    ours = load_adapter(base, str(path))
+    t = tokens()
+    with torch.no_grad():
+        assert rel(ours(t), hf(t).logits) <= 1e-4
+
+
+def test_export_import_roundtrip_exact(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth", lora_layers="1-2", targets="Q,K,FFN_DOWN")
+    params = load_params(base_dir)
+    export_peft(tmp_path / "ad", tmp_path / "peft", params)
+    back = import_peft(tmp_path / "peft", tmp_path / "back" / "adapter.pth", params)
+    first = torch.load(tmp_path / "ad" / "adapter.pth", weights_only=True)
+    second = torch.load(back, weights_only=True)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((back.parent / "adapter_params.json").read_text()) == \
+        json.loads((tmp_path / "ad" / "adapter_params.json").read_text())
+
+
+def test_errors_wrong_base_mixture_and_ragged_peft_valueerror(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    other = dict(load_params(base_dir), dim=32)
+    with pytest.raises(ValueError, match="base model expects"):
+        export_peft(tmp_path / "ad", tmp_path / "peft", other)
+    model, _ = load_model(base_dir)
+    attach_adapters(model, MoAConfig(lora_layers="0-2", expert_num=2, type_router="none"))
+    save_adapter(model, str(tmp_path / "mix" / "adapter.pth"))
+    with pytest.raises(ValueError, match="expert_num 2"):
+        export_peft(tmp_path / "mix", tmp_path / "peft2", load_params(base_dir))
+    base, _ = load_model(base_dir)
+    ragged_modules = r".*0\.self_attn\.q_proj|.*1\.mlp\.down_proj"  # Q in layer 0, FFN_DOWN in layer 1
+    ragged = peft.get_peft_model(hf_twin(base), peft.LoraConfig(r=2, target_modules=ragged_modules))
+    ragged.save_pretrained(str(tmp_path / "ragged"))
+    with pytest.raises(ValueError, match="layers x targets"):
+        import_peft(tmp_path / "ragged", tmp_path / "r_out", load_params(base_dir))
