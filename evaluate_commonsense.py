@@ -20,7 +20,10 @@ def main() -> None:
                              "or hellaswag; its siblings are found by swapping the set name "
                              "in the file name")
     args = parser.parse_args()
-    report = score_benchmark(args.predict_file, "commonsense")
+    try:
+        report = score_benchmark(args.predict_file, "commonsense")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"evaluate_commonsense.py: error: {e}")
     for problem in report.problems:
         print(problem, file=sys.stderr)
     print(format_report(report))

@@ -21,7 +21,10 @@ def main() -> None:
                         help="strict also reads only an explicit final answer and reports it "
                              "beside the standard score (never instead of it)")
     args = parser.parse_args()
-    report = score_benchmark(args.predict_file, "math", args.mode)
+    try:
+        report = score_benchmark(args.predict_file, "math", args.mode)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"evaluate_math.py: error: {e}")
     for problem in report.problems:
         print(problem, file=sys.stderr)
     print(format_report(report))

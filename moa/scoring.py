@@ -317,14 +317,21 @@ def _row_problem(row: dict) -> str | None:
 def score_file(name: str, path: Path, strict: bool) -> SetScore:
     """Score every line of one prediction file with its set's rule.
 
-    Malformed lines are recorded (file and line in `problems`) and counted wrong. An answer
-    field the rule cannot use raises ValueError naming the file, line and field.
+    Malformed lines (not a JSON object, no string `generate`, no `answer`, or an `answer`
+    the set's rule cannot read, e.g. "seven" for a numeric set) are recorded with file,
+    line and field in `problems` and counted wrong; scoring goes on.
     """
     rule = rule_for(name)
     score = SetScore(name, path, strict_correct=0 if strict else None)
     for number, row, error in read_jsonl(path):
         score.rows += 1
         error = error or _row_problem(row)
+        answer = None
+        if error is None:
+            try:
+                answer = rule.parse_answer(row["answer"])
+            except ValueError as e:
+                error = f"field 'answer': {e}"
         if error is not None:
             score.malformed += 1
             score.problems.append(f"{path} line {number}: {error}; counted wrong")
@@ -333,10 +340,6 @@ def score_file(name: str, path: Path, strict: bool) -> SetScore:
                 verdict.update(strict_pred=None, strict_flag=False)
             score.scored_rows.append({**(row or {}), **verdict})
             continue
-        try:
-            answer = rule.parse_answer(row["answer"])
-        except ValueError as e:
-            raise ValueError(f"{path} line {number}: field 'answer': {e}") from None
         pred = rule.extract(row["generate"])
         flag = rule.is_correct(pred, answer)
         score.correct += flag
@@ -395,8 +398,8 @@ def score_benchmark(predict_file: str | os.PathLike, benchmark: Benchmark,
     """Score a prediction file and its siblings, write the verdicts and append the summary.
 
     Writes `<file>_scored.jsonl` beside every scored file (overwritten) and appends one
-    line to `acc_score.jsonl` in the file's directory. Nothing is written when an answer
-    field is unusable (ValueError naming file, line and field).
+    line to `acc_score.jsonl` in the file's directory. A bad `--predict_file` (no such
+    file, a scored file, a name without a set name) is a FileNotFoundError / ValueError.
     """
     path = Path(predict_file)
     if not path.is_file():

@@ -35,6 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
     ("It weighs 2.5004 kg", "2.5", "2.5004", True),
     # |2.502 - 2.5| = 0.002 > 0.001: wrong
     ("It weighs 2.502 kg", "2.5", "2.502", False),
+    # the tolerance's edge: float(2.501) - 2.5 = 0.000999... <= 0.001: correct
+    ("About 2.501 litres", "2.5", "2.501", True),
+    # |2.5011 - 2.5| = 0.0011 > 0.001: wrong
+    ("About 2.5011 litres", "2.5", "2.5011", False),
+    # a negative number with a thousands comma: "-1,000" -> "-1000" == -1000.0
+    ("The balance is -1,000 dollars", "-1000", "-1000", True),
     # a minus sign glued to the digits is part of the number: -7 == -7.0
     ("The temperature is -7 degrees.", "-7.0", "-7", True),
     # "5 - 3": the minus is followed by a space, so the matches are 5 and 3; last is 3
@@ -298,14 +304,39 @@ def test_evaluate_math_cli_hand_scored_files_tol1e12(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_unparsable_answer_names_file_line_field_and_writes_nothing_exact(tmp_path):
-    """Line 2's answer "seven" stops the run with a ValueError naming file, line, field."""
+def test_unparsable_answer_line_reported_with_file_line_field_counted_wrong_exact(tmp_path):
+    """Line 2's answer "seven" cannot be read: reported (file, line, field), counted wrong.
+
+    Hand-scored: line 1 "7" vs 7.0 right, line 2 wrong -> 1/2 = 0.5; the run completes and
+    writes both the verdicts and the summary line.
+    """
     path = tmp_path / "SVAMP_predict_t.jsonl"
     path.write_text(_row("7", "7.0") + "\n" + _row("7", "seven") + "\n")
-    with pytest.raises(ValueError, match=r"SVAMP_predict_t\.jsonl line 2: field 'answer'"):
-        score_benchmark(path, "math")
-    assert not (tmp_path / "acc_score.jsonl").exists()
-    assert not (tmp_path / "SVAMP_predict_t_scored.jsonl").exists()
+    report = score_benchmark(path, "math")
+    assert report.summary["SVAMP"] == pytest.approx(0.5, abs=1e-12)
+    assert report.scores["SVAMP"].malformed == 1
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith(f"{path} line 2: field 'answer'")
+    assert "'seven'" in report.problems[0] and report.problems[0].endswith("counted wrong")
+    scored = [json.loads(x) for x in (tmp_path / "SVAMP_predict_t_scored.jsonl").read_text().splitlines()]
+    assert [(r["pred"], r["flag"]) for r in scored] == [("7", True), (None, False)]
+    assert len((tmp_path / "acc_score.jsonl").read_text().splitlines()) == 1
+
+
+def test_cli_bad_predict_file_exits_with_message_not_traceback_exact(tmp_path):
+    """A missing --predict_file or one without a set name: exit status 1, one clear line."""
+    for script, name in (("evaluate_math.py", "AddSub_predict_t.jsonl"),
+                         ("evaluate_commonsense.py", "boolq_predict_t.jsonl")):
+        missing = subprocess.run([sys.executable, str(REPO / script), "--predict_file",
+                                  str(tmp_path / name)], capture_output=True, text=True)
+        assert missing.returncode == 1
+        assert f"{script}: error: --predict_file {tmp_path / name}: no such file" in missing.stderr
+        assert "Traceback" not in missing.stderr
+    (tmp_path / "predictions.jsonl").write_text(_row("1", "1") + "\n")
+    unnamed = subprocess.run([sys.executable, str(REPO / "evaluate_math.py"), "--predict_file",
+                              str(tmp_path / "predictions.jsonl")], capture_output=True, text=True)
+    assert unnamed.returncode == 1 and "must start with, or contain" in unnamed.stderr
+    assert "Traceback" not in unnamed.stderr
 
 
 def test_malformed_lines_reported_and_counted_wrong_exact(tmp_path):

@@ -1,0 +1,229 @@
+"""Reproduce the paper's tables: methods x seeds x the sets of a benchmark -> one results table.
+
+    python scripts/reproduce.py --methods soft_moa,lora --scale smoke          # CPU, bundled model
+    python scripts/reproduce.py --model /path/Meta-Llama-3.1-8B --nproc 4 --scale full \\
+        --methods soft_moa,sparse_moa,lora,lora_r16,hydralora,molora,adamole,unipeft
+
+Each (method, seed) is one `scripts/run_{benchmark}.sh` run in OUT/{benchmark}/{method}/seed{seed};
+a run whose `acc_score.jsonl` exists is finished and skipped (so an interrupted reproduction
+resumes, and inside a run every step resumes too). The table (OUT/{benchmark}_results.md and .csv)
+has, per method, the accuracy of every set and their average as mean ± sd over the seeds that
+finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_runs.csv
+has one row per run. Flags this script does not know go to the run script as they are (e.g.
+`--train_rows 128 --max_gen_len 32 --nproc 2`), after and over the flags of `--scale`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from moa.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE  # noqa: E402
+
+SEEDS = (0, 125, 1225)  # the paper's three seeds
+BENCHMARK_SETS = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}
+# Run-script flags for each scale. smoke: minutes on a CPU with the bundled model; full: the paper.
+SCALES: dict[str, dict[str, str]] = {
+    "smoke": {"train_rows": "64", "test_rows": "8", "epochs": "1", "max_gen_len": "48", "min_gen_len": "32"},
+    "small": {},  # the run scripts' own defaults (the README's main job)
+    "full": {"train_rows": "0", "test_rows": "0", "epochs": "2", "warmup": "1", "bf16": "True",
+             "max_gen_len": "200", "min_gen_len": "120", "max_batch": "200", "temperature": "0.1"},
+}
+
+
+@dataclass
+class RunResult:
+    """What one finished (method, seed) run measured."""
+
+    method: str
+    seed: int
+    accuracy: dict[str, Optional[float]]  # set -> fraction in [0, 1] (None: missing)
+    average: Optional[float]
+    params: int  # trainable adapter parameters
+    train_s: Optional[float]
+    peak_mem_mb: Optional[float]
+    out_dir: Path = field(default=Path())
+
+
+def run_dir(out: Path, benchmark: str, method: str, seed: int) -> Path:
+    return out / benchmark / method / f"seed{seed}"
+
+
+def adapter_param_count(adapter_path: Path) -> int:
+    """Sum of the numel of every tensor in adapter.pth (the trainable adapter parameters)."""
+    import torch
+
+    state = torch.load(adapter_path, map_location="cpu", weights_only=True, mmap=True)
+    return sum(t.numel() for t in state.values())
+
+
+def peak_memory_mb(log_path: Path) -> Optional[float]:
+    """The largest `peak_mem_mb` of the JSON lines in a training log.txt (None without one)."""
+    if not log_path.is_file():
+        return None
+    peaks = [json.loads(line).get("peak_mem_mb") for line in log_path.read_text().splitlines() if line.strip()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def read_result(directory: Path, method: str, seed: int, sets: Sequence[str]) -> RunResult:
+    """The measurements of a finished run directory (its last acc_score.jsonl line, adapter.pth,
+    timing.json and log.txt)."""
+    lines = [line for line in (directory / SUMMARY_FILE).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{directory / SUMMARY_FILE}: empty")
+    score = json.loads(lines[-1])
+    timing_path = directory / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    return RunResult(method, seed, {s: score.get(s) for s in sets}, score.get("average"),
+                     adapter_param_count(directory / "adapter.pth"), timing.get("train_s"),
+                     peak_memory_mb(directory / "log.txt"), directory)
+
+
+def run_one(benchmark: str, method: str, seed: int, directory: Path, flags: Sequence[str]) -> None:
+    """One `scripts/run_{benchmark}.sh` run; raises CalledProcessError when it fails."""
+    cmd = ["bash", str(REPO / "scripts" / f"run_{benchmark}.sh"), "--method", method, "--seed", str(seed),
+           "--out", str(directory), *flags]
+    print(f"\n=== {benchmark} / {method} / seed {seed}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: Sequence[RunResult], sets: Sequence[str]) -> list[dict]:
+    """One row per method (in first-seen order): per set and average, mean and sd in percent over
+    its seeds; params; mean train time; max peak memory; the seeds that finished."""
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        runs = [r for r in results if r.method == method]
+        row: dict = {"method": method, "seeds": " ".join(str(r.seed) for r in runs)}
+        for name in (*sets, "average"):
+            values = [100 * (r.average if name == "average" else r.accuracy[name]) for r in runs
+                      if (r.average if name == "average" else r.accuracy[name]) is not None]
+            row[f"{name}_mean"], row[f"{name}_sd"] = mean_sd(values) if values else (math.nan, math.nan)
+        row["params_M"] = runs[0].params / 1e6
+        times = [r.train_s for r in runs if r.train_s is not None]
+        row["train_s"] = statistics.fmean(times) if times else math.nan
+        mems = [r.peak_mem_mb for r in runs if r.peak_mem_mb is not None]
+        row["peak_mem_mb"] = max(mems) if mems else math.nan
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict], sets: Sequence[str]) -> str:
+    """The aggregated rows as a Markdown table (accuracy in percent, mean ± sd over seeds)."""
+    head = ["method", *sets, "average", "params (M)", "train (s)", "peak mem (MB)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"]]
+        cells += [f"{r[f'{s}_mean']:.1f} ± {r[f'{s}_sd']:.1f}" for s in (*sets, "average")]
+        cells += [f"{r['params_M']:.2f}", f"{r['train_s']:.0f}", f"{r['peak_mem_mb']:.0f}", r["seeds"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def csv_text(rows: Sequence[dict]) -> str:
+    """Rows of dicts (same keys) as CSV text."""
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_tables(out: Path, benchmark: str, results: Sequence[RunResult], sets: Sequence[str]) -> str:
+    """Write OUT/{benchmark}_results.md/.csv and OUT/{benchmark}_runs.csv; return the Markdown table."""
+    rows = aggregate(results, sets)
+    table = markdown_table(rows, sets)
+    write_atomic(out / f"{benchmark}_results.md", table + "\n")
+    write_atomic(out / f"{benchmark}_results.csv", csv_text(rows))
+    per_run = [{"method": r.method, "seed": r.seed, **{s: r.accuracy[s] for s in sets}, "average": r.average,
+                "params": r.params, "train_s": r.train_s, "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir)}
+               for r in results]
+    write_atomic(out / f"{benchmark}_runs.csv", csv_text(per_run))
+    return table
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="soft_moa,lora", help="comma-separated names of scripts/methods.sh")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated training seeds")
+    p.add_argument("--benchmarks", default="math", help="comma-separated: math, commonsense")
+    p.add_argument("--scale", choices=sorted(SCALES), default="smoke",
+                   help="smoke: a few minutes per run on CPU; small: the run scripts' defaults; full: the paper")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce", help="output folder")
+    p.add_argument("--stop_on_error", action="store_true",
+                   help="stop at the first failed run (default: report it and run the others)")
+    args, passthrough = p.parse_known_args(argv)
+    for flag in ("--method", "--seed", "--out"):
+        if flag in passthrough:
+            p.error(f"{flag} is set by reproduce.py for each run; use --methods / --seeds / --out")
+    return args, passthrough
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, passthrough = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    benchmarks = [b for b in args.benchmarks.split(",") if b]
+    for b in benchmarks:
+        if b not in BENCHMARK_SETS:
+            print(f"reproduce.py: error: --benchmarks {b!r}: expected math or commonsense", file=sys.stderr)
+            return 2
+    scale_flags = [x for k, v in SCALES[args.scale].items() if f"--{k}" not in passthrough for x in (f"--{k}", v)]
+    flags = scale_flags + passthrough
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for benchmark in benchmarks:
+        sets = BENCHMARK_SETS[benchmark]
+        results = []
+        for method in methods:
+            for seed in seeds:
+                directory = run_dir(args.out, benchmark, method, seed)
+                if (directory / SUMMARY_FILE).is_file():
+                    print(f"=== {benchmark} / {method} / seed {seed}: finished, skipped ({directory})")
+                else:
+                    try:
+                        run_one(benchmark, method, seed, directory, flags)
+                    except subprocess.CalledProcessError as e:
+                        failed.append(f"{benchmark}/{method}/seed{seed} (exit {e.returncode})")
+                        if args.stop_on_error:
+                            print(f"reproduce.py: stopped: {failed[-1]} failed", file=sys.stderr)
+                            return 1
+                        continue
+                results.append(read_result(directory, method, seed, sets))
+        if results:
+            print(f"\n{benchmark} ({args.scale}):\n" + write_tables(args.out, benchmark, results, sets))
+            print(f"written: {args.out / f'{benchmark}_results.md'}, .csv and {benchmark}_runs.csv")
+    if failed:
+        print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The research workflow end to end: scripts/run_math.sh and run_commonsense.sh (train -> extract ->
+generate -> score), scripts/reproduce.py's table, scripts/router_stats.py's plot.
+
+References: the per-row verdicts of evaluate_*.py recomputed here from the prediction files by
+the scoring rule, the run directories' own adapter.pth for the parameter counts, and
+`moa.RouterStats` called directly for the router numbers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model
+from moa import MoAConfig, RouterStats, attach_adapters, save_adapter
+from moa.scoring import COMMONSENSE_SETS, MATH_SETS, score_generation
+from tests.helpers import write_meta_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+# Tiny sizes: a few training rows and steps, one or two test rows, a few new tokens.
+TINY_RUN = ["--train_rows", "4", "--batch", "2", "--accum", "1", "--test_rows", "2", "--max_gen_len", "4",
+            "--min_gen_len", "2", "--max_batch", "2"]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-layer model with a byte tokenizer (prompts are ~250 tokens: use --max_seq_len 1024)."""
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    write_meta_model_dir(d)
+    return d
+
+
+def assert_scores_match_predictions(out: Path, sets: tuple[str, ...]) -> dict:
+    """The last acc_score.jsonl line equals the scoring rule applied here to each prediction file."""
+    lines = (out / "acc_score.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert record["missing"] == []
+    for name in sets:
+        rows = [json.loads(line) for line in (out / f"{name}_predict.jsonl").read_text().splitlines()]
+        assert rows and all(set(r) >= {"generate", "output", "input", "instruction", "answer"} for r in rows)
+        expected = sum(score_generation(name, r["generate"], r["answer"])[1] for r in rows) / len(rows)
+        assert record[name] == pytest.approx(expected)
+    assert record["average"] == pytest.approx(sum(record[s] for s in sets) / len(sets))
+    return record
+
+
+def test_run_math_sh_end_to_end_on_smollm2_files_and_acc_score_line(smollm2_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run(["bash", "scripts/run_math.sh", "--model", str(smollm2_dir), "--out", str(out),
+                "--max_seq_len", "192", "--baseline", "True", *TINY_RUN])
+    assert "AddSub" in proc.stdout and "average" in proc.stdout
+    for name in ("checkpoint-0.pth", "adapter.pth", "adapter_params.json", "log.txt", "timing.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "adapter_params.json").read_text())["type_router"] == "soft"
+    assert assert_scores_match_predictions(out, MATH_SETS)["predict_file"] == str(out / "AddSub_predict.jsonl")
+    assert_scores_match_predictions(out / "base", MATH_SETS)
+    for name in MATH_SETS:
+        assert (out / f"{name}_predict_scored.jsonl").is_file()
+        assert len(json.loads((out / "data" / name / "test.json").read_text())) == 2
+    assert json.loads((out / "timing.json").read_text())["train_s"] > 0
+
+    # A second run finds every step done: nothing is retrained or regenerated, one more score line.
+    mtime = (out / "adapter.pth").stat().st_mtime_ns
+    run(["bash", "scripts/run_math.sh", "--model", str(smollm2_dir), "--out", str(out),
+         "--max_seq_len", "192", *TINY_RUN])
+    assert (out / "adapter.pth").stat().st_mtime_ns == mtime
+    assert len((out / "acc_score.jsonl").read_text().splitlines()) == 2
+
+
+def test_run_commonsense_sh_mixes_train_sets_and_scores_seven_sets(tiny_model, tmp_path):
+    out = tmp_path / "cs"
+    run(["bash", "scripts/run_commonsense.sh", "--model", str(tiny_model), "--out", str(out),
+         "--max_seq_len", "1024", "--method", "lora", *TINY_RUN])
+    assert_scores_match_predictions(out, COMMONSENSE_SETS)
+    train = json.loads((out / "data" / "train.json").read_text())
+    assert len(train) == 4 and all("the correct answer is" in r["output"] for r in train)
+
+
+def test_run_script_flag_errors_are_clear(tmp_path):
+    proc = subprocess.run(["bash", "scripts/run_math.sh", "--model", str(tmp_path / "none")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no base model" in proc.stderr and "import_gguf.py" in proc.stderr
+    proc = subprocess.run(["bash", "scripts/run_math.sh", "--method"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--method needs a value" in proc.stderr
+
+
+def test_unknown_method_is_refused_with_the_known_names(tiny_model, tmp_path):
+    proc = subprocess.run(["bash", "scripts/run_math.sh", "--model", str(tiny_model), "--method", "nope",
+                           "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown method 'nope'" in proc.stderr and "hydralora" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model, tmp_path):
+    out = tmp_path / "repro"
+    cmd = [sys.executable, "scripts/reproduce.py", "--methods", "lora,p_adapter", "--seeds", "0",
+           "--scale", "smoke", "--out", str(out), "--model", str(tiny_model), "--max_seq_len", "1024", *TINY_RUN]
+    run(cmd)
+    with open(out / "math_runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [(r["method"], r["seed"]) for r in runs] == [("lora", "0"), ("p_adapter", "0")]
+    with open(out / "math_results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["lora", "p_adapter"]
+    for r, per_run in zip(table, runs):
+        run_dir = Path(per_run["dir"])
+        state = torch.load(run_dir / "adapter.pth", weights_only=True)
+        assert int(per_run["params"]) == sum(t.numel() for t in state.values())
+        score = json.loads((run_dir / "acc_score.jsonl").read_text().splitlines()[-1])
+        assert float(r["average_mean"]) == pytest.approx(100 * score["average"])
+        assert float(r["average_sd"]) == 0.0  # one seed
+        for name in MATH_SETS:
+            assert float(r[f"{name}_mean"]) == pytest.approx(100 * score[name])
+    md = (out / "math_results.md").read_text()
+    assert md.splitlines()[0].startswith("| method | AddSub |") and "| lora |" in md and "| p_adapter |" in md
+
+    again = run(cmd)  # resumable: finished runs are skipped
+    assert again.stdout.count("finished, skipped") == 2
+
+
+@pytest.mark.parametrize("type_router", ["soft", "sparse"])
+def test_router_stats_png_and_json_equal_router_stats_direct(tiny_model, tmp_path, type_router):
+    model, tokenizer = load_model(tiny_model, max_seq_len=1024)
+    cfg = MoAConfig(lora_layers="0-2", lora_rank=4, lora_alpha=4, lora_targets="Q,V", p_adapter_layers="0-2",
+                    p_adapter_size=8, swi_x=2, type_router=type_router, max_threshold=0.5)
+    attach_adapters(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():  # routers away from their symmetric start, so that a threshold bites
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "ad" / "adapter.pth"
+    save_adapter(model, str(adapter))
+    out = tmp_path / "stats"
+    run([sys.executable, "scripts/router_stats.py", "--ckpt_dir", str(tiny_model), "--adapter_path", str(adapter),
+         "--data_path", "data/math/SVAMP/test.json", "--max_rows", "5", "--batch_size", "2",
+         "--max_seq_len", "1024", "--out", str(out)])
+    png = (out.parent / "stats.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    record = json.loads((out.parent / "stats.json").read_text())
+    assert record["slots"] == ["lora.wq", "lora.wv", "p_adapter"] and record["layers"] == [0, 1]
+    assert record["sparse"] == (type_router == "sparse")
+
+    # Reference: RouterStats over the same rows, one at a time (no padding at all).
+    from scripts.router_stats import row_tokens
+    rows = json.loads((REPO / "data/math/SVAMP/test.json").read_text())[:5]
+    with RouterStats(model) as direct, torch.inference_mode():
+        for seq in row_tokens(tokenizer, rows, 1024, False):
+            model.hidden_states(torch.tensor([seq]))
+    ref = direct.tables()
+    for key in ("weight", "active"):
+        torch.testing.assert_close(torch.tensor(record[key]), torch.tensor(ref[key]), rtol=1e-5, atol=1e-6)
