@@ -10,15 +10,12 @@ a temporary name and renamed only once all of them are complete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-from typing import Callable
 
 import torch
 
-from moa.checkpointing import load_training_checkpoint
+from moa.checkpointing import atomic_write_files, load_training_checkpoint, write_json
 
 ADAPTER_FILE = "adapter.pth"
 ADAPTER_PARAMS_FILE = "adapter_params.json"
@@ -26,7 +23,7 @@ BASE_TRAINED_FILE = "base_trained.pth"
 
 
 def extract(checkpoint: str) -> dict[str, str]:
-    """Write the adapter files of `checkpoint` beside it; returns {kind: path written}.
+    """Write the adapter files of `checkpoint` beside it (all of them or none); returns {kind: path}.
 
     FileNotFoundError / ValueError (naming the file) when it is missing or not a checkpoint
     written by main_finetune.py.
@@ -35,34 +32,15 @@ def extract(checkpoint: str) -> dict[str, str]:
     folder = os.path.dirname(os.path.abspath(checkpoint))
     params = dict(ckpt["adapter_params"])
     params["max_seq_len"] = int(ckpt["args"]["max_seq_len"])
-    outputs: dict[str, tuple[str, Callable[[str], None]]] = {
-        "adapter": (ADAPTER_FILE, lambda path: torch.save(dict(ckpt["model"]), path)),
-        "adapter_params": (ADAPTER_PARAMS_FILE, lambda path: _write_json(params, path)),
-    }
+    written = {"adapter": os.path.join(folder, ADAPTER_FILE),
+               "adapter_params": os.path.join(folder, ADAPTER_PARAMS_FILE)}
+    writers = {written["adapter"]: lambda tmp: torch.save(dict(ckpt["model"]), tmp),
+               written["adapter_params"]: lambda tmp: write_json(params, tmp)}
     if ckpt["base_trained"]:
-        outputs["base_trained"] = (BASE_TRAINED_FILE, lambda path: torch.save(dict(ckpt["base_trained"]), path))
-    temps: dict[str, str] = {}
-    try:
-        for kind, (name, write) in outputs.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            temps[kind] = tmp
-            write(tmp)
-        written = {}
-        for kind, (name, _) in outputs.items():
-            written[kind] = os.path.join(folder, name)
-            os.replace(temps.pop(kind), written[kind])
-        return written
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _write_json(obj: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        written["base_trained"] = os.path.join(folder, BASE_TRAINED_FILE)
+        writers[written["base_trained"]] = lambda tmp: torch.save(dict(ckpt["base_trained"]), tmp)
+    atomic_write_files(writers)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = extract(args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # not our checkpoint, missing, unwritable folder, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2
     state = torch.load(written["adapter"], map_location="cpu", weights_only=True)

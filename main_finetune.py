@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         moa_cfg = MoAConfig(**{k: v for k, v in values.items() if k in moa_names})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if k not in moa_names})
         finetune(train_cfg, moa_cfg, values)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # user mistakes name the flag/file/row; OSError: unwritable --output_dir, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,15 +1,32 @@
-"""Training step time: our LoRA r8 vs transformers + PEFT LoRA r8 on the same shape and weights, and our
-Soft MoA / Sparse MoA, printed as one table.
+"""Training step time and memory (issue #6), two modes.
+
+`--mode compare` (default; CPU, a few minutes): SmolLM2-135M shape, random weights, 4 x 256, fp32:
+our LoRA r8 vs transformers + PEFT LoRA r8 on the same weights in the same run (goal: ours <= 0.8x),
+plus our Soft MoA (the seed command's 7 types) and Sparse MoA, printed as one table.
 
     pip install peft                                  # benchmark only, not a project dependency
     python benchmarks/bench_train.py                  # SmolLM2-135M shape, 4 x 256, fp32, CPU
-    python benchmarks/bench_train.py --device cuda --dtype bfloat16
 
-A step = forward + loss + backward + AdamW step, on one batch whose first `--prompt_len` tokens of every
-row are prompt (label -100) and the rest response. Ours computes logits only at label positions (the
-trainer's `CausalLMLoss`); transformers computes them everywhere (its standard causal-LM loss). The
-configurations are timed in turns, one step each per round, so a change in machine load hits all of
-them alike; the table gives the median over rounds.
+`--mode llama8b` (a GPU with >= 24 GB): LLaMA-3.1-8B shape with random bf16 weights built on the
+device, the seed command's Soft MoA adapters in fp32, bf16 autocast, batch 8 x 300, with and without
+activation checkpointing: peak memory (goal <= 20 GB), tokens/s and MFU (goal >= 45%).
+
+    python benchmarks/bench_train.py --mode llama8b                      # cuda, 32 layers, 8 x 300
+    python benchmarks/bench_train.py --mode llama8b --peak_tflops 989    # a GPU not in PEAK_BF16_TFLOPS
+    python benchmarks/bench_train.py --mode llama8b --device cpu --n_layers 1 --batch 1 --seq_len 32 \\
+        --rounds 1                                                        # smoke test of the script
+
+A step = forward + label-only loss + backward + AdamW step (the trainer's `CausalLMLoss`,
+`forward_backward` and `make_adamw`), on one batch whose first `--prompt_len` tokens of every row
+are prompt (label -100) and the rest response. transformers computes logits everywhere (its
+standard causal-LM loss). Configurations are timed in turns, one step each per round, so a change
+in machine load hits all of them alike; tables give the median over rounds.
+
+MFU = model FLOPs of a step / (step time x the device's peak dense bf16 FLOP/s). Model FLOPs with a
+frozen base (`train_step_flops`): 4 per frozen matmul weight per token (forward + input gradient;
+frozen weights get no weight gradient), causal attention 6 T^2 d per sequence and layer (forward +
+backward), the vocabulary projection only at label positions (4 V d per label), and 6 per adapter
+parameter per token. Recomputation by activation checkpointing is not model FLOPs; HFU counts it.
 """
 from __future__ import annotations
 
@@ -17,79 +34,135 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from moa import MoAConfig, RouterStats, attach_adapters  # noqa: E402
-from moa.schedule import ADAMW_BETAS  # noqa: E402
-from moa.trainer import CausalLMLoss, DistEnv, forward_backward  # noqa: E402
-from tests.hf_reference import hf_twin  # noqa: E402
+from moa.data import IGNORE_INDEX  # noqa: E402
+from moa.schedule import ADAMW_BETAS, make_adamw  # noqa: E402
+from moa.trainer import CausalLMLoss, DistEnv, forward_backward, peak_memory_mb  # noqa: E402
 
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
                norm_eps=1e-5, rope_theta=100000.0)
+LLAMA31_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                  ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
 TARGETS = "Q,K,V,O,FFN_DOWN"
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
-CONFIGS = {
-    "ours LoRA r8": dict(lora_layers="0-30", lora_rank=8, lora_alpha=8, lora_targets=TARGETS, type_router="none"),
-    "ours Soft MoA (seed command)": dict(lora_layers="0-30", lora_rank=8, lora_alpha=8, lora_targets=TARGETS,
-                                         hydra_moe=True, p_adapter_layers="0-30", p_adapter_size=16,
-                                         p_adapter_hydra=True, prompt_layers="0-30", prompt_len=10, swi_x=4),
-    "ours Sparse MoA": dict(lora_layers="0-30", lora_rank=8, lora_alpha=8, lora_targets=TARGETS,
-                            p_adapter_layers="0-30", p_adapter_size=16, swi_x=4, type_router="sparse"),
-}
+WEIGHT_DECAY = 0.02  # the seed command's
+# Peak dense bf16 tensor-core FLOP/s (vendor data sheets), by a substring of the CUDA device name.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def adapter_configs(n_layers: int) -> dict[str, dict]:
+    """Our three configurations over all `n_layers` blocks: LoRA r8, the seed command's Soft MoA,
+    Sparse MoA (no prompt, learned threshold)."""
+    span = f"0-{n_layers}"
+    lora = dict(lora_layers=span, lora_rank=8, lora_alpha=8, lora_targets=TARGETS)
+    return {
+        "ours LoRA r8": dict(lora, type_router="none"),
+        "ours Soft MoA (seed command)": dict(lora, hydra_moe=True, p_adapter_layers=span, p_adapter_size=16,
+                                             p_adapter_hydra=True, prompt_layers=span, prompt_len=10, swi_x=4),
+        "ours Sparse MoA": dict(lora, p_adapter_layers=span, p_adapter_size=16, swi_x=4, type_router="sparse"),
+    }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="base weights (adapters stay fp32; bfloat16 also turns on autocast)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--prompt_len", type=int, default=128, help="masked tokens at the start of each row")
-    p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
+def make_batch(vocab_size: int, batch: int, seq_len: int, prompt_len: int) -> dict[str, torch.Tensor]:
+    """Random ids (B, T), labels -100 on the first `prompt_len` positions, no padding."""
+    tokens = torch.randint(0, vocab_size, (batch, seq_len))
+    labels = tokens.clone()
+    labels[:, :prompt_len] = IGNORE_INDEX
+    return {"tokens": tokens, "labels": labels, "token_mask": torch.ones_like(tokens, dtype=torch.bool)}
+
+
+def our_step(model: Transformer, batch: dict[str, torch.Tensor], device: torch.device,
+             bf16: bool) -> Callable[[], None]:
+    """One training step of the trainer's code path (loss, backward, AdamW) as a closure."""
+    optimizer = make_adamw(model, 1e-4, WEIGHT_DECAY)
+    loss_module, env = CausalLMLoss(model), DistEnv(device=device)
+
+    def step() -> None:
+        forward_backward(loss_module, [batch], env, bf16)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_times(steps: dict[str, Callable[[], None]], rounds: int, device: torch.device,
+                      warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each step, timed in turns (one call each per round)."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def train_step_flops(args: ModelArgs, n_adapter: int, batch: int, seq_len: int, n_labels: int,
+                     recompute: bool = False) -> float:
+    """FLOPs of one training step of a frozen base with adapters (see the module docstring).
+
+    `recompute=True` adds the block forward that activation checkpointing repeats in backward (HFU).
+    """
+    d, L, tokens = args.dim, args.n_layers, batch * seq_len
+    kv = args.n_kv_heads * args.head_dim
+    block_weights = 2 * d * d + 2 * d * kv + 3 * d * args.ffn_hidden_dim  # wq, wo, wk, wv, w1, w2, w3
+    forward_blocks = 2 * block_weights * L * tokens + 2 * batch * seq_len ** 2 * d * L  # matmuls + causal attn
+    flops = 2 * forward_blocks + 2 * batch * seq_len ** 2 * d * L  # + input gradients; attention bwd = 2x fwd
+    flops += 4 * args.vocab_size * d * n_labels + 6 * n_adapter * tokens
+    return flops + (forward_blocks if recompute else 0)
+
+
+def peak_tflops(device: torch.device, given: Optional[float]) -> Optional[float]:
+    """Peak dense bf16 TFLOP/s of `device`: `given`, else looked up by the CUDA device name, else None."""
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+# ---- --mode compare --------------------------------------------------------------------------------
+def run_compare(args: argparse.Namespace) -> None:
     try:
         import peft
     except ImportError:
-        sys.exit("error: this benchmark compares with PEFT: pip install peft")
+        sys.exit("error: --mode compare measures against PEFT: pip install peft")
+    from tests.hf_reference import hf_twin
+
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     bf16 = dtype == torch.bfloat16
     torch.manual_seed(0)
-
     base = Transformer(ModelArgs(**SMOLLM2, max_seq_len=args.seq_len))
-    tokens = torch.randint(0, SMOLLM2["vocab_size"], (args.batch, args.seq_len))
-    labels = tokens.clone()
-    labels[:, :args.prompt_len] = -100
-    batch = {"tokens": tokens, "labels": labels, "token_mask": torch.ones_like(tokens, dtype=torch.bool)}
+    batch = make_batch(SMOLLM2["vocab_size"], args.batch, args.seq_len, args.prompt_len)
 
     steps, models = {}, {}
-    for name, flags in CONFIGS.items():
+    for name, flags in adapter_configs(SMOLLM2["n_layers"]).items():
         model = Transformer(ModelArgs(**SMOLLM2, max_seq_len=args.seq_len))
         model.load_state_dict(base.state_dict())
-        model = attach_adapters(model.to(device, dtype), MoAConfig(**flags)).train()
-        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, betas=ADAMW_BETAS)
-        loss_module = CausalLMLoss(model)
-
-        def step(loss_module=loss_module, opt=opt):
-            forward_backward(loss_module, [batch], DistEnv(device=device), bf16)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        steps[name], models[name] = step, model
+        models[name] = model = attach_adapters(model.to(device, dtype), MoAConfig(**flags)).train()
+        steps[name] = our_step(model, batch, device, bf16)
 
     hf = peft.get_peft_model(hf_twin(base).to(device, dtype).train(),
                              peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=PEFT_TARGETS))
-    hf_opt = torch.optim.AdamW([q for q in hf.parameters() if q.requires_grad], lr=1e-4, betas=ADAMW_BETAS)
-    hf_tokens, hf_labels = tokens.to(device), labels.to(device)
+    hf_opt = torch.optim.AdamW([q for q in hf.parameters() if q.requires_grad], lr=1e-4, betas=ADAMW_BETAS,
+                               weight_decay=WEIGHT_DECAY)
+    hf_tokens, hf_labels = batch["tokens"].to(device), batch["labels"].to(device)
 
-    def hf_step():
+    def hf_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = hf(input_ids=hf_tokens, labels=hf_labels).loss
         loss.backward()
@@ -97,25 +170,14 @@ def main() -> None:
         hf_opt.zero_grad(set_to_none=True)
     steps["transformers + PEFT LoRA r8"] = hf_step
 
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for name, fn in steps.items():  # warm-up
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            fn()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-
+    median = median_step_times(steps, args.rounds, device)
     with RouterStats(models["ours Sparse MoA"]) as stats, torch.no_grad():
-        models["ours Sparse MoA"](tokens.to(device))
+        models["ours Sparse MoA"](batch["tokens"].to(device))
     active = [v["active"] for layer in stats.summary().values() for v in layer.values()]
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     ref = median["transformers + PEFT LoRA r8"]
     trainable = {name: sum(q.numel() for q in m.parameters() if q.requires_grad) for name, m in models.items()}
     trainable["transformers + PEFT LoRA r8"] = sum(q.numel() for q in hf.parameters() if q.requires_grad)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nSmolLM2-135M shape, random weights, {args.dtype} base, batch {args.batch} x {args.seq_len} "
           f"({args.seq_len - args.prompt_len} label tokens per row), {where}, median of {args.rounds} rounds")
     print("| configuration | trainable params | step time (s) | tokens/s | time vs PEFT LoRA r8 |")
@@ -124,6 +186,92 @@ def main() -> None:
         print(f"| {name} | {trainable[name]:,} | {t:.3f} | {args.batch * args.seq_len / t:,.0f} | {t / ref:.2f}x |")
     print(f"\nSparse MoA: {100 * sum(active) / len(active):.0f}% of (token, type) pairs ran their expert "
           "(fresh router, default --max_threshold 0.5)")
+
+
+# ---- --mode llama8b --------------------------------------------------------------------------------
+def build_random_bf16(params: dict, seq_len: int, device: torch.device, attn_impl: str) -> Transformer:
+    """A Transformer of `params` with random bf16 weights created directly on `device` (never an fp32
+    copy: the 8B shape must fit a 24 GB GPU)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return Transformer(ModelArgs(**params, max_seq_len=seq_len, attn_impl=attn_impl))
+    finally:
+        torch.set_default_dtype(before)
+
+
+def run_llama8b(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --mode llama8b needs a CUDA device (or --device cpu with small --n_layers for a smoke test)")
+    torch.manual_seed(0)
+    params = {**LLAMA31_8B, "n_layers": args.n_layers}
+    model = build_random_bf16(params, args.seq_len, device, args.attn_impl)
+    flags = adapter_configs(args.n_layers)["ours Soft MoA (seed command)"]
+    attach_adapters(model, MoAConfig(**flags)).train()
+    n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch = make_batch(params["vocab_size"], args.batch, args.seq_len, args.prompt_len)
+    n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    step = our_step(model, batch, device, bf16=True)
+    peak = peak_tflops(device, args.peak_tflops)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+    print(f"\nLLaMA-3.1-8B shape ({args.n_layers} layers), random bf16 base, Soft MoA (seed command) fp32 adapters "
+          f"({n_adapter:,} trainable), bf16 autocast, batch {args.batch} x {args.seq_len} ({n_labels} labels), "
+          f"attention {args.attn_impl}, {where}, peak {peak or 'unknown'} TFLOP/s bf16, median of {args.rounds}")
+    print("| activation checkpointing | step time (s) | tokens/s | peak memory (GiB) | MFU | HFU |")
+    print("|---|---|---|---|---|---|")
+    settings = {"on": [True], "off": [False], "both": [False, True]}[args.grad_checkpointing]
+    for checkpointing in settings:
+        model.grad_checkpointing = checkpointing
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            seconds = median_step_times({"step": step}, args.rounds, device, warmup=2)["step"]
+        except torch.cuda.OutOfMemoryError:
+            print(f"| {'on' if checkpointing else 'off'} | out of memory | | | | |")
+            model.zero_grad(set_to_none=True)
+            continue
+        mem_gib = peak_memory_mb(device) / 1024
+        mfu = hfu = "n/a"
+        if peak:
+            flops = train_step_flops(model.args, n_adapter, args.batch, args.seq_len, n_labels)
+            mfu = f"{100 * flops / seconds / (peak * 1e12):.1f}%"
+            hw = train_step_flops(model.args, n_adapter, args.batch, args.seq_len, n_labels, recompute=checkpointing)
+            hfu = f"{100 * hw / seconds / (peak * 1e12):.1f}%"
+        print(f"| {'on' if checkpointing else 'off'} | {seconds:.3f} | {args.batch * args.seq_len / seconds:,.0f} | "
+              f"{mem_gib:.2f} | {mfu} | {hfu} |")
+    if device.type == "cpu":
+        print("(CPU: peak memory is the process's peak RSS)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["compare", "llama8b"], default="compare")
+    p.add_argument("--device", default=None, help="default: cpu for compare, cuda for llama8b")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compare: base weights (adapters stay fp32; bfloat16 also turns on autocast)")
+    p.add_argument("--batch", type=int, default=None, help="default: 4 (compare), 8 (llama8b)")
+    p.add_argument("--seq_len", type=int, default=None, help="default: 256 (compare), 300 (llama8b)")
+    p.add_argument("--prompt_len", type=int, default=None, help="masked tokens at the start of each row "
+                   "(default: half of --seq_len)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--n_layers", type=int, default=LLAMA31_8B["n_layers"], help="llama8b: blocks (smoke tests)")
+    p.add_argument("--grad_checkpointing", choices=["both", "on", "off"], default="both", help="llama8b")
+    p.add_argument("--attn_impl", choices=["sdpa", "flash_attn"], default="sdpa", help="llama8b")
+    p.add_argument("--peak_tflops", type=float, default=None, help="llama8b: the device's peak dense bf16 "
+                   "TFLOP/s for MFU (default: looked up by device name)")
+    args = p.parse_args()
+    compare = args.mode == "compare"
+    args.device = args.device or ("cpu" if compare else "cuda")
+    args.batch = args.batch or (4 if compare else 8)
+    args.seq_len = args.seq_len or (256 if compare else 300)
+    args.prompt_len = args.seq_len // 2 if args.prompt_len is None else args.prompt_len
+    if not 0 <= args.prompt_len < args.seq_len:
+        sys.exit(f"error: --prompt_len {args.prompt_len} must be in [0, --seq_len {args.seq_len})")
+    (run_compare if compare else run_llama8b)(args)
 
 
 if __name__ == "__main__":

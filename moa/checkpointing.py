@@ -42,31 +42,37 @@ def checkpoint_path(output_dir: str, epoch: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+def atomic_write_files(writers: dict[str, Callable[[str], None]]) -> None:
+    """Write several files all-or-none: `writers` maps each final path to a function that writes a
+    given temporary path (in the same folder); every file is written to its temporary name first, and
+    only when all are complete are they renamed into place. On any error the temporaries are removed
+    and no final path is touched."""
+    temps: dict[str, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for path, write in writers.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            os.close(fd)
+            temps[path] = tmp
+            write(tmp)
+        for path in writers:
+            os.replace(temps.pop(path), path)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def write_json(obj: Any, path: str) -> None:
+    """`obj` as indented JSON (plus a newline) to `path`; use through `atomic_write_files`."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """`torch.save(obj, path)` through a temporary file in the same folder, renamed into place."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    """Write `obj` as indented JSON to `path` through a temporary file, renamed into place."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _atomic_write(path, write)
+    atomic_write_files({path: lambda tmp: torch.save(obj, tmp)})
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -84,3 +84,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         else:
             no_decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The paper's optimiser over the trainable parameters of `model`: AdamW, betas (0.9, 0.95), weight
+    decay on matrices only (`param_groups`). The trainer and the benchmarks both build it here."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=ADAMW_BETAS)

@@ -31,7 +31,7 @@ from llama.model import Transformer
 from moa import MoAConfig, attach_adapters, collect_aux_loss
 from moa.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
 from moa.data import IGNORE_INDEX, InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
-from moa.schedule import ADAMW_BETAS, WarmupCosine, param_groups, scaled_lr
+from moa.schedule import WarmupCosine, make_adamw, scaled_lr
 
 LOGITS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MiB): rows = this // vocab_size
 
@@ -255,7 +255,8 @@ def _attn_impl(cfg: TrainConfig, device: torch.device, say) -> str:
     return "flash_attn"
 
 
-def _peak_mem_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, MiB: CUDA memory allocated by torch on a GPU, peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB of peak RSS
@@ -332,7 +333,7 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
                         num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda", drop_last=False)
 
     peak_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, env.world_size, cfg.lr)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, betas=ADAMW_BETAS)
+    optimizer = make_adamw(model, peak_lr, cfg.weight_decay)
     schedule = WarmupCosine(peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
     steps_per_epoch = -(-len(loader) // cfg.accum_iter)
     start_epoch, step = cfg.start_epoch, cfg.start_epoch * steps_per_epoch
@@ -391,7 +392,7 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
                 totals = _reduce(window_sums, env)
                 now = time.perf_counter()
                 record = {"kind": "step", "epoch": epoch, "step": step, "loss": totals[0] / totals[1], "lr": lr,
-                          "tokens_per_s": totals[2] / (now - window_t0), "peak_mem_mb": _peak_mem_mb(env.device)}
+                          "tokens_per_s": totals[2] / (now - window_t0), "peak_mem_mb": peak_memory_mb(env.device)}
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window_sums.zero_()
@@ -400,7 +401,7 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
         totals = _reduce(epoch_sums, env)
         record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": totals[0] / totals[1],
                   "lr": schedule.last_lr, "tokens_per_s": totals[2] / (time.perf_counter() - epoch_t0),
-                  "peak_mem_mb": _peak_mem_mb(env.device)}
+                  "peak_mem_mb": peak_memory_mb(env.device)}
         log(record)
         say(json.dumps(record))
         summary["epochs"].append(record)

@@ -243,6 +243,21 @@ def test_extract_rejects_files_that_are_not_our_checkpoints(tmp_path, capsys):
     assert not (tmp_path / "adapter.pth").exists() and not (tmp_path / "adapter_params.json").exists()
 
 
+def test_extract_is_all_or_none_when_a_write_fails(byte_model_dir, tmp_path, monkeypatch):
+    """A failure while writing adapter_params.json leaves neither adapter.pth nor a temporary file."""
+    data = _write_data(tmp_path / "train.json", _rows(2))
+    out = tmp_path / "out"
+    assert main_finetune.main(["--llama_path", str(byte_model_dir), "--data_path", str(data), "--output_dir",
+                               str(out), "--data_root", str(tmp_path), "--lora_layers", "0-1", "--batch_size", "2",
+                               "--epochs", "1", "--lr", "0.01", "--num_workers", "0"]) == 0
+
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(extract_adapter_from_checkpoint, "write_json", disk_full)
+    assert extract_adapter_from_checkpoint.main(["--checkpoint", str(out / "checkpoint-0.pth")]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-0.pth", "log.txt"]
+
+
 # ---- resume ---------------------------------------------------------------------------------------------
 def test_resume_continues_with_the_identical_loss_sequence_exact(byte_model_dir, tmp_path, capsys):
     """One CPU process: epoch 1 after --resume checkpoint-0.pth logs exactly the losses and lrs of the
@@ -263,19 +278,31 @@ def test_resume_continues_with_the_identical_loss_sequence_exact(byte_model_dir,
     for name in a1["model"]:
         assert torch.equal(a1["model"][name], b1["model"][name]), name
     assert not (tmp_path / "b" / "checkpoint-0.pth").exists()
+    # --start_epoch 1 without --resume: fresh adapters, but the schedule and step count of epoch 1.
+    assert main_finetune.main(common + ["--output_dir", str(tmp_path / "s"), "--start_epoch", "1"]) == 0
+    started = [(r["step"], r["lr"]) for r in _log(tmp_path / "s" / "log.txt", "step")]
+    assert started == [(step, lr) for step, _, lr in full] and not (tmp_path / "s" / "checkpoint-0.pth").exists()
     other = common + ["--output_dir", str(tmp_path / "c"), "--lora_rank", "4",
                       "--resume", str(tmp_path / "a" / "checkpoint-0.pth")]
     assert main_finetune.main(other) == 2 and not (tmp_path / "c").exists()
     assert "adapter flags differ from this command's: ['lora_rank']" in capsys.readouterr().err
 
 
-def test_w_bias_trains_norms_in_fp32_and_extract_writes_them_apart(byte_model_dir, tmp_path):
-    data = _write_data(tmp_path / "train.json", _rows(4))
+def test_w_bias_trains_norms_in_fp32_and_extract_writes_them_apart(byte_model_dir, tmp_path, capsys):
+    """Also --keep_test_overlap True: the row that repeats a test question is reported and kept."""
+    rows = _rows(4)
+    (tmp_path / "math" / "Toy").mkdir(parents=True)
+    _write_data(tmp_path / "math" / "Toy" / "test.json", [rows[2]])
+    data = _write_data(tmp_path / "train.json", rows)
     out = tmp_path / "out"
     assert main_finetune.main(["--llama_path", str(byte_model_dir), "--data_path", str(data), "--output_dir",
                                str(out), "--data_root", str(tmp_path), "--lora_layers", "0-1", "--w_bias", "True",
                                "--bf16", "True", "--max_seq_len", "300", "--batch_size", "4", "--epochs", "1",
-                               "--warmup_epochs", "0", "--lr", "0.01", "--num_workers", "0"]) == 0
+                               "--warmup_epochs", "0", "--lr", "0.01", "--num_workers", "0",
+                               "--keep_test_overlap", "True"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 4 training rows repeat a question of the 1 test sets" in printed
+    assert "kept (--keep_test_overlap True) (rows [2])" in printed and "\n4 examples" in printed
     ckpt = torch.load(out / "checkpoint-0.pth", weights_only=True)
     norms = ["layers.0.attention_norm.weight", "layers.0.ffn_norm.weight", "layers.1.attention_norm.weight",
              "layers.1.ffn_norm.weight", "norm.weight"]
@@ -388,6 +415,90 @@ def test_boolean_flags_take_true_false_and_bare_flag_means_true():
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--bf16", "maybe"])
 
+
+# ---- memory features and padding -----------------------------------------------------------------------
+def _soft_moa_model(type_router: str = "soft") -> Transformer:
+    """Tiny model with the seed command's adapter types (7 per block), adapters at random values."""
+    model = Transformer(ModelArgs(**TINY_PARAMS, max_seq_len=64))
+    model.load_state_dict(random_state_dict(TINY_PARAMS, seed=0))
+    attach_adapters(model, MoAConfig(lora_layers="0-2", lora_rank=4, p_adapter_layers="0-2", p_adapter_size=8,
+                                     prompt_layers="0-2", prompt_len=3, swi_x=2, type_router=type_router))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in model.moa_adapter_names:
+            p = model.get_parameter(name)
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_grads_rtol1e_6():
+    """Reference: the same forward/backward without --grad_checkpointing (Soft MoA, padded batch)."""
+    model = _soft_moa_model()
+    batch = collate(_grad_batches()[:4])
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.grad_checkpointing = checkpointing
+        loss_sum, _ = forward_backward(CausalLMLoss(model), [batch], DistEnv(), bf16=False)
+        results.append((loss_sum, _grads(model)))
+    (loss_ref, grads_ref), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_ref, rtol=1e-6, atol=0)
+    assert sorted(grads_ckpt) == sorted(grads_ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_ckpt[name], grads_ref[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_loss_never_builds_vocab_sized_logits_for_backward_and_never_calls_output():
+    """Label-only loss: `model.output` is never called (no (B, T, V) logits), and no tensor saved for
+    backward has a vocabulary-sized dimension (each chunk's logits die inside the chunk)."""
+    model = _soft_moa_model()
+    model.output.register_forward_hook(lambda *a: pytest.fail("model.output computed full logits"))
+    batch = collate(_grad_batches())
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, _ = CausalLMLoss(model, chunk_rows=5)(batch["tokens"], batch["labels"], batch["token_mask"])
+    loss_sum.backward()
+    assert saved and not [s for s in saved if TINY_PARAMS["vocab_size"] in s]
+
+
+@pytest.mark.parametrize("type_router", ["soft", "sparse", "instance"])
+def test_padding_changes_neither_loss_nor_grads_vs_each_row_alone_rtol1e_5_of_max(type_router):
+    """Reference: every row run alone, unpadded (no mask), losses and gradients summed. The padded
+    batch must match: pads reach neither attention, the routers nor the loss."""
+    model = _soft_moa_model(type_router)
+    items = _grad_batches()[:4]
+    batch = collate(items)
+    loss_batch, _ = CausalLMLoss(model)(batch["tokens"], batch["labels"], batch["token_mask"])
+    loss_batch.backward()
+    grads_batch = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_rows = sum(CausalLMLoss(model)(item["tokens"][None], item["labels"][None], None)[0] for item in items)
+    loss_rows.backward()
+    torch.testing.assert_close(loss_batch, loss_rows, rtol=1e-5, atol=0)
+    grads_rows = _grads(model)
+    assert sorted(grads_rows) == sorted(grads_batch)
+    for name, g in grads_rows.items():  # atol: fp32 sums in another order, relative to the tensor's scale
+        torch.testing.assert_close(grads_batch[name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)
+
+
+def test_flash_attention2_true_without_flash_attn_says_it_falls_back_to_sdpa(byte_model_dir, tmp_path, capsys):
+    """On CPU (and wherever flash-attn is missing) --flash_attention2 True trains with SDPA and says so;
+    bare boolean flags mean True; a row whose prompt alone exceeds --max_seq_len is skipped and counted."""
+    rows = _rows(2) + [{"instruction": "x" * 400, "output": "y"}]
+    data = _write_data(tmp_path / "train.json", rows)
+    argv = ["--llama_path", str(byte_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+            "--data_root", str(tmp_path), "--lora_layers", "0-1", "--max_seq_len", "300", "--batch_size", "2",
+            "--epochs", "1", "--lr", "0.01", "--num_workers", "0", "--flash_attention2", "--grad_checkpointing"]
+    assert main_finetune.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "--flash_attention2 True: it needs a CUDA device; falling back to PyTorch SDPA attention" in printed
+    assert "1 rows skipped: their prompt alone fills --max_seq_len 300 (rows [2])" in printed
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-0.pth", weights_only=True)
+    assert ckpt["args"]["flash_attention2"] is True and ckpt["args"]["grad_checkpointing"] is True
 
 if __name__ == "__main__":
     sys.exit(_ddp_worker(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
