@@ -15,9 +15,9 @@ In memory a LoRA is its `MoAConfig` and its adapter state dict (`layers.N.attent
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,8 +25,9 @@ import torch
 
 from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths
 from llama.model import ModelArgs
+from moa.checkpointing import atomic_write_files, write_json
 from moa.config import LORA_TARGETS, MoAConfig, parse_spans
-from moa.state import ADAPTER_PARAMS, load_adapter, merge_lora
+from moa.state import ADAPTER_PARAMS, merge_lora
 
 ADAPTER_FILE = "adapter.pth"
 
@@ -115,15 +116,43 @@ def adapter_file(path: str | os.PathLike) -> Path:
     return file
 
 
+def adapter_config(file: Path) -> MoAConfig:
+    """The `MoAConfig` of `adapter_params.json` beside adapter file `file`. The training `max_seq_len`
+    that extract_adapter_from_checkpoint.py also records there is not an adapter flag: skipped."""
+    params_path = file.parent / ADAPTER_PARAMS
+    if not params_path.is_file():
+        raise FileNotFoundError(f"{file}: no {ADAPTER_PARAMS} beside it (it holds the flags that rebuild the "
+                                "adapters; extract_adapter_from_checkpoint.py writes both)")
+    try:
+        params = json.loads(params_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{params_path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_path}: expected a JSON object of adapter flags")
+    params.pop("max_seq_len", None)
+    try:
+        return MoAConfig.from_dict(params)
+    except ValueError as e:
+        raise ValueError(f"{params_path}: {e}") from None
+
+
 def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
     """Read `adapter.pth` (a file or its folder) + `adapter_params.json` of a plain LoRA.
 
-    Returns (cfg, state), state fp32 on the CPU. Not a plain LoRA, or keys/ranks that do not match
-    the config: `ValueError` naming the file.
+    Returns (cfg, state), state fp32 on the CPU. Not a plain LoRA, keys/ranks that do not match
+    the config, or a `base_trained.pth` beside it (training with `--w_bias True` also changed base
+    norms/biases, which a LoRA file cannot carry; `merge_into_base` folds them in): `ValueError`
+    naming the file.
     """
+    from moa.inference import BASE_TRAINED  # not at the top: moa.inference imports moa.fusion, which imports us
+
     file = adapter_file(path)
-    cfg = MoAConfig.from_json(str(file.parent / ADAPTER_PARAMS))
+    cfg = adapter_config(file)
     check_plain_lora(cfg, str(file))
+    if (file.parent / BASE_TRAINED).is_file():
+        raise ValueError(f"{file}: {file.parent / BASE_TRAINED} beside it holds base tensors that training also "
+                         "changed (--w_bias True); a LoRA cannot carry them, so this adapter can only be merged "
+                         "into its base (lora_tools merge)")
     state = torch.load(file, map_location="cpu", weights_only=True)
     expected = {f"{s}.lora_{m}" for s in lora_sites(cfg) for m in "AB"}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -141,21 +170,14 @@ def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch
 
 def write_adapter(path: str | os.PathLike, cfg: MoAConfig, state: dict[str, torch.Tensor]) -> Path:
     """Write `state` to `path` (a file name, e.g. `out/adapter.pth`; a folder gets `adapter.pth`) and
-    `cfg` to `adapter_params.json` beside it, each to a temporary name then renamed."""
+    `cfg` to `adapter_params.json` beside it, all-or-none (temporary names, renamed once both exist)."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".pth":
         path = path / ADAPTER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".adapter.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    cfg.to_json(str(path.parent / ADAPTER_PARAMS))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write_files({str(path): lambda tmp: torch.save(tensors, tmp),
+                        str(path.parent / ADAPTER_PARAMS): lambda tmp: write_json(cfg.to_dict(), tmp)})
     return path
 
 
@@ -181,18 +203,23 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
     """Fold a plain LoRA into a base model and write the result as a new base-model directory.
 
     base_dir: params.json + consolidated.NN.pth (+ tokenizer files, copied as they are).
-    adapter: adapter.pth (or its folder) with adapter_params.json beside it.
+    adapter: adapter.pth (or its folder) with adapter_params.json beside it, and `base_trained.pth`
+        when training also changed base norms/biases (--w_bias True): those replace the base's too.
     out_dir: must not exist; written atomically by `save_model_dir` (one shard), every weight in the
         base's stored dtype: W + B A * alpha / r (the product in fp32, see `moa.merge_lora`).
     A mixture, router, prompt or parallel adapter: `ValueError` saying why; an adapter made for
     another base (layers, shapes): `ValueError` naming both.
     """
+    from moa.inference import load_trained_adapter  # see read_plain_lora
+
     file = adapter_file(adapter)
-    check_plain_lora(MoAConfig.from_json(str(file.parent / ADAPTER_PARAMS)), str(file))
+    check_plain_lora(adapter_config(file), str(file))
+    if Path(out_dir).exists():  # checked before the (long) load and merge, again when renaming into place
+        raise FileExistsError(f"{out_dir} already exists: remove it or choose another output directory")
     model, _ = load_model(base_dir, dtype=_stored_dtype(base_dir))
     base_keys = list(model.state_dict())
     try:
-        load_adapter(model, str(file))
+        load_trained_adapter(model, file, base_dir)  # strict keys and shapes, + base_trained.pth
     except ValueError as e:
         raise ValueError(f"{file} does not fit the base model {base_dir}: {e}") from None
     merge_lora(model)
@@ -202,6 +229,14 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
 
 
 # ---- extraction by truncated SVD ------------------------------------------------------------------
+
+def kept_energy(singular_values: torch.Tensor, rank: int) -> float:
+    """Fraction sum_{i<rank} s_i^2 / sum_i s_i^2 of a matrix's squared Frobenius norm that its best
+    rank-`rank` approximation keeps (Eckart-Young); `singular_values` descending; 1.0 for a zero matrix."""
+    s2 = singular_values.double() ** 2
+    total = float(s2.sum())
+    return 1.0 if total == 0.0 else float(s2[:rank].sum()) / total
+
 
 @dataclasses.dataclass
 class ExtractReport:
@@ -224,6 +259,8 @@ def extract_lora_svd(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, 
     layers: a `--lora_layers` span (default every layer). Returns (cfg of a plain LoRA, state fp32,
     report). Different params.json or tensor shapes: `ValueError` naming both directories.
     """
+    if rank < 1:
+        raise ValueError(f"--rank: expected a positive integer, got {rank}")
     params, tuned_params = load_params(base_dir), load_params(tuned_dir)
     if params != tuned_params:
         diff = sorted(k for k in set(params) | set(tuned_params) if params.get(k) != tuned_params.get(k))
@@ -232,8 +269,10 @@ def extract_lora_svd(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, 
     cfg = MoAConfig(lora_layers=layers or f"0-{n_layers}", lora_rank=rank, lora_alpha=float(rank),
                     lora_targets=targets, type_router="none")
     cfg.layers("lora_layers", n_layers)  # range check
-    base = load_state_dict(base_dir, dtype=torch.float32)
-    tuned = load_state_dict(tuned_dir, dtype=torch.float32)
+    # In their stored dtypes (memory-mapped for a single shard); each delta is formed in fp32 on its own,
+    # so the peak extra memory is one site's delta and its SVD, not two fp32 copies of the model.
+    base = load_state_dict(base_dir, dtype=_stored_dtype(base_dir))
+    tuned = load_state_dict(tuned_dir, dtype=_stored_dtype(tuned_dir))
     if set(base) != set(tuned):
         raise ValueError(f"{base_dir} and {tuned_dir} hold different tensors: {sorted(set(base) ^ set(tuned))[:6]}")
     for key in base:
@@ -243,17 +282,15 @@ def extract_lora_svd(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, 
     state, energy, values = {}, {}, {}
     sites = lora_sites(cfg)
     for site in sites:
-        delta = tuned[f"{site}.weight"] - base[f"{site}.weight"]  # (out, in)
+        delta = tuned[f"{site}.weight"].float() - base[f"{site}.weight"].float()  # (out, in)
         if rank > min(delta.shape):
             raise ValueError(f"--rank {rank} exceeds min(out, in) = {min(delta.shape)} of {site}")
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         state[f"{site}.lora_A"] = vh[:rank].contiguous()  # (r, in)
         state[f"{site}.lora_B"] = (u[:, :rank] * s[:rank]).contiguous()  # (out, r)
-        total = float((s * s).sum())
-        energy[site] = 1.0 if total == 0.0 else float((s[:rank] ** 2).sum()) / total
-        values[site] = s
+        energy[site], values[site] = kept_energy(s, rank), s
     site_keys = {f"{s}.weight" for s in sites}
-    other = [k for k in base if k not in site_keys and not torch.equal(base[k], tuned[k])]
+    other = [k for k in base if k not in site_keys and not torch.equal(base[k].float(), tuned[k].float())]
     return cfg, state, ExtractReport(energy, values, other)
 
 
@@ -332,6 +369,13 @@ def combine(adapters: Sequence[tuple[MoAConfig, dict[str, torch.Tensor]]], weigh
             raise ValueError(f"adapter #{i} has --lora_layers {cfg.lora_layers} --lora_targets {cfg.lora_targets}, "
                              f"adapter #0 {cfgs[0].lora_layers} {cfgs[0].lora_targets}: combine needs the same "
                              "layers and targets")
+    for site in sites:  # same sites, so a shape that differs means another base model
+        for m in "AB":
+            shapes = [tuple(state[f"{site}.lora_{m}"].shape) for _, state in adapters]
+            dim = 1 if m == "A" else 0  # A: (r, in), B: (out, r)
+            if len({sh[dim] for sh in shapes}) != 1:
+                raise ValueError(f"{site}.lora_{m} has shapes {shapes} across the adapters: they were made for "
+                                 "different base models (combine needs LoRAs of the same base)")
     if len(adapters) == 1:
         method = rule = "linear"
     ranks = [cfg.lora_rank for cfg in cfgs]

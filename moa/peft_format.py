@@ -145,7 +145,7 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
     if pc.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}, expected 'LORA'")
     for field, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
-                         ("lora_bias", False), ("modules_to_save", None)):
+                         ("lora_bias", False), ("modules_to_save", None), ("fan_in_fan_out", False)):
         if pc.get(field, plain) not in (plain, None, [], {}):
             raise ValueError(f"{cfg_path}: {field} = {pc[field]!r} is not supported (expected {plain!r})")
     r, alpha = int(pc["r"]), float(pc["lora_alpha"])

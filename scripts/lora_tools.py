@@ -7,8 +7,10 @@
     python scripts/lora_tools.py import-peft --peft DIR --base DIR --out PATH
 
 A plain LoRA is `--expert_num 1 --type_router none` with LoRA only (see moa/algebra.py). Adapter
-paths are an adapter.pth file or its folder. `combine` follows PEFT's add_weighted_adapter
-(methods and their definitions in moa/algebra.py: COMBINE_METHODS).
+paths are an adapter.pth file or its folder. `combine` follows PEFT's add_weighted_adapter and its
+method names (definitions in moa/algebra.py: COMBINE_METHODS): the exact sum of the LoRAs with
+concatenated ranks is `cat`; PEFT's `linear` merges the A's and the B's separately (equal ranks).
+A user's mistake exits with status 1 and one line `lora_tools COMMAND: error: ...` on stderr.
 """
 from __future__ import annotations
 
@@ -19,9 +21,47 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.checkpoint import load_params  # noqa: E402
-from moa.algebra import (COMBINE_METHODS, combine, extract_lora_svd, merge_into_base, read_plain_lora,  # noqa: E402
-                         write_adapter)
+from moa.algebra import (COMBINE_METHODS, ExtractReport, combine, extract_lora_svd, kept_energy,  # noqa: E402
+                         merge_into_base, read_plain_lora, write_adapter)
+from moa.config import LORA_TARGETS  # noqa: E402
 from moa.peft_format import export_peft, import_peft  # noqa: E402
+
+_TARGET_OF_PATH = {path: t for t, (_, path) in LORA_TARGETS.items()}  # 'attention.wq' -> 'Q'
+
+
+def _ranks(text: str) -> list[int]:
+    """argparse `type` for --energy_ranks: '1,4,16' -> [1, 4, 16]."""
+    try:
+        ranks = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if any(r < 1 for r in ranks):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return ranks
+
+
+def energy_tables(report: ExtractReport, rank: int, ranks: list[int]) -> str:
+    """Two markdown tables of kept energy: per layer x target at `rank` (the extracted LoRA), and per
+    target x each of `ranks`, the mean over layers with the minimum in brackets."""
+    grid: dict[int, dict[str, str]] = {}
+    for site in report.kept_energy:
+        _, layer, path = site.split(".", 2)  # 'layers.N.attention.wq'
+        grid.setdefault(int(layer), {})[_TARGET_OF_PATH[path]] = site
+    targets = [t for t in LORA_TARGETS if any(t in row for row in grid.values())]
+    lines = [f"kept energy at rank {rank}, per layer and target:", "",
+             "| layer | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for layer, row in sorted(grid.items()):
+        lines.append(f"| {layer} | " + " | ".join(f"{report.kept_energy[row[t]]:.4f}" for t in targets) + " |")
+    lines += ["", "kept energy by rank, mean over layers [min]:", "",
+              "| target | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
+    for t in targets:
+        sites = [row[t] for row in grid.values()]
+        cells = []
+        for r in ranks:
+            values = [kept_energy(report.singular_values[site], r) for site in sites]
+            cells.append(f"{sum(values) / len(values):.4f} [{min(values):.4f}]")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--rank", type=int, required=True)
     e.add_argument("--targets", default="Q,K,V,O,FFN_DOWN", help="--lora_targets names")
     e.add_argument("--layers", default=None, help="--lora_layers span (default: every layer)")
+    e.add_argument("--energy_ranks", type=_ranks, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="ranks of the kept-energy-by-rank table, e.g. 1,4,16 (to choose --rank)")
     e.add_argument("--out", required=True, help="adapter.pth to write (adapter_params.json beside it)")
 
     c = sub.add_parser("combine", help="combine plain LoRAs like PEFT's add_weighted_adapter")
@@ -62,12 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--out", required=True, help="adapter.pth to write (or a folder)")
 
     args = p.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        p.exit(1, f"lora_tools {args.command}: error: {err}\n")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Call the library for one parsed subcommand (a user's mistake raises ValueError / FileNotFoundError
+    / FileExistsError, printed by `main` without a traceback)."""
     if args.command == "merge":
         print(f"wrote {merge_into_base(args.base, args.adapter, args.out)}")
     elif args.command == "extract":
         cfg, state, report = extract_lora_svd(args.base, args.tuned, args.rank, args.targets, args.layers)
-        for site, energy in report.kept_energy.items():
-            print(f"{site:32s} kept energy {energy:.4f}")
+        print(energy_tables(report, args.rank, args.energy_ranks))
         if report.other_changed:
             print(f"not captured (non-target tensors that differ): {', '.join(report.other_changed)}")
         print(f"wrote {write_adapter(args.out, cfg, state)} (lora_alpha = rank = {args.rank}: scaling 1)")
@@ -80,7 +130,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {export_peft(args.adapter, args.out, load_params(args.base))}")
     else:
         print(f"wrote {import_peft(args.peft, args.out, load_params(args.base))}")
-
 
 if __name__ == "__main__":
     main()

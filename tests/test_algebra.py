@@ -8,7 +8,8 @@ import torch
 
 from llama.checkpoint import load_model, load_params, load_state_dict
 from moa import MoAConfig, attach_adapters, save_adapter
-from moa.algebra import COMBINE_METHODS, combine, extract_lora_svd, merge_into_base, read_plain_lora, write_adapter
+from moa.algebra import (COMBINE_METHODS, combine, extract_lora_svd, kept_energy, lora_delta, merge_into_base,
+                         read_plain_lora, write_adapter)
 from moa.peft_format import export_peft, from_peft_state
 from tests.helpers import write_meta_model_dir
 from tests.hf_reference import hf_twin
@@ -70,13 +71,59 @@ def test_merged_base_matches_unmerged_adapter_fp32_rtol1em5(base_dir, tmp_path):
         assert rel(merged(t), expected) <= 1e-5
 
 
-def test_merge_keeps_base_dtype_bf16(tmp_path):
+def test_merge_keeps_base_dtype_bf16_values_match_fp32_fold_rtol4em3(tmp_path):
+    """Reference: W + B A * alpha / r computed in fp32 from the bf16 base and the adapter file."""
     base = tmp_path / "bf16"
     write_meta_model_dir(base, dtype=torch.bfloat16, seed=3)
     make_adapter(base, tmp_path / "ad" / "adapter.pth")
     out = merge_into_base(base, tmp_path / "ad" / "adapter.pth", tmp_path / "merged")
     sd = torch.load(out / "consolidated.00.pth", weights_only=True)
     assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert load_params(out) == load_params(base)
+    cfg, lora = read_plain_lora(tmp_path / "ad")
+    before = load_state_dict(base, dtype=torch.float32)
+    for key, t in sd.items():
+        site = key.removesuffix(".weight")
+        if f"{site}.lora_A" in lora:
+            expected = before[key] + lora_delta(cfg, lora, site)
+            assert rel(t.float(), expected) <= 4e-3, key
+            assert rel(t.float(), before[key]) > 1e-3, key  # the fold is visible at bf16 precision
+        else:
+            assert torch.equal(t.float(), before[key]), key
+
+
+def test_merge_training_files_max_seq_len_and_base_trained_fp32_rtol1em5(base_dir, tmp_path):
+    """The files of extract_adapter_from_checkpoint.py: adapter_params.json with the training max_seq_len,
+    base_trained.pth (--w_bias True) with trained norms. Reference: the unmerged adapter on a base whose
+    norms were replaced by hand. Export/combine refuse it: a LoRA cannot carry the norms."""
+    import json
+
+    ours = make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    params_path = tmp_path / "ad" / "adapter_params.json"
+    params_path.write_text(json.dumps({**json.loads(params_path.read_text()), "max_seq_len": 64}))
+    assert read_plain_lora(tmp_path / "ad")[0].lora_rank == 4
+    norm = "layers.1.ffn_norm.weight"
+    trained = {norm: 1.5 + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(2))}
+    torch.save(trained, tmp_path / "ad" / "base_trained.pth")
+    with torch.no_grad():
+        ours.get_parameter(norm).copy_(trained[norm])
+    merged, _ = load_model(merge_into_base(base_dir, tmp_path / "ad", tmp_path / "merged"))
+    t = tokens()
+    with torch.no_grad():
+        assert rel(merged(t), ours(t)) <= 1e-5
+    assert torch.equal(merged.get_parameter(norm), trained[norm])
+    with pytest.raises(ValueError, match="base_trained.pth beside it"):
+        read_plain_lora(tmp_path / "ad")
+
+
+def test_merge_existing_out_dir_fileexistserror_before_work(base_dir, tmp_path):
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    (tmp_path / "merged").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        merge_into_base(base_dir, tmp_path / "ad", tmp_path / "merged")
+    assert list((tmp_path / "merged").iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
 @pytest.mark.parametrize("flags, reason", [
@@ -92,32 +139,43 @@ def test_merge_refuses_mixture_router_prompt_p_adapter_valueerror(base_dir, tmp_
     assert not (tmp_path / "merged").exists()
 
 
-def test_merge_wrong_base_valueerror(base_dir, tmp_path):
+@pytest.mark.parametrize("change, detail", [({"dim": 32}, "shape"), ({"n_kv_heads": 4}, "attention.wk.lora_B"),
+                                            ({"n_layers": 1}, "--lora_layers")])
+def test_merge_wrong_base_valueerror(base_dir, tmp_path, change, detail):
     make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
     other = tmp_path / "other"
-    write_meta_model_dir(other, params={**load_params(base_dir), "dim": 32})
-    with pytest.raises(ValueError, match="does not fit the base model"):
+    write_meta_model_dir(other, params={**load_params(base_dir), **change})
+    with pytest.raises(ValueError, match="does not fit the base model") as err:
         merge_into_base(other, tmp_path / "ad", tmp_path / "merged")
+    assert detail in str(err.value)
+    assert not (tmp_path / "merged").exists()
 
 
 # ---- SVD extraction -------------------------------------------------------------------------------
 
 def test_extract_recovers_known_rank_delta_and_energy_fp32_rtol1em5(base_dir, tmp_path):
+    """Reference: deltas U diag(s) V^T built with known orthonormal U, V and singular values s that
+    differ per layer and site, so the report must key each energy to its own layer and site."""
     sd = load_state_dict(base_dir)
-    values = torch.tensor([4.0, 3.0, 2.0, 1.0])  # known singular values of every delta
+    known = {}  # site -> its singular values, descending
     g = torch.Generator().manual_seed(7)
     for i in range(2):
-        for proj in ("attention.wv", "feed_forward.w2"):
-            w = sd[f"layers.{i}.{proj}.weight"]
+        for j, proj in enumerate(("attention.wv", "feed_forward.w2")):
+            site, w = f"layers.{i}.{proj}", sd[f"layers.{i}.{proj}.weight"]
+            values = 0.02 * torch.tensor([4.0, 3.0, 2.0, 1.0]) ** (1 + i + 2 * j)
             u, _ = torch.linalg.qr(torch.randn(w.shape[0], 4, generator=g))
             v, _ = torch.linalg.qr(torch.randn(w.shape[1], 4, generator=g))
-            sd[f"layers.{i}.{proj}.weight"] = w + 0.02 * (u * values) @ v.t()
+            sd[f"{site}.weight"] = w + (u * values) @ v.t()
+            known[site] = values
     tuned = tmp_path / "tuned"
     write_meta_model_dir(tuned, sd=sd)
 
     cfg, state, report = extract_lora_svd(base_dir, tuned, rank=4, targets="V,FFN_DOWN")
     assert cfg.lora_alpha == 4.0 and cfg.lora_rank == 4 and report.other_changed == []
+    assert report.kept_energy.keys() == known.keys()
     assert all(e == pytest.approx(1.0, abs=1e-6) for e in report.kept_energy.values())
+    for site, values in known.items():
+        assert torch.allclose(report.singular_values[site][:4], values, rtol=1e-4)
     write_adapter(tmp_path / "ex", cfg, state)
     merged = merge_into_base(base_dir, tmp_path / "ex", tmp_path / "merged")
     t = tokens()
@@ -125,9 +183,26 @@ def test_extract_recovers_known_rank_delta_and_energy_fp32_rtol1em5(base_dir, tm
         assert rel(load_model(merged)[0](t), load_model(tuned)[0](t)) <= 1e-5
 
     _, _, low = extract_lora_svd(base_dir, tuned, rank=2, targets="V,FFN_DOWN")
-    expected = float((values[:2] ** 2).sum() / (values ** 2).sum())
-    assert len(low.kept_energy) == 4
-    assert all(e == pytest.approx(expected, rel=1e-5) for e in low.kept_energy.values())
+    for site, values in known.items():
+        expected = float((values[:2] ** 2).sum() / (values ** 2).sum())
+        assert low.kept_energy[site] == pytest.approx(expected, rel=1e-5), site
+        assert kept_energy(low.singular_values[site], 3) == pytest.approx(
+            float((values[:3] ** 2).sum() / (values ** 2).sum()), rel=1e-5), site
+
+
+def test_extract_errors_valueerror(base_dir, tmp_path):
+    other = tmp_path / "other"
+    write_meta_model_dir(other, params={**load_params(base_dir), "n_kv_heads": 4})
+    with pytest.raises(ValueError, match=r"not a fine-tune of .*n_kv_heads"):
+        extract_lora_svd(base_dir, other, rank=2)
+    with pytest.raises(ValueError, match="--rank 40 exceeds min"):
+        extract_lora_svd(base_dir, base_dir, rank=40, targets="K")  # wk: (32, 64)
+    with pytest.raises(ValueError, match="--rank: expected a positive integer"):
+        extract_lora_svd(base_dir, base_dir, rank=0)
+    with pytest.raises(ValueError, match="--lora_targets"):
+        extract_lora_svd(base_dir, base_dir, rank=2, targets="Q,X")
+    with pytest.raises(FileNotFoundError):
+        extract_lora_svd(base_dir, tmp_path / "missing", rank=2)
 
 
 # ---- combine vs PEFT ------------------------------------------------------------------------------
@@ -207,6 +282,16 @@ def test_combine_errors_valueerror(base_dir, tmp_path):
         combine([a, a], [1.0], "cat")
     with pytest.raises(ValueError, match="--method"):
         combine([a, a], [1.0, 1.0], "average")
+    other = tmp_path / "other"
+    write_meta_model_dir(other, params={**load_params(base_dir), "dim": 32})
+    make_adapter(other, tmp_path / "d" / "adapter.pth", rank=4)
+    with pytest.raises(ValueError, match="different base models"):
+        combine([a, read_plain_lora(tmp_path / "d")], [1.0, 1.0], "cat")
+    model, _ = load_model(base_dir)
+    attach_adapters(model, MoAConfig(lora_layers="0-2", expert_num=2, type_router="none"))
+    save_adapter(model, str(tmp_path / "mix" / "adapter.pth"))
+    with pytest.raises(ValueError, match="not a plain LoRA.*expert_num 2"):
+        read_plain_lora(tmp_path / "mix")
 
 
 def test_cli_subcommands_cat_halves_equal_original_merge_fp32_rtol1em5(base_dir, tmp_path, capsys):
@@ -223,8 +308,34 @@ def test_cli_subcommands_cat_halves_equal_original_merge_fp32_rtol1em5(base_dir,
     main(["export-peft", "--adapter", ad, "--base", base, "--out", str(tmp_path / "peft")])
     main(["import-peft", "--peft", str(tmp_path / "peft"), "--base", base, "--out", str(tmp_path / "back")])
     printed = capsys.readouterr().out
-    assert "kept energy 1.0000" in printed and "not captured" in printed  # K, V, ... also changed
+    assert "| 0 | 1.0000 | 1.0000 |" in printed and "| 1 | 1.0000 | 1.0000 |" in printed  # layer | Q | FFN_DOWN
+    assert "| target | r=1 | r=2 | r=4 |" in printed
+    assert "not captured" in printed  # K, V, ... also changed
     m1, m2 = load_state_dict(tmp_path / "m1"), load_state_dict(tmp_path / "m2")
     assert all(rel(m2[k], m1[k]) <= 1e-5 for k in m1)
     assert read_plain_lora(tmp_path / "cat")[0].lora_rank == 8
     assert (tmp_path / "back" / "adapter.pth").is_file() and (tmp_path / "ex" / "adapter_params.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["merge", "--base", "{base}", "--adapter", "{mix}", "--out", "{tmp}/m"], "not a plain LoRA"),
+    (["merge", "--base", "{base}", "--adapter", "{tmp}/nothing", "--out", "{tmp}/m"], "does not exist"),
+    (["extract", "--base", "{base}", "--tuned", "{base}", "--rank", "40", "--targets", "K", "--out", "{tmp}/e"],
+     "--rank 40 exceeds"),
+    (["combine", "--adapters", "{mix}", "--weights", "1", "--method", "cat", "--out", "{tmp}/c"], "expert_num 2"),
+    (["export-peft", "--adapter", "{mix}", "--base", "{base}", "--out", "{tmp}/p"], "expert_num 2"),
+    (["import-peft", "--peft", "{tmp}", "--base", "{base}", "--out", "{tmp}/i"], "adapter_config.json"),
+])
+def test_cli_errors_exit_1_with_message_no_traceback(base_dir, tmp_path, capsys, argv, message):
+    from scripts.lora_tools import main
+
+    model, _ = load_model(base_dir)
+    attach_adapters(model, MoAConfig(lora_layers="0-2", expert_num=2, type_router="none"))
+    save_adapter(model, str(tmp_path / "mix" / "adapter.pth"))
+    argv = [a.format(base=base_dir, mix=tmp_path / "mix", tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"lora_tools {argv[0]}: error: ") and message in stderr
+    assert "Traceback" not in stderr

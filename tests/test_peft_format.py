@@ -80,6 +80,35 @@ def test_export_loads_in_peft_logits_match_fp32_rtol1em4(base_dir, tmp_path, lor
     assert rel(got, expected) <= 1e-4
 
 
+def test_adapter_trained_here_export_peft_logits_match_fp32_rtol1em4(base_dir, tmp_path):
+    """A LoRA trained here (AdamW steps on next-token loss from the zero-B init, so A and B both move)
+    -> export -> peft.PeftModel on transformers' LLaMA: same logits."""
+    ours, _ = load_model(base_dir)
+    attach_adapters(ours, MoAConfig(lora_layers="0-2", lora_rank=4, lora_alpha=8.0, lora_targets=ALL_TARGETS,
+                                    type_router="none"))
+    torch.manual_seed(0)
+    init = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(9))
+    for _ in range(5):
+        logits = ours(data[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), data[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(p, init[n]) for n, p in ours.named_parameters() if n in init)
+    save_adapter(ours, str(tmp_path / "ad" / "adapter.pth"))
+    out = export_peft(tmp_path / "ad", tmp_path / "peft", load_params(base_dir))
+    base, _ = load_model(base_dir)
+    hf = peft.PeftModel.from_pretrained(hf_twin(base), str(out)).eval()
+    t = tokens()
+    with torch.no_grad():
+        expected, plain = ours(t), base(t)
+        got = hf(t).logits
+    assert rel(expected, plain) > 1e-3
+    assert rel(got, expected) <= 1e-4
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_import_peft_lora_logits_match_fp32_rtol1em4(base_dir, tmp_path, use_rslora):
     base, _ = load_model(base_dir)
@@ -117,6 +146,13 @@ def test_errors_wrong_base_mixture_and_ragged_peft_valueerror(base_dir, tmp_path
     other = dict(load_params(base_dir), dim=32)
     with pytest.raises(ValueError, match="base model expects"):
         export_peft(tmp_path / "ad", tmp_path / "peft", other)
+    export_peft(tmp_path / "ad", tmp_path / "peft_ok", load_params(base_dir))
+    with pytest.raises(ValueError, match="base model expects"):
+        import_peft(tmp_path / "peft_ok", tmp_path / "wrong_base", other)
+    config_path = tmp_path / "peft_ok" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        import_peft(tmp_path / "peft_ok", tmp_path / "dora", load_params(base_dir))
     model, _ = load_model(base_dir)
     attach_adapters(model, MoAConfig(lora_layers="0-2", expert_num=2, type_router="none"))
     save_adapter(model, str(tmp_path / "mix" / "adapter.pth"))
