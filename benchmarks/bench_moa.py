@@ -1,7 +1,8 @@
 """Forward+backward step time and peak memory of the adapter kinds on the SmolLM2-135M shape.
 
-    python benchmarks/bench_moa.py                       # CPU: fp32 on 30 layers, bf16 blocks on 1 layer
-    python benchmarks/bench_moa.py --device cuda --bf16_layers 30
+    python benchmarks/bench_moa.py                       # CPU
+    python benchmarks/bench_moa.py --device cuda
+    python benchmarks/bench_moa.py --layers 2 --steps 2 --seqlen 128 --dtypes fp32   # a quick look, small size
 
 Shape: dim 576, 30 layers, 9 heads, 3 KV heads, FFN 1536, vocab 49152; batch 4 x 256 tokens, random
 tokens and targets, loss = cross-entropy over all positions. Configurations: the bare model (its
@@ -13,9 +14,10 @@ of the real tokens run each type (the measured share is printed).
 
 Each (configuration, dtype) runs in its own subprocess so that CPU peak memory (peak RSS, and peak
 minus the RSS after building the model) is not mixed between runs; on CUDA the peak is
-`torch.cuda.max_memory_allocated`. bf16 on a CPU without bf16 matrix units is ~30x slower than fp32:
-bf16 rows time the blocks only (loss = mean square of the final hidden states, no vocabulary
-projection) on `--bf16_layers` layers (default 1); compare them per layer.
+`torch.cuda.max_memory_allocated`. bf16 rows run the same full model and loss as fp32 on CUDA and on
+CPUs with bf16 instructions (`avx512_bf16` / `amx_bf16`). On a CPU without them bf16 is ~30x slower
+than fp32, so there bf16 rows time the blocks only (loss = mean square of the final hidden states,
+no vocabulary projection) on `--bf16_layers` layers (default 1 there); compare them per layer.
 """
 from __future__ import annotations
 
@@ -89,6 +91,18 @@ def center_type_routers(model: Transformer, tokens: torch.Tensor) -> None:
         lin.bias -= out.float().flatten(0, -2).median(0).values.to(lin.bias.dtype)
 
 
+def bf16_is_fast(device: str) -> bool:
+    """True on CUDA and on CPUs with bf16 instructions (Linux /proc/cpuinfo flags)."""
+    if device == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def current_rss_mib() -> float:
     """Resident memory of this process now (Linux /proc), MiB."""
     with open("/proc/self/statm") as f:
@@ -111,8 +125,10 @@ def worker(name: str, dtype_name: str, n_layers: int, args: argparse.Namespace) 
         active = [v["active"] for layer in stats.summary().values() for s, v in layer.items() if s != "prompt"]
         result["active"] = sum(active) / len(active)
 
+    full_loss = dtype_name == "fp32" or bf16_is_fast(device)
+
     def step() -> None:
-        if dtype_name == "fp32":
+        if full_loss:
             F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten()).backward()
         else:  # blocks only: the 49152-way projection alone would take minutes in CPU bf16
             model.hidden_states(tokens).float().pow(2).mean().backward()
@@ -152,13 +168,28 @@ def worker(name: str, dtype_name: str, n_layers: int, args: argparse.Namespace) 
     return result
 
 
+def print_goals(dtype_name: str, step_s: dict[str, float]) -> None:
+    """The issue's goals: Soft MoA <= 1.3x LoRA's step; Sparse MoA at ~50% activation faster than Soft MoA."""
+    goals = []
+    if "soft_moa" in step_s and "lora_r8" in step_s:
+        ratio = step_s["soft_moa"] / step_s["lora_r8"]
+        goals.append(f"soft_moa/lora_r8 {ratio:.2f}x (goal <= 1.30x: {'met' if ratio <= 1.3 else 'NOT met'})")
+    for soft, sparse in (("soft_moa", "sparse_moa_50"), ("soft_moa_e8", "sparse_moa_e8_50")):
+        if soft in step_s and sparse in step_s:
+            ratio = step_s[sparse] / step_s[soft]
+            goals.append(f"{sparse}/{soft} {ratio:.2f}x (goal < 1: {'met' if ratio < 1 else 'NOT met'})")
+    if goals:
+        print(f"goals {dtype_name}: " + "; ".join(goals), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {','.join(CONFIGS)}")
     ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--bf16_layers", type=int, default=1, help="layers for bf16 (slow on CPUs without bf16 units)")
+    ap.add_argument("--bf16_layers", type=int, default=None,
+                    help="layers for bf16 (default: --layers, or 1 on a CPU without bf16 instructions)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
@@ -172,21 +203,27 @@ def main() -> None:
         print(json.dumps(worker(name, dtype_name, int(n_layers), args)))
         return
 
+    bf16_full = bf16_is_fast(args.device)
+    if args.bf16_layers is None:
+        args.bf16_layers = args.layers if bf16_full else 1
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch} x {args.seqlen}, best of {args.steps} fp32 / {args.bf16_steps} bf16 steps "
-          f"after {args.warmup} warm-up; bf16 rows: blocks only, no vocabulary projection")
+          f"after {args.warmup} warm-up; bf16 rows: "
+          + ("full model and loss" if bf16_full else "blocks only, no vocabulary projection (no bf16 instructions)"))
     header = (f"{'config':<15}{'dtype':<6}{'layers':>7}{'trainable M':>12}{'active':>8}{'step s':>9}"
               f"{'median s':>9}{'cpu s':>8}{'ms/layer':>10}{'vs LoRA':>9}{'peak MiB':>10}{'+model MiB':>11}")
     print(header)
     for dtype_name in args.dtypes.split(","):
         n_layers = args.layers if dtype_name == "fp32" else args.bf16_layers
         lora_time = None
+        step_s: dict[str, float] = {}
         for name in args.configs.split(","):
             passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough,
                                   "--worker", f"{name}:{dtype_name}:{n_layers}"],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
+            step_s[name] = r["step_s"]
             if name == "lora_r8":
                 lora_time = r["step_s"]
             ratio = f"{r['step_s'] / lora_time:.2f}x" if lora_time else "-"
@@ -194,6 +231,7 @@ def main() -> None:
             print(f"{name:<15}{dtype_name:<6}{n_layers:>7}{r['trainable_M']:>12.3f}{active:>8}{r['step_s']:>9.3f}"
                   f"{r['median_s']:>9.3f}{r['cpu_s']:>8.2f}{r['per_layer_ms']:>10.1f}{ratio:>9}"
                   f"{r['peak_MiB']:>10.0f}{r['above_model_MiB']:>11.0f}", flush=True)
+        print_goals(dtype_name, step_s)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,82 @@ def test_prompt_block_adds_before_wo_matches_manual_block_fp32_rtol1e_5():
     h = x + lora(attn.wo, base + prompt_reference(xn, q, attn.wk.weight, attn.wv.weight, attn.prompt))
     ref = h + block.feed_forward(block.ffn_norm(h))
     close(block(x, meta), ref)
+
+
+def type_router_reference(x, router, mode, max_threshold=0.5):
+    """Per-slot weights (B, T|1, 1) of DESIGN §1's type routers, from the router's tensors, in slot order."""
+    lin = lambda m, z: z @ m.weight.T + m.bias  # noqa: E731
+    logits = ((lambda z: lin(router.proj, z)) if hasattr(router, "proj")
+              else (lambda z: lin(router.w2, F.silu(lin(router.w1, z)) * lin(router.w3, z))))
+    if mode in ("soft", "sparse"):
+        w = torch.sigmoid(logits(x))  # (B, T, n)
+    elif mode == "instance":
+        w = torch.sigmoid(logits(x.mean(1, keepdim=True)))  # (B, 1, n)
+    else:  # unipeft: one gate for every LoRA site, one for the prompt, one for the parallel adapter
+        pooled = x.mean(1, keepdim=True)
+        gate = {g: torch.sigmoid(lin(router.gates[g], pooled)) for g in ("lora", "prompt", "p_adapter")}
+        w = torch.cat([gate["lora" if s.startswith("lora.") else s] for s in router.slots], -1)
+    if mode == "sparse":
+        t = torch.sigmoid(lin(router.threshold, x)) * max_threshold  # (B, T, 1)
+        w = w * (w > t)
+    return {s: w[..., j:j + 1] for j, s in enumerate(router.slots)}
+
+
+@pytest.mark.parametrize("mode,swi_x", [("soft", 4), ("soft", 0), ("sparse", 4), ("instance", 0), ("unipeft", 0)])
+def test_moa_block_seven_types_matches_manual_block_fp32_rtol1e_5(mode, swi_x):
+    """One block with the seed's 7 types under each type router against llama pieces + DESIGN §1 formulas:
+    every type's output times its token's (or sequence's) weight; sparse through the gather/scatter path."""
+    torch.manual_seed(0)
+    dim, heads, kv, bsz, seqlen = 32, 4, 2, 2, 9
+    model = Transformer(ModelArgs(dim=dim, n_layers=1, n_heads=heads, n_kv_heads=kv, vocab_size=16, multiple_of=16))
+    attach_adapters(model, MoAConfig(lora_layers="0-1", lora_rank=3, lora_alpha=6, prompt_layers="0-1",
+                                     prompt_len=3, p_adapter_layers="0-1", p_adapter_size=5, swi_x=swi_x,
+                                     type_router=mode))
+    randomize(model, std=0.4)
+    block, attn, ffn = model.layers[0], model.layers[0].attention, model.layers[0].feed_forward
+    router = block.type_router
+    assert router.slots == ("lora.wq", "lora.wk", "lora.wv", "lora.wo", "lora.w2", "prompt", "p_adapter")
+    tokens = torch.randint(0, 16, (bsz, seqlen))
+    meta = model._meta(tokens, 0, None)
+    x = torch.randn(bsz, seqlen, dim)
+    with torch.no_grad():
+        w = type_router_reference(x, router, mode)
+    if mode == "sparse":
+        kept = torch.cat([w[s] > 0 for s in router.slots], -1).float().mean().item()
+        assert 0.1 < kept < 0.9  # a real selection
+    lora = lambda site, z, slot: z @ site.weight.T + w[slot] * (z @ site.lora_A.T @ site.lora_B.T) * 2  # noqa: E731
+    xn = block.attention_norm(x)
+    q = apply_rotary_emb(lora(attn.wq, xn, "lora.wq").view(bsz, seqlen, heads, 8), meta.cos, meta.sin)
+    k = apply_rotary_emb(lora(attn.wk, xn, "lora.wk").view(bsz, seqlen, kv, 8), meta.cos, meta.sin)
+    v = lora(attn.wv, xn, "lora.wv").view(bsz, seqlen, kv, 8)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1)
+    base = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+    prompt = prompt_reference(xn, q, attn.wk.weight, attn.wv.weight, attn.prompt, w["prompt"].expand(-1, seqlen, -1))
+    h = x + lora(attn.wo, base + prompt, "lora.wo")
+    u = block.ffn_norm(h)
+    pa = ffn.p_adapter
+    adapter = F.silu(u @ pa.down.T + pa.down_bias) @ pa.up.T + pa.up_bias
+    ref = h + lora(ffn.w2, F.silu(u @ ffn.w1.weight.T) * (u @ ffn.w3.weight.T), "lora.w2") + w["p_adapter"] * adapter
+    close(block(x, meta), ref)
+
+
+def test_initialisation_follows_design_exact():
+    """DESIGN §1: A Kaiming-uniform (|A| <= 1/sqrt(in)), B zero; parallel adapter Xavier-uniform gain 1e-4, biases
+    zero; prompt gate zero; every router bias zero."""
+    torch.manual_seed(0)
+    dim = 48
+    model = Transformer(ModelArgs(dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=16, multiple_of=16))
+    attach_adapters(model, MoAConfig(lora_layers="0-1", expert_num=3, prompt_layers="0-1", p_adapter_layers="0-1",
+                                     p_adapter_size=6, swi_x=4, type_router="sparse", expert_router="adamole"))
+    attn, pa = model.layers[0].attention, model.layers[0].feed_forward.p_adapter
+    for site in (attn.wq, attn.wo, model.layers[0].feed_forward.w2):
+        bound = 1 / math.sqrt(site.in_features)
+        assert site.lora_A.abs().max() <= bound and site.lora_A.abs().max() > 0.9 * bound  # uniform, full range
+        assert not site.lora_B.any()
+    xavier = 1e-4 * math.sqrt(6 / (dim + 6))
+    for t in (pa.down, pa.up):
+        assert t.abs().max() <= xavier and t.abs().max() > 0.9 * xavier
+    assert not pa.down_bias.any() and not pa.up_bias.any()
+    assert not attn.prompt.gate.any() and attn.prompt.gate.shape == (1, 4, 1, 1)
+    biases = [n for n in model.moa_adapter_names if n.endswith(".bias") and "router" in n]
+    assert biases and not any(model.get_parameter(n).any() for n in biases)
