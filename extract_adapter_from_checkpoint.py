@@ -15,11 +15,11 @@ import sys
 
 import torch
 
-from moa.checkpointing import atomic_write_files, load_training_checkpoint, write_json
+from moa.atomic import atomic_write_files, write_json
+from moa.checkpointing import load_training_checkpoint
+from moa.state import ADAPTER_PARAMS, BASE_TRAINED
 
 ADAPTER_FILE = "adapter.pth"
-ADAPTER_PARAMS_FILE = "adapter_params.json"
-BASE_TRAINED_FILE = "base_trained.pth"
 
 
 def extract(checkpoint: str) -> dict[str, str]:
@@ -33,11 +33,11 @@ def extract(checkpoint: str) -> dict[str, str]:
     params = dict(ckpt["adapter_params"])
     params["max_seq_len"] = int(ckpt["args"]["max_seq_len"])
     written = {"adapter": os.path.join(folder, ADAPTER_FILE),
-               "adapter_params": os.path.join(folder, ADAPTER_PARAMS_FILE)}
+               "adapter_params": os.path.join(folder, ADAPTER_PARAMS)}
     writers = {written["adapter"]: lambda tmp: torch.save(dict(ckpt["model"]), tmp),
                written["adapter_params"]: lambda tmp: write_json(params, tmp)}
     if ckpt["base_trained"]:
-        written["base_trained"] = os.path.join(folder, BASE_TRAINED_FILE)
+        written["base_trained"] = os.path.join(folder, BASE_TRAINED)
         writers[written["base_trained"]] = lambda tmp: torch.save(dict(ckpt["base_trained"]), tmp)
     atomic_write_files(writers)
     return written

@@ -15,7 +15,6 @@ In memory a LoRA is its `MoAConfig` and its adapter state dict (`layers.N.attent
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -25,9 +24,9 @@ import torch
 
 from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths
 from llama.model import ModelArgs
-from moa.checkpointing import atomic_write_files, write_json
-from moa.config import LORA_TARGETS, MoAConfig, parse_spans
-from moa.state import ADAPTER_PARAMS, merge_lora
+from moa.atomic import atomic_write_files, write_json
+from moa.config import LORA_TARGETS, MoAConfig, parse_spans, read_adapter_params
+from moa.state import ADAPTER_PARAMS, BASE_TRAINED, merge_lora
 
 ADAPTER_FILE = "adapter.pth"
 
@@ -117,23 +116,8 @@ def adapter_file(path: str | os.PathLike) -> Path:
 
 
 def adapter_config(file: Path) -> MoAConfig:
-    """The `MoAConfig` of `adapter_params.json` beside adapter file `file`. The training `max_seq_len`
-    that extract_adapter_from_checkpoint.py also records there is not an adapter flag: skipped."""
-    params_path = file.parent / ADAPTER_PARAMS
-    if not params_path.is_file():
-        raise FileNotFoundError(f"{file}: no {ADAPTER_PARAMS} beside it (it holds the flags that rebuild the "
-                                "adapters; extract_adapter_from_checkpoint.py writes both)")
-    try:
-        params = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{params_path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{params_path}: expected a JSON object of adapter flags")
-    params.pop("max_seq_len", None)
-    try:
-        return MoAConfig.from_dict(params)
-    except ValueError as e:
-        raise ValueError(f"{params_path}: {e}") from None
+    """The `MoAConfig` of `adapter_params.json` beside adapter file `file`."""
+    return read_adapter_params(file.parent / ADAPTER_PARAMS)[0]
 
 
 def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
@@ -144,7 +128,6 @@ def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch
     norms/biases, which a LoRA file cannot carry; `merge_into_base` folds them in): `ValueError`
     naming the file.
     """
-    from moa.inference import BASE_TRAINED  # not at the top: moa.inference imports moa.fusion, which imports us
 
     file = adapter_file(path)
     cfg = adapter_config(file)

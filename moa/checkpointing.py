@@ -1,4 +1,4 @@
-"""Training checkpoints (`checkpoint-{epoch}.pth`), RNG state, atomic file writes.
+"""Training checkpoints (`checkpoint-{epoch}.pth`) and RNG state.
 
 A checkpoint is a plain dict, loadable with `torch.load(..., weights_only=True)`:
 
@@ -17,10 +17,8 @@ The frozen base is never in it.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moa.atomic import atomic_write_files
 from moa.config import MoAConfig
 from moa.schedule import WarmupCosine
 from moa.state import adapter_state_dict, load_adapter_state_dict
@@ -40,34 +39,6 @@ REQUIRED_KEYS = ("model", "base_trained", "optimizer", "scheduler", "epoch", "st
 
 def checkpoint_path(output_dir: str, epoch: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
-
-
-def atomic_write_files(writers: dict[str, Callable[[str], None]]) -> None:
-    """Write several files all-or-none: `writers` maps each final path to a function that writes a
-    given temporary path (in the same folder); every file is written to its temporary name first, and
-    only when all are complete are they renamed into place. On any error the temporaries are removed
-    and no final path is touched."""
-    temps: dict[str, str] = {}
-    try:
-        for path, write in writers.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-            os.close(fd)
-            temps[path] = tmp
-            write(tmp)
-        for path in writers:
-            os.replace(temps.pop(path), path)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def write_json(obj: Any, path: str) -> None:
-    """`obj` as indented JSON (plus a newline) to `path`; use through `atomic_write_files`."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -9,9 +9,10 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
+
+from moa.atomic import atomic_write_json
 
 # --lora_targets name -> (slot name, path of the projection inside a TransformerBlock).
 # The slot name is the key the type router uses for that LoRA type.
@@ -161,31 +162,36 @@ class MoAConfig:
 
     def to_json(self, path: str) -> None:
         """Write `adapter_params.json` atomically (temporary file in the same folder, then rename)."""
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter_params.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str) -> "MoAConfig":
-        """Read `adapter_params.json`; `FileNotFoundError` / `ValueError` name the file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"adapter params file {path} does not exist")
-        with open(path) as f:
-            try:
-                params = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(params, dict):
-            raise ValueError(f"{path}: expected a JSON object of adapter flags")
+        """The adapter flags of `adapter_params.json` (a training `max_seq_len` there is not a flag:
+        see `read_adapter_params`)."""
+        return read_adapter_params(path)[0]
+
+
+def read_adapter_params(path: str | os.PathLike) -> tuple[MoAConfig, Optional[int]]:
+    """Read `adapter_params.json`: (the adapter flags, the training `max_seq_len` or None).
+
+    extract_adapter_from_checkpoint.py records the training `max_seq_len` beside the flags (example.py
+    caps prompt + generation at it by default). `FileNotFoundError` / `ValueError` name the file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such adapter params file (it holds the flags that rebuild the "
+                                "adapters; extract_adapter_from_checkpoint.py writes it beside adapter.pth)")
+    with open(path) as f:
         try:
-            return cls.from_dict(params)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            params = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object of adapter flags")
+    max_seq_len = params.pop("max_seq_len", None)
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 2):
+        raise ValueError(f"{path}: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    try:
+        return MoAConfig.from_dict(params), max_seq_len
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -20,10 +20,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
+
+from moa.atomic import atomic_write_text
 
 MATH_SETS: tuple[str, ...] = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 COMMONSENSE_SETS: tuple[str, ...] = (
@@ -355,15 +356,7 @@ def score_file(name: str, path: Path, strict: bool) -> SetScore:
 
 def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
     """Write `rows` as JSONL to `path` through a temporary file in the same directory + rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def append_summary(path: Path, record: dict) -> None:

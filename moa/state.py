@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 
 import torch
 from torch import nn
 
 from moa.adapters import LoRALinear
+from moa.atomic import atomic_write_files, write_json
 from moa.config import MoAConfig
 from moa.inject import MoABlock, attach_adapters
 
 ADAPTER_PARAMS = "adapter_params.json"
+# Written beside adapter.pth by extract_adapter_from_checkpoint.py when training ran with --w_bias: the
+# base tensors training changed (norms, biases).
+BASE_TRAINED = "base_trained.pth"
 
 
 def _adapter_names(model: nn.Module) -> tuple[str, ...]:
@@ -59,20 +62,12 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 def save_adapter(model: nn.Module, path: str) -> None:
     """Write `adapter_state_dict(model)` to `path` (e.g. `.../adapter.pth`) and the model's
-    `MoAConfig` to `adapter_params.json` beside it, each to a temporary name then renamed."""
+    `MoAConfig` to `adapter_params.json` beside it, all-or-none (temporary names, then renamed)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     state = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".adapter.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    model.moa_config.to_json(os.path.join(folder, ADAPTER_PARAMS))
+    atomic_write_files({path: lambda tmp: torch.save(state, tmp),
+                        os.path.join(folder, ADAPTER_PARAMS): lambda tmp: write_json(model.moa_config.to_dict(), tmp)})
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:

@@ -18,11 +18,9 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,6 +28,7 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from moa.atomic import atomic_write_text  # noqa: E402
 from moa.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE  # noqa: E402
 
 SEEDS = (0, 125, 1225)  # the paper's three seeds
@@ -137,13 +136,6 @@ def markdown_table(rows: Sequence[dict], sets: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def csv_text(rows: Sequence[dict]) -> str:
     """Rows of dicts (same keys) as CSV text."""
     import io
@@ -159,12 +151,12 @@ def write_tables(out: Path, benchmark: str, results: Sequence[RunResult], sets: 
     """Write OUT/{benchmark}_results.md/.csv and OUT/{benchmark}_runs.csv; return the Markdown table."""
     rows = aggregate(results, sets)
     table = markdown_table(rows, sets)
-    write_atomic(out / f"{benchmark}_results.md", table + "\n")
-    write_atomic(out / f"{benchmark}_results.csv", csv_text(rows))
+    atomic_write_text(out / f"{benchmark}_results.md", table + "\n")
+    atomic_write_text(out / f"{benchmark}_results.csv", csv_text(rows))
     per_run = [{"method": r.method, "seed": r.seed, **{s: r.accuracy[s] for s in sets}, "average": r.average,
                 "params": r.params, "train_s": r.train_s, "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir)}
                for r in results]
-    write_atomic(out / f"{benchmark}_runs.csv", csv_text(per_run))
+    atomic_write_text(out / f"{benchmark}_runs.csv", csv_text(per_run))
     return table
 
 

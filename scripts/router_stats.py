@@ -12,11 +12,8 @@ weight and (Sparse MoA) the fraction of tokens that ran the type. Writes OUT.jso
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from llama.checkpoint import load_model  # noqa: E402
 from moa import RouterStats  # noqa: E402
+from moa.atomic import atomic_write_files, atomic_write_json  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
 from moa.data import load_rows  # noqa: E402
 from moa.inference import encode_prompt, load_trained_adapter  # noqa: E402
@@ -91,11 +89,8 @@ def plot(tables: dict[str, Any], path: Path, title: str) -> None:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    atomic_write_files({str(path): lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -133,10 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "with_output": a.with_output, "sparse": is_sparse(tables), **tables,
               "per_layer": {str(k): v for k, v in stats.summary().items()}}
     json_path, png_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
-    fd, tmp = tempfile.mkstemp(dir=json_path.parent, prefix=f".{json_path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1, allow_nan=True)
-    os.replace(tmp, json_path)
+    atomic_write_json(json_path, record)
     plot(tables, png_path, f"{Path(a.adapter_path).parent.name} on {set_name} ({len(rows)} rows)")
     columns = {s: [r[j] for r in tables["weight"] if not math.isnan(r[j])] for j, s in enumerate(tables["slots"])}
     means = {s: sum(v) / len(v) for s, v in columns.items()}

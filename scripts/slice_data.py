@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moa.atomic import atomic_write_text  # noqa: E402
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -39,16 +41,12 @@ def slice_rows(sources: list[Path], rows: int, seed: int) -> list[dict]:
     return data[:rows] if rows > 0 else data
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write `obj` as JSON to `path` through a temporary file and a rename (unchanged files are kept)."""
+def write_json_kept(path: Path, obj: object) -> None:
+    """Write `obj` as JSON to `path` atomically, leaving an identical existing file untouched."""
     text = json.dumps(obj, ensure_ascii=False, indent=1)
-    if path.is_file() and path.read_text() == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rows < 0:
         p.error(f"--rows: expected >= 0, got {a.rows}")
     try:
-        write_json_atomic(a.out, slice_rows(a.sources, a.rows, a.seed))
+        write_json_kept(a.out, slice_rows(a.sources, a.rows, a.seed))
     except (FileNotFoundError, ValueError) as e:
         print(f"slice_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,25 @@ def test_save_load_round_trip_identical_logits_exact(flags, tmp_path):
     assert torch.equal(same_base(toks), model(toks))
 
 
+def test_load_adapter_reads_extracted_params_with_training_max_seq_len_exact(tmp_path):
+    """extract_adapter_from_checkpoint.py adds the training max_seq_len to adapter_params.json: not a flag."""
+    import json
+
+    from moa.config import read_adapter_params
+
+    model = moa_model(SOFT)
+    path = tmp_path / "adapter.pth"
+    save_adapter(model, str(path))
+    params_path = tmp_path / "adapter_params.json"
+    params_path.write_text(json.dumps({**json.loads(params_path.read_text()), "max_seq_len": 300}))
+    assert read_adapter_params(params_path) == (MoAConfig(**SOFT), 300)
+    toks = tokens()
+    assert torch.equal(load_adapter(bare_model(), str(path))(toks), model(toks))
+    params_path.write_text(json.dumps({**json.loads(params_path.read_text()), "max_seq_len": "long"}))
+    with pytest.raises(ValueError, match="adapter_params.json: max_seq_len must be an integer"):
+        read_adapter_params(params_path)
+
+
 def test_strict_load_names_missing_unexpected_and_misshapen_keys():
     model = moa_model(SOFT)
     state = dict(adapter_state_dict(model))
