@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad = p.add_argument_group("adapters (DESIGN §1; defaults: every type off)")
     for f in dataclasses.fields(MoAConfig):
         if isinstance(f.default, bool):
-            flag_bool(f.name, f.default, f.name)
+            flag_bool(f.name, f.default, f.metadata["help"])
         else:
-            ad.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"default {f.default}")
+            ad.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default {f.default})")
     return p
 
 

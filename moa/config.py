@@ -54,6 +54,11 @@ def _as_bool(flag: str, value: Any) -> bool:
     raise ValueError(f"--{flag}: expected True or False, got {value!r}")
 
 
+def _flag(default: Any, help: str) -> Any:
+    """A MoAConfig field with the help text main_finetune.py shows for its flag."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MoAConfig:
     """The adapter flags, by their command-line names (see DESIGN §1 for what each one means).
@@ -62,25 +67,27 @@ class MoAConfig:
     `0-0` = none); their range is checked against the model in `layers()`.
     """
 
-    lora_layers: str = "0-0"
-    lora_rank: int = 8
-    lora_targets: str = "Q,K,V,O,FFN_DOWN"  # subset of Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN
-    lora_alpha: float = 8.0
-    expert_num: int = 1  # E > 1: homogeneous mixture inside every type (MoLoRA/HydraLoRA, MoE adapter, prompt sets)
-    hydra_moe: bool = False  # E > 1: LoRA shares one A per site (HydraLoRA) instead of E full LoRAs (MoLoRA)
-    p_adapter_layers: str = "0-0"
-    p_adapter_size: int = 16
-    p_adapter_hydra: bool = False  # E > 1: parallel adapters share `down`
-    prompt_layers: str = "0-0"
-    prompt_len: int = 10
-    swi_x: int = 0  # type router: 0 = Linear(dim, n_types); k > 0 = SwiGLU with hidden width k * n_types
-    type_router: str = "soft"  # soft | sparse | instance | unipeft | none
-    expert_router: str = "soft"  # soft | topk | adamole (mixtures with expert_num > 1)
-    top_k: int = 2
-    max_threshold: float = 0.5  # sparse: threshold = sigmoid(Linear(x)) * max_threshold (or the constant)
-    const_threshold: bool = False
-    threshold_ste: bool = False  # sparse learned threshold: straight-through gradient (off = paper's code)
-    lb_loss_coeff: float = 0.0  # load-balance loss of the homogeneous mixtures (returned by collect_aux_loss)
+    lora_layers: str = _flag("0-0", "blocks with LoRA: spans a-b[,c-d], end exclusive; 0-0 none")
+    lora_rank: int = _flag(8, "LoRA rank r")
+    lora_targets: str = _flag("Q,K,V,O,FFN_DOWN", "LoRA sites, a subset of Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN")
+    lora_alpha: float = _flag(8.0, "LoRA scale alpha (the update is B A z * alpha / r)")
+    expert_num: int = _flag(1, "E > 1: a homogeneous mixture of E experts inside every type (MoLoRA/HydraLoRA, "
+                               "MoE parallel adapter, E prompt sets)")
+    hydra_moe: bool = _flag(False, "with E > 1: LoRA shares one A per site, E heads B (HydraLoRA) instead of E "
+                                   "full LoRAs (MoLoRA)")
+    p_adapter_layers: str = _flag("0-0", "blocks with a parallel adapter beside the FFN (spans as --lora_layers)")
+    p_adapter_size: int = _flag(16, "parallel adapter bottleneck width")
+    p_adapter_hydra: bool = _flag(False, "with E > 1: the parallel adapters share `down`")
+    prompt_layers: str = _flag("0-0", "blocks with learned prompt keys/values (spans as --lora_layers)")
+    prompt_len: int = _flag(10, "prompt vectors per block")
+    swi_x: int = _flag(0, "type router: 0 = Linear(dim, n_types); k > 0 = SwiGLU of hidden width k * n_types")
+    type_router: str = _flag("soft", "per-block type router: soft | sparse | instance | unipeft | none")
+    expert_router: str = _flag("soft", "router of the mixtures with E > 1: soft | topk | adamole")
+    top_k: int = _flag(2, "experts kept per token by --expert_router topk")
+    max_threshold: float = _flag(0.5, "sparse: threshold = sigmoid(Linear(x)) * max_threshold (or the constant)")
+    const_threshold: bool = _flag(False, "sparse: the constant threshold max_threshold instead of a learned one")
+    threshold_ste: bool = _flag(False, "sparse, learned threshold: straight-through gradient (off = the paper's code)")
+    lb_loss_coeff: float = _flag(0.0, "load-balance loss of the mixtures with E > 1 (0 in the paper's runs)")
 
     def __post_init__(self) -> None:
         for flag in ("hydra_moe", "p_adapter_hydra", "const_threshold", "threshold_ste"):
