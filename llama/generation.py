@@ -65,6 +65,10 @@ def generate(
     temperature: 0 is greedy; otherwise nucleus sampling with `top_p`, reproducible through `generator`.
     callback(step, tokens): called after each step with the step index and the (B,) tokens just chosen.
     max_gen_len is shortened so that prompt + generation fits the model's `max_seq_len`.
+
+    KV cache: a cache the caller made with `model.setup_caches` is reused (replaced by a larger one
+    when it is too small) and kept. Without one, a cache is made for this call and removed at the
+    end, so that a later plain forward (training, scoring) runs without a cache, as before the call.
     """
     if not prompt_tokens:
         return []
@@ -81,9 +85,28 @@ def generate(
     total_len = min(max_seq_len, max_prompt + max_gen_len)
     max_gen_len = total_len - max_prompt
 
-    device = model.tok_embeddings.weight.device
-    if model.cache_shape is None or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len:
+    own_cache = model.cache_shape is None
+    if own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len:
         model.setup_caches(bsz, total_len)
+    try:
+        out, n_steps = _generate_loop(model, prompt_tokens, max_gen_len, temperature, top_p, stop_tokens,
+                                      generator, callback)
+    finally:
+        if own_cache:
+            model.clear_caches()
+    result = []
+    for row in out[:, :n_steps].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop_tokens), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float,
+                   top_p: float, stop_tokens: list[int], generator: Optional[torch.Generator],
+                   callback: Optional[Callable[[int, torch.Tensor], None]]) -> tuple[torch.Tensor, int]:
+    """Prefill then decode into the model's (fitting) KV cache -> (new tokens (B, max_gen_len), steps run)."""
+    bsz, max_prompt = len(prompt_tokens), max(map(len, prompt_tokens))
+    device = model.tok_embeddings.weight.device
     model.cache_valid.zero_()
 
     tokens = torch.zeros(bsz, max_prompt, dtype=torch.long, device=device)
@@ -107,9 +130,4 @@ def generate(
         if bool(done.all()) or step + 1 == max_gen_len:
             break
         logits = decode_one(model, next_token, max_prompt + step)
-
-    result = []
-    for row in out[:, :n_steps].tolist():
-        cut = next((j for j, t in enumerate(row) if t in stop_tokens), len(row))
-        result.append(row[:cut])
-    return result
+    return out, n_steps

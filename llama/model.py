@@ -52,6 +52,10 @@ class ModelArgs:
             raise ValueError(f"ModelArgs: missing required key(s) {missing}")
         return super().__new__(cls)
 
+    def __reduce__(self):
+        # copy/deepcopy/pickle would call `__new__` without the keys; rebuild through the checks instead.
+        return _model_args_from_fields, (type(self), dataclasses.asdict(self))
+
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -76,6 +80,11 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def _model_args_from_fields(cls: type, fields: dict) -> "ModelArgs":
+    """`cls(**fields)`: how a pickled or copied `ModelArgs` is rebuilt (see `ModelArgs.__reduce__`)."""
+    return cls(**fields)
 
 
 class RMSNorm(nn.Module):

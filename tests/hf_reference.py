@@ -49,9 +49,13 @@ def meta_to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[
     return out
 
 
-def hf_twin(model: Transformer) -> LlamaForCausalLM:
-    """A transformers LLaMA (eager attention, fp32) with exactly our model's weights."""
+def hf_twin(model: Transformer, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """A transformers LLaMA (fp32, eval mode) with exactly our model's weights.
+
+    attn_implementation: "sdpa" (transformers' default, the fair speed comparison) or "eager"
+    (transformers' own matmul-softmax attention: a reference independent of the SDPA kernel we use).
+    """
     hf = LlamaForCausalLM(hf_config(model.args)).eval()
-    hf.config._attn_implementation = "sdpa"
+    hf.config._attn_implementation = attn_implementation
     hf.load_state_dict(meta_to_hf_state_dict(model.state_dict(), model.args), strict=True)
     return hf

@@ -16,9 +16,12 @@ ARGS = dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=257, multipl
 def model() -> Transformer:
     torch.manual_seed(0)
     m = Transformer(ModelArgs(**ARGS)).eval()
-    # Sharper logits than the default init so greedy choices are far from ties.
+    # Sharper logits than the default init so greedy choices are far from ties; random norm weights.
     with torch.no_grad():
         m.output.weight.mul_(8)
+        for key, p in m.named_parameters():
+            if key.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
     return m
 
 
@@ -36,7 +39,7 @@ def test_batched_greedy_equals_each_prompt_alone_exact(model: Transformer, promp
 
 
 def test_batched_greedy_equals_transformers_generate_exact(model: Transformer, prompts: list[list[int]]) -> None:
-    hf = hf_twin(model)
+    hf = hf_twin(model, attn_implementation="eager")
     ours = generate(model, prompts, max_gen_len=24, stop_tokens=[])
     for p, row in zip(prompts, ours):
         out = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, min_new_tokens=24,
@@ -93,3 +96,25 @@ def test_prompt_too_long_raises_valueerror_with_lengths(model: Transformer) -> N
 def test_generation_length_capped_at_max_seq_len(model: Transformer) -> None:
     out = generate(model, [[1] * 120], max_gen_len=50, stop_tokens=[])
     assert len(out[0]) == 8
+
+
+def test_generate_drops_the_cache_it_made_and_keeps_the_callers(model: Transformer, prompts: list[list[int]]) -> None:
+    """Reference: the same model before generate (a plain forward, and training, need no cache)."""
+    tokens = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        before = model(tokens)
+    generate(model, prompts, max_gen_len=4, stop_tokens=[])
+    assert model.cache_shape is None
+    logits = model(tokens)
+    logits.sum().backward()  # a cache made under inference_mode would refuse this
+    assert torch.equal(logits.detach(), before)
+    model.zero_grad(set_to_none=True)
+
+    model.setup_caches(4, 64)
+    try:
+        cache = model.layers[0].attention.cache
+        assert generate(model, prompts, max_gen_len=4, stop_tokens=[]) == generate(
+            model, prompts[:2], max_gen_len=4, stop_tokens=[]) + [generate(model, prompts[2:], 4, stop_tokens=[])[0]]
+        assert model.cache_shape == (4, 64) and model.layers[0].attention.cache is cache
+    finally:
+        model.clear_caches()

@@ -184,6 +184,23 @@ def test_greedy_chat_answer_capital_of_france_contains_paris(ours):
     assert "Paris" in answer
 
 
+def test_chat_cli_prints_greedy_answer_with_paris(smollm2_dir, capsys):
+    """scripts/chat.py, the README's demo, on the imported directory (greedy, chat format)."""
+    from scripts.chat import main as chat_main
+
+    chat_main(["--ckpt_dir", str(smollm2_dir), "--max_gen_len", "24", "What is the capital of France?"])
+    out = capsys.readouterr()
+    assert "Paris" in out.out, out.out
+    assert re.search(r"\[load \d+\.\d s, \d+ tokens in \d+\.\d s\]", out.err), out.err
+
+
+def test_chat_cli_missing_directory_exits_with_message(tmp_path):
+    from scripts.chat import main as chat_main
+
+    with pytest.raises(SystemExit, match=re.escape(str(tmp_path / "nope")) + ": model directory not found"):
+        chat_main(["--ckpt_dir", str(tmp_path / "nope"), "hi"])
+
+
 # ---- the tokenizer ---------------------------------------------------------------------------
 
 def test_token_ids_match_smollm2_hf_tokenizer_on_every_data_text_exact(ours, smollm2_hf_tokenizer, hf_tokenizer):

@@ -1,6 +1,8 @@
 """llama/model.py against transformers' LlamaForCausalLM on the same random weights (fp32, CPU)."""
 from __future__ import annotations
 
+import copy
+import pickle
 import sys
 import types
 
@@ -27,15 +29,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_model(name: str, max_seq_len: int = 1024, seed: int = 0) -> Transformer:
+    """A random model of CONFIGS[name]; RMSNorm weights random too (not all ones), so that a norm
+    applied in the wrong place, or mapped to the wrong transformers key, changes the logits."""
     torch.manual_seed(seed)
-    return Transformer(ModelArgs(**CONFIGS[name], max_seq_len=max_seq_len)).eval()
+    model = Transformer(ModelArgs(**CONFIGS[name], max_seq_len=max_seq_len)).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("seqlen", [1, 37, 512])
-def test_logits_match_transformers_llama_fp32_rel1e_5(name: str, seqlen: int) -> None:
+def test_logits_match_transformers_llama_fp32_rel1e_5(name: str, seqlen: int, attn: str) -> None:
+    """Reference: transformers' LlamaForCausalLM, eager (matmul-softmax) and SDPA attention; rel <= 1e-5."""
     model = make_model(name)
-    hf = hf_twin(model)
+    hf = hf_twin(model, attn_implementation=attn)
     tokens = torch.randint(0, model.args.vocab_size, (2, seqlen), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(tokens), hf(tokens).logits
@@ -136,6 +147,16 @@ def test_model_args_bad_keys_raise_valueerror_naming_them() -> None:
         ModelArgs(dim=64, n_heads=4, vocab_size=10)
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=3, vocab_size=10)
+
+
+def test_model_args_and_model_survive_deepcopy_and_pickle_exact() -> None:
+    """Reference: the original model's logits; copies rebuild ModelArgs through its key checks."""
+    model = make_model("gqa_unscaled")
+    twin = copy.deepcopy(model)
+    assert twin.args == model.args == pickle.loads(pickle.dumps(model.args))
+    tokens = torch.randint(0, model.args.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(twin(tokens), model(tokens))
 
 
 def test_sequence_longer_than_max_seq_len_raises_valueerror_with_lengths() -> None:
