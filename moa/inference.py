@@ -28,19 +28,14 @@ may round differently at another batch size, which can flip a near-tie in bf16).
 `torch.Generator` per rank seeded with `seed + rank`: reproducible for the same flags, batch size
 and number of ranks, but a row's sample depends on which rows share its batch and its rank.
 
-Resumable, atomic output: each rank appends finished rows (with their test-row index) to its own
-partial file beside the prediction file (`<save_path>.partial`, or `.partial.rankK` under
-torchrun), flushed after every batch; its first line records the settings that shape the
-predictions. A rerun with the same settings skips the rows found in any partial file (a truncated
-last line, left by a kill, is dropped). When every row is done, rank 0 writes the prediction file
-in test order under a temporary name, renames it into place and deletes the partial files. An
-existing complete prediction file is left alone unless `overwrite`.
+Resumable, atomic output (the partial files and their merge: moa/predictions.py): each rank appends
+finished rows to its own partial file, flushed after every batch; a rerun with the same settings
+skips them; rank 0 writes the prediction file in test order, atomically, once every row is done.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +51,15 @@ from llama.model import Transformer
 from moa.config import MoAConfig
 from moa.data import build_prompt, load_rows
 from moa.inject import attach_adapters
-from moa.scoring import write_jsonl_atomic
+from moa.predictions import (count_lines, merge_partials, partial_files, partial_header, partial_path,
+                             prediction_record, read_partials)
+from moa.task_routing import RoutingPlan, check_routing_flags, plan_task_routing
 from moa.trainer import init_distributed
 from moa.state import ADAPTER_PARAMS, load_adapter_state_dict
 
-PARTIAL_SUFFIX = ".partial"
 # Written beside adapter.pth by extract_adapter_from_checkpoint.py when training ran with --w_bias:
 # the base tensors training changed (norms, biases).
 BASE_TRAINED = "base_trained.pth"
-# Fields every prediction line starts with (DESIGN §3 "predictions"), then the row's other fields,
-# then what inference adds.
-PREDICTION_FIELDS = ("generate", "output", "input", "instruction", "answer")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 T = TypeVar("T")
@@ -80,6 +73,10 @@ class InferenceConfig:
     data_path: str
     save_path: str
     adapter_path: Optional[str] = None
+    adapter_registry: Optional[str] = None  # task adapters picked/fused per row by --selector (moa/task_routing.py)
+    selector: Optional[str] = None
+    fusion: str = "top1"  # top1 | topp
+    top_p_adapters: float = 0.9
     max_gen_len: int = 200
     min_gen_len: int = 120
     max_seq_len: Optional[int] = None  # None: adapter's training max_seq_len, else the model's context; 0: context
@@ -106,6 +103,8 @@ class InferenceConfig:
             raise ValueError(f"--top_p: expected a value in (0, 1], got {self.top_p!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"--dtype: expected auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        check_routing_flags(self.adapter_path, self.adapter_registry, self.selector, self.fusion,
+                            self.top_p_adapters)
 
 
 @dataclass
@@ -334,92 +333,13 @@ def make_batches(prompts: list[Prompt], max_batch_size: int, max_slots: int) -> 
     return batches
 
 
-def prediction_record(row: dict, text: str, p: Prompt, n_new: int, finish: str) -> dict:
-    """One line of the prediction file: the DESIGN fields first, then the row's others, then ours."""
-    record = {"generate": text, "output": row.get("output"), "input": row.get("input"),
-              "instruction": row.get("instruction"), "answer": row.get("answer")}
-    record.update({k: v for k, v in row.items() if k not in record})
-    record.update(prompt_tokens=len(p.tokens), generate_tokens=n_new, finish=finish, truncated=p.truncated)
-    return record
-
-
-# ---- partial files -------------------------------------------------------------------------------
-def partial_path(save_path: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """This rank's partial file: `<save_path>.partial` (one process) or `<save_path>.partial.rankK`."""
-    suffix = PARTIAL_SUFFIX if world_size == 1 else f"{PARTIAL_SUFFIX}.rank{rank}"
-    return Path(f"{os.fspath(save_path)}{suffix}")
-
-
-def partial_files(save_path: str | os.PathLike) -> list[Path]:
-    """Every partial file of `save_path` (any rank, any earlier world size), sorted by name."""
-    save = Path(save_path)
-    pattern = re.compile(re.escape(save.name + PARTIAL_SUFFIX) + r"(\.rank\d+)?")
-    if not save.parent.is_dir():
-        return []
-    return sorted(p for p in save.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
-
-
-def _partial_header(save_path: str | os.PathLike, settings: dict) -> dict:
-    return {"partial_of": os.path.basename(os.fspath(save_path)), "settings": settings}
-
-
-def read_partials(save_path: str | os.PathLike, settings: dict, rows: list[dict],
-                  repair: bool = False) -> dict[int, dict]:
-    """{test-row index: record} of the rows finished in the partial files of `save_path`.
-
-    A last line without its newline (the write a kill interrupted) is ignored, and with `repair`
-    cut off the file, so that appending continues on a clean line. A file written with other
-    `settings`, a malformed complete line, or a record whose instruction/input differs from its
-    test row is a ValueError naming the file (and line).
-    """
-    done: dict[int, dict] = {}
-    for path in partial_files(save_path):
-        data = path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if repair and len(complete) < len(data):
-            if complete:
-                os.truncate(path, len(complete))
-            else:
-                path.unlink()
-        lines = complete.decode("utf-8").splitlines()
-        if not lines:
-            continue
-        try:
-            header = json.loads(lines[0])
-        except json.JSONDecodeError:
-            header = None
-        if not isinstance(header, dict) or not isinstance(header.get("settings"), dict):
-            raise ValueError(f"{path}: not a partial prediction file (no settings line); remove it or rerun "
-                             "with --overwrite True")
-        if header["settings"] != settings:
-            diff = sorted(k for k in set(settings) | set(header["settings"])
-                          if settings.get(k) != header["settings"].get(k))
-            raise ValueError(f"{path}: an interrupted run with other settings ({', '.join(diff)}) left this "
-                             f"partial file; rerun with its settings {header['settings']} to resume it, or "
-                             "with --overwrite True to start over")
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                record = json.loads(line)
-                index = record.pop("index")
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-                raise ValueError(f"{path} line {number}: not a prediction record with an 'index'; remove the "
-                                 "file or rerun with --overwrite True") from None
-            if not isinstance(index, int) or not 0 <= index < len(rows):
-                raise ValueError(f"{path} line {number}: index {index!r} is not a row of the test file "
-                                 f"({len(rows)} rows); rerun with --overwrite True")
-            row = rows[index]
-            if record.get("instruction") != row["instruction"] or record.get("input") != row.get("input"):
-                raise ValueError(f"{path} line {number}: its instruction/input differ from test row {index}: "
-                                 "the test file changed since; rerun with --overwrite True")
-            done.setdefault(index, record)
-    return done
-
-
+# ---- the generation loop -------------------------------------------------------------------------
 def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], batches: list[list[Prompt]],
                           cfg: InferenceConfig, partial: Path, header: dict, generator: torch.Generator,
-                          show_progress: bool) -> tuple[int, float]:
+                          show_progress: bool, routing: Optional[RoutingPlan] = None) -> tuple[int, float]:
     """Generate `batches` and append their prediction records (with the row index) to `partial`, which
-    gets `header` as its first line when new; flushed and synced after every batch.
+    gets `header` as its first line when new; flushed and synced after every batch. With `routing`
+    (--adapter_registry), each batch first gets its rows' task adapters, and each record the choice.
 
     Returns (new tokens kept, seconds of generation).
     """
@@ -431,6 +351,8 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
         if fresh:
             f.write(json.dumps(header) + "\n")
         for batch in batches:
+            if routing is not None:
+                routing.before_batch(batch)
             outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
                             temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer, generator=generator)
             lines = []
@@ -443,7 +365,10 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
                     finish = "stop"
                 out = out[: p.budget]
                 new_tokens += len(out)
-                record = prediction_record(rows[p.index], tokenizer.decode(out), p, len(out), finish)
+                record = prediction_record(rows[p.index], tokenizer.decode(out), len(p.tokens), len(out), finish,
+                                           p.truncated)
+                if routing is not None:
+                    record.update(routing.row_info(p.index))
                 lines.append(json.dumps({"index": p.index, **record}, ensure_ascii=False) + "\n")
             f.write("".join(lines))
             f.flush()
@@ -452,30 +377,6 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
             bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
     return new_tokens, time.perf_counter() - t0
-
-
-def merge_partials(save_path: str | os.PathLike, settings: dict, rows: list[dict]) -> dict[str, int]:
-    """Write the prediction file from the partial files (test order, atomically), delete them, and
-    return the counts of `finish` and `truncated` values over all rows. ValueError if a row is missing."""
-    found = read_partials(save_path, settings, rows)
-    missing = [i for i in range(len(rows)) if i not in found]
-    if missing:
-        raise ValueError(f"{save_path}: rows {missing[:20]} of {len(rows)} are in no partial file; rerun to "
-                         "generate them")
-    records = [found[i] for i in range(len(rows))]
-    write_jsonl_atomic(Path(save_path), records)
-    for path in partial_files(save_path):
-        path.unlink()
-    finish = [r.get("finish") for r in records]
-    truncated = [r.get("truncated") for r in records]
-    return {"hit_max_seq_len": finish.count("max_seq_len"), "hit_max_gen_len": finish.count("max_gen_len"),
-            "truncated_input": truncated.count("input"), "truncated_prompt_left": truncated.count("prompt_left")}
-
-
-def count_lines(path: str | os.PathLike) -> int:
-    """Number of non-blank lines of a text file."""
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
 
 
 # ---- ranks ---------------------------------------------------------------------------------------
@@ -540,6 +441,10 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     loaded = LoadedAdapter(None, [])
     if cfg.adapter_path:
         loaded = load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir)
+    routing = None
+    if cfg.adapter_registry:
+        routing = plan_task_routing(model, tokenizer, rows, cfg.adapter_registry, cfg.selector, cfg.fusion,
+                                    cfg.top_p_adapters)
     max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, loaded.max_seq_len, context)
     model.eval()
 
@@ -550,6 +455,10 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
         "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": max_seq_len,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
     }
+    if cfg.adapter_registry:
+        settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
+                        selector=os.path.abspath(cfg.selector), fusion=cfg.fusion,
+                        top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
     settings = json.loads(json.dumps(settings))  # the form it takes after a round trip through the file
 
     def finished_rows() -> list[int]:
@@ -564,14 +473,17 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
     prompts.sort(key=lambda p: (-len(p.tokens), p.index))
     mine = prompts[rank::world]  # round-robin over the length order: every rank gets a similar mix
-    batches = make_batches(mine, cfg.max_batch_size, context)
+    if routing is None:
+        batches = make_batches(mine, cfg.max_batch_size, context)
+    else:  # top1: a batch never mixes adapters
+        batches = routing.batches(mine, lambda group: make_batches(group, cfg.max_batch_size, context))
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     new_tokens, seconds = 0, 0.0
     if mine:
         new_tokens, seconds = generate_into_partial(
             model, tokenizer, rows, batches, cfg, partial_path(save, rank, world),
-            _partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0)
+            partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0, routing=routing)
     stats = {"rows": len(mine), "tokens": new_tokens, "seconds": seconds}
     if world > 1:
         gathered: list[Any] = [None] * world

@@ -24,7 +24,7 @@ from example import parse_args
 from llama.checkpoint import load_model
 from llama.generation import generate
 from moa.data import build_prompt
-from moa.inference import InferenceConfig, encode_prompt, run_inference
+from moa.inference import InferenceConfig, encode_prompt, format_summary, resolve_max_seq_len, run_inference
 from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +110,7 @@ def test_greedy_max_batch_size_1_and_4_identical_files_exact(tiny_dir, tmp_path)
     assert all(r["prompt_tokens"] + r["generate_tokens"] <= 240 for r in out)
     assert s4.hit_max_seq_len == sum(r["finish"] == "max_seq_len" for r in out) > 0
     assert s1.hit_max_seq_len == s4.hit_max_seq_len and s4.generated_rows == 9
+    assert f"max_seq_len 240 (--max_seq_len): {s4.hit_max_seq_len} rows hit it" in format_summary(s4, 4)
     assert not list(tmp_path.glob("*.partial*"))
 
 
@@ -123,7 +124,8 @@ def test_torchrun_2_gloo_ranks_equal_one_process_file_exact(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on 2 rank(s)" in proc.stdout
+    assert "on 2 rank(s)" in proc.stdout and "tokens/s" in proc.stdout and "rows/s" in proc.stdout
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 reports
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert not list(tmp_path.glob("*.partial*"))
 
@@ -136,6 +138,20 @@ def test_trained_adapter_loads_changes_output_and_sets_max_seq_len(tiny_dir, ada
     assert [r["generate"] for r in a] != [r["generate"] for r in b]
     assert bare.max_seq_len == 8192 and adapted.max_seq_len == 300  # the adapter's training max_seq_len
     assert bare.base_trained == 0 and adapted.base_trained == 5  # 2 x 2 block norms + final norm (--w_bias)
+
+
+def test_max_seq_len_0_lifts_the_adapters_training_cap_to_the_context_exact(tiny_dir, adapter_path, tmp_path):
+    data = write_rows(tmp_path / "test.json", tiny_rows(1))
+    lifted = run_inference(config(tiny_dir, data, tmp_path / "p.jsonl", adapter_path=str(adapter_path), max_seq_len=0))
+    assert lifted.max_seq_len == 8192 and "--max_seq_len 0" in lifted.max_seq_len_source
+    # The rule by hand: 0 -> context; a flag wins; else the training value (capped by the context).
+    assert resolve_max_seq_len(0, 300, 8192)[0] == 8192
+    assert resolve_max_seq_len(500, 300, 8192)[0] == 500
+    assert resolve_max_seq_len(None, 300, 8192)[0] == 300
+    assert resolve_max_seq_len(None, 9000, 8192)[0] == 8192
+    assert resolve_max_seq_len(None, None, 8192)[0] == 8192
+    with pytest.raises(ValueError, match="--max_seq_len 9000 exceeds the model's context length 8192"):
+        resolve_max_seq_len(9000, None, 8192)
 
 
 def test_adapter_strict_keys_missing_and_unexpected_fail(tiny_dir, adapter_path, tmp_path):

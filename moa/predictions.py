@@ -1,0 +1,139 @@
+"""The prediction file (DESIGN §3 "predictions") and the partial files that make it resumable.
+
+One JSON object per test row, in the test file's order: `generate, output, input, instruction,
+answer` first, then the row's other fields, then what inference adds (`prompt_tokens`,
+`generate_tokens`, `finish`, `truncated`).
+
+Resumable, atomic output: each rank appends finished rows (with their test-row index) to its own
+partial file beside the prediction file (`<save_path>.partial`, or `.partial.rankK` under
+torchrun), flushed after every batch; its first line records the settings that shape the
+predictions. A rerun with the same settings skips the rows found in any partial file (a truncated
+last line, left by a kill, is dropped). When every row is done, rank 0 writes the prediction file
+in test order under a temporary name, renames it into place and deletes the partial files. An
+existing complete prediction file is left alone unless `overwrite`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from moa.scoring import write_jsonl_atomic
+
+PARTIAL_SUFFIX = ".partial"
+# Fields every prediction line starts with, then the row's other fields, then what inference adds.
+PREDICTION_FIELDS = ("generate", "output", "input", "instruction", "answer")
+
+
+def prediction_record(row: dict, text: str, prompt_tokens: int, n_new: int, finish: str,
+                      truncated: Optional[str]) -> dict:
+    """One line of the prediction file: the DESIGN fields first, then the row's others, then ours.
+
+    text: the decoded new tokens; prompt_tokens / n_new: token counts of the prompt (BOS included)
+    and of the kept generation; finish: "stop", "max_gen_len" or "max_seq_len"; truncated: None,
+    "input" or "prompt_left" (how the prompt was shortened).
+    """
+    record = {field: row.get(field) for field in PREDICTION_FIELDS}
+    record["generate"] = text
+    record.update({k: v for k, v in row.items() if k not in record})
+    record.update(prompt_tokens=prompt_tokens, generate_tokens=n_new, finish=finish, truncated=truncated)
+    return record
+
+
+def partial_path(save_path: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """This rank's partial file: `<save_path>.partial` (one process) or `<save_path>.partial.rankK`."""
+    suffix = PARTIAL_SUFFIX if world_size == 1 else f"{PARTIAL_SUFFIX}.rank{rank}"
+    return Path(f"{os.fspath(save_path)}{suffix}")
+
+
+def partial_files(save_path: str | os.PathLike) -> list[Path]:
+    """Every partial file of `save_path` (any rank, any earlier world size), sorted by name."""
+    save = Path(save_path)
+    pattern = re.compile(re.escape(save.name + PARTIAL_SUFFIX) + r"(\.rank\d+)?")
+    if not save.parent.is_dir():
+        return []
+    return sorted(p for p in save.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+
+
+def partial_header(save_path: str | os.PathLike, settings: dict) -> dict:
+    """The first line of a partial file: which prediction file it belongs to and the settings that
+    shaped its rows (a rerun resumes only with equal settings)."""
+    return {"partial_of": os.path.basename(os.fspath(save_path)), "settings": settings}
+
+
+def read_partials(save_path: str | os.PathLike, settings: dict, rows: list[dict],
+                  repair: bool = False) -> dict[int, dict]:
+    """{test-row index: record} of the rows finished in the partial files of `save_path`.
+
+    A last line without its newline (the write a kill interrupted) is ignored, and with `repair`
+    cut off the file, so that appending continues on a clean line. A file written with other
+    `settings`, a malformed complete line, or a record whose instruction/input differs from its
+    test row is a ValueError naming the file (and line).
+    """
+    done: dict[int, dict] = {}
+    for path in partial_files(save_path):
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if repair and len(complete) < len(data):
+            if complete:
+                os.truncate(path, len(complete))
+            else:
+                path.unlink()
+        lines = complete.decode("utf-8").splitlines()
+        if not lines:
+            continue
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or not isinstance(header.get("settings"), dict):
+            raise ValueError(f"{path}: not a partial prediction file (no settings line); remove it or rerun "
+                             "with --overwrite True")
+        if header["settings"] != settings:
+            diff = sorted(k for k in set(settings) | set(header["settings"])
+                          if settings.get(k) != header["settings"].get(k))
+            raise ValueError(f"{path}: an interrupted run with other settings ({', '.join(diff)}) left this "
+                             f"partial file; rerun with its settings {header['settings']} to resume it, or "
+                             "with --overwrite True to start over")
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                record = json.loads(line)
+                index = record.pop("index")
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                raise ValueError(f"{path} line {number}: not a prediction record with an 'index'; remove the "
+                                 "file or rerun with --overwrite True") from None
+            if not isinstance(index, int) or not 0 <= index < len(rows):
+                raise ValueError(f"{path} line {number}: index {index!r} is not a row of the test file "
+                                 f"({len(rows)} rows); rerun with --overwrite True")
+            row = rows[index]
+            if record.get("instruction") != row["instruction"] or record.get("input") != row.get("input"):
+                raise ValueError(f"{path} line {number}: its instruction/input differ from test row {index}: "
+                                 "the test file changed since; rerun with --overwrite True")
+            done.setdefault(index, record)
+    return done
+
+
+def merge_partials(save_path: str | os.PathLike, settings: dict, rows: list[dict]) -> dict[str, int]:
+    """Write the prediction file from the partial files (test order, atomically), delete them, and
+    return the counts of `finish` and `truncated` values over all rows. ValueError if a row is missing."""
+    found = read_partials(save_path, settings, rows)
+    missing = [i for i in range(len(rows)) if i not in found]
+    if missing:
+        raise ValueError(f"{save_path}: rows {missing[:20]} of {len(rows)} are in no partial file; rerun to "
+                         "generate them")
+    records = [found[i] for i in range(len(rows))]
+    write_jsonl_atomic(Path(save_path), records)
+    for path in partial_files(save_path):
+        path.unlink()
+    finish = [r.get("finish") for r in records]
+    truncated = [r.get("truncated") for r in records]
+    return {"hit_max_seq_len": finish.count("max_seq_len"), "hit_max_gen_len": finish.count("max_gen_len"),
+            "truncated_input": truncated.count("input"), "truncated_prompt_left": truncated.count("prompt_left")}
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Number of non-blank lines of a text file."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())

@@ -1,0 +1,240 @@
+"""The task-adapter registry: which separately trained task LoRA belongs to which task, and which
+training rows describe that task (for the selector).
+
+Two forms, loaded into the same `Registry`:
+- a JSON file `{domain: {task: {"adapter": PATH, "data": PATH[, "n_train": N]}}}`; relative paths
+  are relative to the JSON file's folder. `n_train` (optional) is how many rows of `data` the
+  selector trains on (written by `balance`; absent = every row).
+- a directory tree `ROOT/domain/task/` holding `adapter.pth` (+ `adapter_params.json`) and
+  `train.json` (the task's training rows).
+
+Task names are unique over the whole registry (a task name is a selector class and names its
+adapter): the same task under two domains, or twice in one domain of the JSON, is a `ValueError`
+naming both places. A missing adapter or data file is a `FileNotFoundError` naming the task.
+Editing (`add`, `delete`, `balance`, used by `scripts/adapters.py`) works on the JSON form and
+writes the file atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from moa.algebra import ADAPTER_FILE, adapter_file
+from moa.data import load_rows
+
+TREE_DATA_FILE = "train.json"
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task: its domain, name, adapter file (adapter.pth, absolute), training rows (absolute)
+    and how many of them the selector uses (None = all)."""
+
+    domain: str
+    task: str
+    adapter: Path
+    data: Path
+    n_train: Optional[int] = None
+
+
+@dataclass
+class Registry:
+    """Tasks in file order (that order is the selector's class order). `source`: the JSON file or
+    directory it was read from (None for one built in memory)."""
+
+    entries: list[TaskEntry]
+    source: Optional[Path] = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return [e.task for e in self.entries]
+
+    def entry(self, task: str) -> TaskEntry:
+        """The entry of `task`; `ValueError` listing the known tasks when it is not registered."""
+        for e in self.entries:
+            if e.task == task:
+                return e
+        raise ValueError(f"{self.source or 'registry'}: no task {task!r}; registered tasks: {self.tasks}")
+
+    def validate(self) -> None:
+        """Check task names (non-empty, unique) and that every adapter and data file exists."""
+        where = self.source or "registry"
+        seen: dict[str, str] = {}
+        for e in self.entries:
+            if not e.domain or not e.task:
+                raise ValueError(f"{where}: empty domain or task name ({e.domain!r}/{e.task!r})")
+            if e.task in seen:
+                raise ValueError(f"{where}: duplicate task name {e.task!r} (in domain {seen[e.task]!r} and "
+                                 f"{e.domain!r}); task names must be unique across the registry")
+            seen[e.task] = e.domain
+            try:
+                adapter_file(e.adapter)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{where}: task {e.domain}/{e.task}: adapter: {err}") from None
+            if not e.data.is_file():
+                raise FileNotFoundError(f"{where}: task {e.domain}/{e.task}: data file {e.data} does not exist")
+            if e.n_train is not None and (isinstance(e.n_train, bool) or not isinstance(e.n_train, int)
+                                          or e.n_train < 1):
+                raise ValueError(f"{where}: task {e.domain}/{e.task}: n_train must be an integer >= 1, "
+                                 f"got {e.n_train!r}")
+
+
+def _no_duplicate_keys(path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"{path}: duplicate key {key!r} (a task or domain listed twice)")
+            out[key] = value
+        return out
+    return hook
+
+
+def _read_json(path: Path) -> Registry:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected {{domain: {{task: {{\"adapter\": path, \"data\": path}}}}}}")
+    entries = []
+    for domain, tasks in raw.items():
+        if not isinstance(tasks, dict):
+            raise ValueError(f"{path}: domain {domain!r}: expected an object {{task: {{adapter, data}}}}")
+        for task, spec in tasks.items():
+            if not isinstance(spec, dict) or not {"adapter", "data"} <= set(spec):
+                raise ValueError(f"{path}: task {domain}/{task}: expected an object with \"adapter\" and \"data\"")
+            unknown = sorted(set(spec) - {"adapter", "data", "n_train"})
+            if unknown:
+                raise ValueError(f"{path}: task {domain}/{task}: unknown field(s) {unknown} "
+                                 "(expected adapter, data, n_train)")
+            for field in ("adapter", "data"):
+                if not isinstance(spec[field], str):
+                    raise ValueError(f"{path}: task {domain}/{task}: field {field!r} must be a path string")
+            entries.append(TaskEntry(domain, task, path.parent / spec["adapter"], path.parent / spec["data"],
+                                     spec.get("n_train")))
+    return Registry(entries, path)
+
+
+def _read_tree(root: Path) -> Registry:
+    entries = []
+    for domain in sorted(p for p in root.iterdir() if p.is_dir()):
+        for task in sorted(p for p in domain.iterdir() if p.is_dir()):
+            entries.append(TaskEntry(domain.name, task.name, task / ADAPTER_FILE, task / TREE_DATA_FILE))
+    if not entries:
+        raise ValueError(f"{root}: no ROOT/domain/task/ folders (each with {ADAPTER_FILE} and {TREE_DATA_FILE})")
+    return Registry(entries, root)
+
+
+def load_registry(path: str | os.PathLike) -> Registry:
+    """Read and validate a registry (a JSON file or a `domain/task/` directory tree)."""
+    path = Path(path)
+    if path.is_dir():
+        reg = _read_tree(path)
+    elif path.is_file():
+        reg = _read_json(path)
+    else:
+        raise FileNotFoundError(f"--adapter_registry {path}: no such file or directory")
+    reg.validate()
+    return reg
+
+
+def _relative(p: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(p, folder)
+    except ValueError:  # another drive (Windows)
+        return str(p)
+
+
+def to_json_dict(reg: Registry, folder: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The JSON form of `reg`, paths relative to `folder`."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for e in reg.entries:
+        spec: dict[str, Any] = {"adapter": _relative(e.adapter, folder), "data": _relative(e.data, folder)}
+        if e.n_train is not None:
+            spec["n_train"] = e.n_train
+        out.setdefault(e.domain, {})[e.task] = spec
+    return out
+
+
+def _editable(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory tree registry: add, delete and balance edit a JSON registry "
+                         "(for a tree, add or remove the domain/task/ folders themselves)")
+    return path
+
+
+def save_registry(reg: Registry, path: str | os.PathLike) -> Path:
+    """Validate `reg` and write it as JSON to `path` (temporary name, then rename)."""
+    path = _editable(path)
+    reg = Registry(reg.entries, path)
+    reg.validate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(to_json_dict(reg, path.parent.resolve()), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _load_or_empty(path: Path) -> Registry:
+    return load_registry(path) if path.exists() else Registry([], path)
+
+
+def add_task(path: str | os.PathLike, domain: str, task: str, adapter: str | os.PathLike,
+             data: str | os.PathLike) -> Registry:
+    """Add `domain/task` to the JSON registry `path` (created when missing) and save it.
+
+    `adapter`, `data`: paths as given on the command line (relative to the current directory);
+    stored relative to the registry's folder. A task name already present is a `ValueError`.
+    """
+    path = _editable(path)
+    reg = _load_or_empty(path)
+    if task in reg.tasks:
+        raise ValueError(f"{path}: duplicate task name {task!r} (already in domain "
+                         f"{reg.entry(task).domain!r}); delete it first or pick another name")
+    reg.entries.append(TaskEntry(domain, task, Path(adapter).resolve(), Path(data).resolve()))
+    save_registry(reg, path)
+    return load_registry(path)
+
+
+def delete_task(path: str | os.PathLike, task: str) -> Registry:
+    """Remove `task` from the JSON registry `path` and save it (`ValueError` when it is not there)."""
+    path = _editable(path)
+    reg = load_registry(path)
+    reg.entry(task)
+    reg.entries = [e for e in reg.entries if e.task != task]
+    save_registry(reg, path)
+    return load_registry(path)
+
+
+def task_row_counts(reg: Registry) -> dict[str, int]:
+    """Number of rows in each task's data file."""
+    return {e.task: len(load_rows(e.data)) for e in reg.entries}
+
+
+def balance_tasks(path: str | os.PathLike, n_train: Optional[int] = None) -> Registry:
+    """Set every task's `n_train` to `n_train` (default: the smallest task's row count) and save, so
+    that the selector trains on the same number of rows per task. A task with fewer rows than
+    `n_train` is a `ValueError` naming it."""
+    path = _editable(path)
+    reg = load_registry(path)
+    counts = task_row_counts(reg)
+    target = min(counts.values()) if n_train is None else n_train
+    short = {t: n for t, n in counts.items() if n < target}
+    if short:
+        raise ValueError(f"--n_train {target}: task(s) {short} have fewer rows than that")
+    reg.entries = [replace(e, n_train=target) for e in reg.entries]
+    save_registry(reg, path)
+    return load_registry(path)

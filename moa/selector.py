@@ -1,0 +1,307 @@
+"""Task selectors over base-model embeddings (`moa.embedding`): which task adapter(s) a row needs.
+
+Two kinds, one file format:
+- `mlp` (MoLE's task classifier, DLP-LoRA's mini-MLP): Linear(dim, hidden) -> GELU ->
+  Linear(hidden, N) over standardised embeddings, trained with AdamW on a class-weighted
+  cross-entropy (full batch); probabilities = softmax of its logits.
+- `nearest` (Adapters Selector): `n_clusters` examples kept per task, as k-means centroids (Lloyd's
+  algorithm with k-means++ seeding, in the metric's space: unit-normalised embeddings for `cos`,
+  standardised ones for `ip` and `l2`); a task's score is its best key's similarity (`cos`: cosine,
+  `ip`: inner product, `l2`: minus the squared distance), probabilities = softmax(score / temperature).
+  Inner product is not a distance: it favours long keys, so with many centroids per task the one
+  furthest from the origin wins; `ip` works best with few keys (`n_clusters 1` = the task mean).
+
+A selector file (`torch.save`, loadable with `weights_only=True`) holds the config (kind, tasks in
+class order, embedding settings, ...), the standardisation statistics, the parameters or keys, and
+the held-out report of its training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.data import load_rows
+from moa.registry import Registry
+
+SELECTOR_KINDS = ("mlp", "nearest")
+METRICS = ("cos", "ip", "l2")
+FORMAT = "moa-task-selector-v1"
+
+
+@dataclass
+class SelectorConfig:
+    """How a selector is built (saved inside its file). `tasks`: class order (the registry's order)."""
+
+    kind: str
+    tasks: list[str]
+    dim: int
+    max_tokens: int = 256  # tokens of each row's text embedded (moa.embedding.row_tokens)
+    standardize: bool = True  # z-score embeddings with the training rows' mean/std first
+    hidden: int = 256  # mlp
+    steps: int = 300  # mlp: full-batch AdamW steps
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    metric: str = "cos"  # nearest
+    n_clusters: int = 16  # nearest: keys kept per task
+    temperature: float = 0.1  # nearest: softmax temperature of the task scores
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SELECTOR_KINDS:
+            raise ValueError(f"--kind: expected one of {SELECTOR_KINDS}, got {self.kind!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric: expected one of {METRICS}, got {self.metric!r}")
+        if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"selector: need at least 2 distinct tasks, got {self.tasks}")
+        for flag in ("dim", "max_tokens", "hidden", "steps", "n_clusters"):
+            if not isinstance(getattr(self, flag), int) or getattr(self, flag) < 1:
+                raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(self, flag)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature: expected > 0, got {self.temperature!r}")
+
+
+@dataclass
+class Selector:
+    """A trained selector. `mean`, `std` (dim,): standardisation; `mlp` (kind mlp) or `keys` (K, dim)
+    with `key_task` (K,) int64 (kind nearest); `report`: held-out accuracy of its training."""
+
+    cfg: SelectorConfig
+    mean: torch.Tensor
+    std: torch.Tensor
+    mlp: Optional[nn.Sequential] = None
+    keys: Optional[torch.Tensor] = None
+    key_task: Optional[torch.Tensor] = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def _features(self, emb: torch.Tensor) -> torch.Tensor:
+        if emb.dim() != 2 or emb.shape[1] != self.cfg.dim:
+            raise ValueError(f"selector: expected embeddings (B, {self.cfg.dim}) from a base of dim "
+                             f"{self.cfg.dim}, got {tuple(emb.shape)}: the selector was trained on another base")
+        x = emb.float()
+        return (x - self.mean) / self.std if self.cfg.standardize else x
+
+    @torch.no_grad()
+    def scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, dim) -> per-task scores (B, N): MLP logits, or best-key similarity / temperature."""
+        x = self._features(emb)
+        if self.cfg.kind == "mlp":
+            return self.mlp(x)
+        return task_scores(x, self.keys, self.key_task, len(self.cfg.tasks), self.cfg.metric) / self.cfg.temperature
+
+    def probs(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, dim) -> (B, N) task probabilities (rows sum to 1)."""
+        return self.scores(emb).softmax(-1)
+
+    def predict(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, dim) -> (B,) int64 index of the chosen task."""
+        return self.scores(emb).argmax(-1)
+
+
+def similarity(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """q (B, d), keys (K, d) -> (B, K), larger = closer: cosine, inner product or -squared L2."""
+    if metric == "cos":
+        return F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).t()
+    if metric == "ip":
+        return q @ keys.t()
+    if metric == "l2":
+        return -torch.cdist(q, keys).pow(2)
+    raise ValueError(f"--metric: expected one of {METRICS}, got {metric!r}")
+
+
+def task_scores(q: torch.Tensor, keys: torch.Tensor, key_task: torch.Tensor, n_tasks: int,
+                metric: str) -> torch.Tensor:
+    """Per task, the similarity of its closest key: q (B, d), keys (K, d), key_task (K,) -> (B, n_tasks)."""
+    sim = similarity(q, keys, metric)  # (B, K)
+    out = torch.full((q.shape[0], n_tasks), float("-inf"), dtype=sim.dtype)
+    return out.scatter_reduce(1, key_task.expand_as(sim), sim, reduce="amax")
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding: x (n, d) -> centroids (min(k, n), d)."""
+    n = x.shape[0]
+    if k >= n:
+        return x.clone()
+    centroids = [x[torch.randint(n, (1,), generator=generator)].squeeze(0)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(centroids)).pow(2).min(1).values  # (n,)
+        total = float(d2.sum())
+        pick = (torch.multinomial(d2 / total, 1, generator=generator) if total > 0
+                else torch.randint(n, (1,), generator=generator))
+        centroids.append(x[pick].squeeze(0))
+    c = torch.stack(centroids)  # (k, d)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)  # (n,)
+        counts = torch.bincount(assign, minlength=k).clamp_min(1).to(x.dtype)[:, None]
+        new = torch.zeros_like(c).index_add_(0, assign, x) / counts
+        empty = torch.bincount(assign, minlength=k) == 0
+        new[empty] = c[empty]  # a centroid that lost every point stays where it was
+        if torch.allclose(new, c):
+            break
+        c = new
+    return c
+
+
+def fit_selector(cfg: SelectorConfig, emb: torch.Tensor, labels: torch.Tensor) -> Selector:
+    """Train a selector on embeddings (n, dim) fp32 with task labels (n,) int64 in [0, N)."""
+    n_tasks = len(cfg.tasks)
+    if emb.shape[0] != labels.shape[0] or emb.dim() != 2 or emb.shape[1] != cfg.dim:
+        raise ValueError(f"fit_selector: embeddings {tuple(emb.shape)} and labels {tuple(labels.shape)} "
+                         f"do not match (expected (n, {cfg.dim}) and (n,))")
+    missing = [cfg.tasks[t] for t in range(n_tasks) if not bool((labels == t).any())]
+    if missing:
+        raise ValueError(f"fit_selector: no training rows for task(s) {missing}")
+    x = emb.float()
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones(cfg.dim)
+    sel = Selector(cfg, mean, std)
+    feats = sel._features(x)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.kind == "nearest":
+        space = F.normalize(feats, dim=-1) if cfg.metric == "cos" else feats
+        keys, key_task = [], []
+        for t in range(n_tasks):
+            c = kmeans(space[labels == t], cfg.n_clusters, generator)
+            keys.append(c)
+            key_task.append(torch.full((c.shape[0],), t, dtype=torch.long))
+        sel.keys, sel.key_task = torch.cat(keys), torch.cat(key_task)
+        return sel
+    torch.manual_seed(cfg.seed)  # the MLP's initialisation
+    mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, n_tasks))
+    counts = torch.bincount(labels, minlength=n_tasks).float()
+    class_weight = counts.sum() / (n_tasks * counts)  # balanced loss even if the rows are not
+    opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    with torch.enable_grad():
+        for _ in range(cfg.steps):
+            loss = F.cross_entropy(mlp(feats), labels, weight=class_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    sel.mlp = mlp.eval().requires_grad_(False)
+    return sel
+
+
+def routing_report(sel: Selector, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Accuracy of `sel` on labelled embeddings: overall, per task, and the confusion counts
+    (`confusion[true][chosen]`)."""
+    pred = sel.predict(emb)
+    tasks = sel.cfg.tasks
+    per_task = {t: float((pred[labels == i] == i).float().mean()) if bool((labels == i).any()) else None
+                for i, t in enumerate(tasks)}
+    confusion = {t: {u: int(((labels == i) & (pred == j)).sum()) for j, u in enumerate(tasks)}
+                 for i, t in enumerate(tasks)}
+    return {"accuracy": float((pred == labels).float().mean()), "per_task": per_task, "rows": int(labels.numel()),
+            "confusion": confusion}
+
+
+# ---- the selector's dataset from the registry ---------------------------------------------------------
+
+def selector_rows(reg: Registry, rows_per_task: Optional[int], heldout_per_task: int,
+                  seed: int = 0) -> tuple[list[dict], list[int], list[dict], list[int]]:
+    """Turn the tasks' own training rows into the selector's dataset (DLP-LoRA's data maker).
+
+    Per task (in registry order): its data file's rows, the first `n_train` of them when the
+    registry sets it, shuffled with `seed`; the first `heldout_per_task` are held out, and the same
+    number of the rest is taken from every task (balanced): the smallest task's count, capped at
+    `rows_per_task`. Returns (train rows, train labels, held-out rows, held-out labels).
+    """
+    if heldout_per_task < 0:
+        raise ValueError(f"--heldout_per_task: expected >= 0, got {heldout_per_task}")
+    rng = random.Random(seed)
+    pools = []
+    for e in reg.entries:
+        rows = load_rows(e.data)[: e.n_train]
+        rng.shuffle(rows)
+        if len(rows) <= heldout_per_task:
+            raise ValueError(f"task {e.task}: {len(rows)} rows in {e.data}, not more than --heldout_per_task "
+                             f"{heldout_per_task}")
+        pools.append(rows)
+    n = min(len(p) - heldout_per_task for p in pools)
+    if rows_per_task is not None:
+        n = min(n, rows_per_task)
+    train, train_y, held, held_y = [], [], [], []
+    for t, rows in enumerate(pools):
+        held += rows[:heldout_per_task]
+        held_y += [t] * heldout_per_task
+        train += rows[heldout_per_task: heldout_per_task + n]
+        train_y += [t] * n
+    return train, train_y, held, held_y
+
+
+# ---- file ----------------------------------------------------------------------------------------------
+
+def save_selector(sel: Selector, path: str | os.PathLike) -> Path:
+    """Write the selector to `path` (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob: dict[str, Any] = {"format": FORMAT, "config": dataclasses.asdict(sel.cfg), "mean": sel.mean,
+                            "std": sel.std, "report": sel.report}
+    if sel.cfg.kind == "mlp":
+        blob["mlp"] = {k: v.detach().clone() for k, v in sel.mlp.state_dict().items()}
+    else:
+        blob["keys"], blob["key_task"] = sel.keys, sel.key_task
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_selector(path: str | os.PathLike) -> Selector:
+    """Read a selector file written by `save_selector`; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--selector {path}: no such file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a saved dict
+        raise ValueError(f"--selector {path}: cannot read it ({e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"--selector {path}: not a selector file (written by scripts/train_selector.py)")
+    cfg = SelectorConfig(**blob["config"])
+    sel = Selector(cfg, blob["mean"], blob["std"], report=blob.get("report", {}))
+    if cfg.kind == "mlp":
+        sel.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(cfg.tasks)))
+        sel.mlp.load_state_dict(blob["mlp"])
+        sel.mlp.eval().requires_grad_(False)
+    else:
+        sel.keys, sel.key_task = blob["keys"], blob["key_task"]
+    return sel
+
+
+def check_tasks(sel: Selector, tasks: Sequence[str], where: str) -> None:
+    """`ValueError` unless the selector's classes are exactly `tasks`, in that order."""
+    if list(sel.cfg.tasks) != list(tasks):
+        raise ValueError(f"--selector was trained for tasks {sel.cfg.tasks}, but {where} lists {list(tasks)} "
+                         "(retrain it with scripts/train_selector.py after adding/deleting tasks)")
+
+
+def train_on_registry(model: Any, tokenizer: Any, reg: Registry, kind: str, rows_per_task: Optional[int] = None,
+                      heldout_per_task: int = 32, embed_batch_size: int = 16, **options: Any) -> Selector:
+    """Embed the registry's training rows with the bare base `model` (`selector_rows`), fit a
+    selector of `kind` (`options`: the other `SelectorConfig` fields), and store its held-out routing
+    report (`routing_report`, plus the rows used per task) in `selector.report`."""
+    from moa.embedding import embed_rows  # the base model is only needed here
+
+    cfg = SelectorConfig(kind=kind, tasks=reg.tasks, dim=model.args.dim, **options)
+    train, train_y, held, held_y = selector_rows(reg, rows_per_task, heldout_per_task, cfg.seed)
+    emb = embed_rows(model, tokenizer, train + held, cfg.max_tokens, embed_batch_size)
+    sel = fit_selector(cfg, emb[: len(train)], torch.tensor(train_y))
+    sel.report = {"train_rows_per_task": len(train) // len(reg.tasks), "heldout_rows_per_task": heldout_per_task,
+                  "train": routing_report(sel, emb[: len(train)], torch.tensor(train_y))["accuracy"]}
+    if held:
+        sel.report["heldout"] = routing_report(sel, emb[len(train):], torch.tensor(held_y))
+    return sel

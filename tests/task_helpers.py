@@ -1,0 +1,65 @@
+"""Helpers for the task-adapter tests (registry, selector, fusion, LoraHub): plain task LoRAs with
+random non-zero B on a tiny base, and rows of synthetic tasks that differ in their text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model
+from moa import MoAConfig, attach_adapters, save_adapter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_task_adapter(base_dir: Path, path: Path, seed: int, rank: int = 4, alpha: float = 8.0,
+                      targets: str = "Q,V,FFN_DOWN", layers: str = "0-2", scale: float = 0.05) -> Path:
+    """Write a plain LoRA (adapter.pth + adapter_params.json) on the base in `base_dir`; B random
+    (N(0, scale^2)) so that the adapter changes the logits. Returns the adapter.pth path."""
+    model, _ = load_model(base_dir)
+    attach_adapters(model, MoAConfig(lora_layers=layers, lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
+                                     type_router="none"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    path = Path(path)
+    save_adapter(model, str(path))
+    return path
+
+
+# Three synthetic tasks whose prompts differ in their words (a selector can tell them apart even on
+# a random tiny base) while varying within the task.
+TASK_TEXTS = {
+    "add": "Add the numbers {a} and {b} and give the sum.",
+    "yesno": "Answer yes or no: is the sky {c} today in town number {a}?",
+    "pick": "Choose option1 or option2 for the riddle about the {c} {c} fox {b}.",
+}
+COLORS = ["blue", "red", "green", "grey", "black", "white", "pink", "gold"]
+
+
+def task_rows(task: str, n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed + sum(map(ord, task)))
+    rows = []
+    for _ in range(n):
+        a, b, c = (int(v) for v in torch.randint(0, 100, (3,), generator=g))
+        text = TASK_TEXTS[task].format(a=a, b=b, c=COLORS[c % len(COLORS)])
+        rows.append({"instruction": text, "input": "", "output": f"answer {a + b}", "answer": str(a + b)})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path

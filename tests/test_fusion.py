@@ -1,0 +1,172 @@
+"""moa/fusion.py and moa/task_routing.py: N task LoRAs on one model.
+
+References: each adapter loaded alone through `moa.load_adapter` (the existing single-LoRA path),
+and, for fractional weights, the base with its weights replaced by W + sum_i w_i dW_i computed
+from the adapter files (a dense re-computation). fp32, rel <= 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama.checkpoint import load_model
+from llama.generation import generate
+from moa import load_adapter
+from moa.algebra import lora_delta, lora_sites, read_plain_lora
+from moa.fusion import attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
+from moa.task_routing import RoutingPlan
+from tests.helpers import write_meta_model_dir
+from tests.task_helpers import make_task_adapter, one_thread  # noqa: F401 (autouse fixture)
+
+TASKS = ["t0", "t1", "t2"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny base and three LoRAs that differ in rank, alpha, targets and layers."""
+    root = tmp_path_factory.mktemp("fusion")
+    base = root / "base"
+    write_meta_model_dir(base, seed=5)
+    paths = [make_task_adapter(base, root / "a0" / "adapter.pth", seed=0, rank=4, alpha=8.0),
+             make_task_adapter(base, root / "a1" / "adapter.pth", seed=1, rank=2, alpha=4.0, targets="Q,K,O"),
+             make_task_adapter(base, root / "a2" / "adapter.pth", seed=2, rank=4, alpha=2.0, layers="1-2",
+                               targets="V,FFN_UP")]
+    return base, paths
+
+
+def tokens(bsz: int = 3, seqlen: int = 10) -> torch.Tensor:
+    return torch.randint(0, 512, (bsz, seqlen), generator=torch.Generator().manual_seed(7))
+
+
+def single_logits(base, path, t):
+    model, _ = load_model(base)
+    load_adapter(model, str(path))
+    with torch.no_grad():
+        return model(t)
+
+
+def merged_logits(base, paths, w, t):
+    """Reference: the base with W + sum_i w_i dW_i at every adapted site."""
+    model, _ = load_model(base)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for wi, path in zip(w, paths):
+            cfg, state = read_plain_lora(path)
+            for site in lora_sites(cfg):
+                params[f"{site}.weight"].add_(wi * lora_delta(cfg, state, site))
+        return model(t)
+
+
+def test_fusion_one_hot_equals_single_adapter_logits_fp32_rel1em5(setup):
+    base, paths = setup
+    model, _ = load_model(base)
+    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    t = tokens()
+    for i, path in enumerate(paths):
+        set_row_weights(model, torch.nn.functional.one_hot(torch.tensor([i] * 3), 3).float())
+        with torch.no_grad():
+            got = model(t)
+        expected = single_logits(base, path, t)
+        assert rel(got, expected) <= 1e-5
+
+
+def test_fusion_per_row_weights_equal_merged_deltas_fp32_rel1em5(setup):
+    """Each row with its own weights (one-hot, fractional, negative) in one batch."""
+    base, paths = setup
+    model, _ = load_model(base)
+    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.3, 0.2], [-0.4, 1.2, 0.7]])
+    t = tokens()
+    set_row_weights(model, w)
+    with torch.no_grad():
+        got = model(t)
+    for b in range(3):
+        expected = merged_logits(base, paths, w[b].tolist(), t[b:b + 1])
+        assert rel(got[b:b + 1], expected) <= 1e-5
+
+
+def test_single_mode_use_adapter_equals_single_adapter_logits_fp32_rel1em5(setup):
+    base, paths = setup
+    bank = load_bank(TASKS, paths)
+    model, _ = load_model(base)
+    attach_bank(model, bank, fused=False)
+    t = tokens()
+    for i in (2, 0, 1):
+        use_adapter(model, bank, i)
+        with torch.no_grad():
+            assert rel(model(t), single_logits(base, paths[i], t)) <= 1e-5
+
+
+def test_top1_grouped_generation_equals_each_row_alone_with_its_adapter_greedy_exact(setup):
+    """A perfect selector's choices; batches grouped by choice, padded; reference: each row generated
+    alone with its own adapter loaded by moa.load_adapter."""
+    base, paths = setup
+    bank = load_bank(TASKS, paths)
+    model, _ = load_model(base, max_batch_size=8)
+    attach_bank(model, bank, fused=False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (5, 9, 7, 4, 8, 6)]
+    choice = [2, 0, 1, 0, 2, 1]
+
+    class P:
+        def __init__(self, index):
+            self.index = index
+
+    plan = RoutingPlan(TASKS, "top1", torch.zeros(6, 3), torch.nn.functional.one_hot(torch.tensor(choice), 3).float(),
+                       choice, bank, model)
+    batches = plan.batches([P(i) for i in range(6)], lambda ps: [ps])
+    assert [sorted({choice[p.index] for p in b}) for b in batches] == [[0], [1], [2]]
+    got = {}
+    for batch in batches:
+        plan.before_batch(batch)
+        for p, out in zip(batch, generate(model, [prompts[p.index] for p in batch], 6, stop_tokens=[])):
+            got[p.index] = out
+    for i, c in enumerate(choice):
+        ref, _ = load_model(base)
+        load_adapter(ref, str(paths[c]))
+        assert got[i] == generate(ref, [prompts[i]], 6, stop_tokens=[])[0]
+
+
+def test_topp_fused_generation_rows_equal_alone_greedy_exact(setup):
+    """Fusion during KV-cached generation: each row of a padded batch with its own weights generates
+    what it generates alone with the same weights."""
+    base, paths = setup
+    model, _ = load_model(base, max_batch_size=4)
+    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (6, 3, 8)]
+    w = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
+    set_row_weights(model, w)
+    batched = generate(model, prompts, 5, stop_tokens=[])
+    for i in range(3):
+        set_row_weights(model, w[i:i + 1])
+        assert batched[i] == generate(model, [prompts[i]], 5, stop_tokens=[])[0]
+
+
+def test_top_p_weights_hand_worked():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.95, 0.03, 0.02]])
+    w = top_p_weights(probs, 0.8)
+    # row 0: 0.6 < 0.8 -> add 0.3 (crosses) -> {0.6, 0.3} / 0.9; row 1: 0.5, then 0.3 crosses -> /0.8;
+    # row 2: 0.95 alone.
+    expected = torch.tensor([[2 / 3, 1 / 3, 0.0], [0.0, 0.625, 0.375], [1.0, 0.0, 0.0]])
+    assert torch.allclose(w, expected, atol=1e-6)
+    assert torch.equal(top_p_weights(probs, 0.01), torch.nn.functional.one_hot(probs.argmax(-1), 3).float())
+    with pytest.raises(ValueError, match="--top_p_adapters"):
+        top_p_weights(probs, 0.0)
+
+
+def test_group_rows_and_errors(setup):
+    assert group_rows([1, 0, 1, 2]) == {1: [0, 2], 0: [1], 2: [3]}
+    base, paths = setup
+    model, _ = load_model(base)
+    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    with pytest.raises(ValueError, match="set_row_weights"):
+        model(tokens())
+    with pytest.raises(ValueError, match=r"expected weights \(B, 3\)"):
+        set_row_weights(model, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="fusion needs at least 2 adapters"):
+        attach_bank(load_model(base)[0], load_bank(["t0"], paths[:1]), fused=True)
