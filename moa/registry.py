@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from moa.algebra import ADAPTER_FILE, adapter_file
+from moa.atomic import atomic_write_json
 from moa.data import load_rows
 
 TREE_DATA_FILE = "train.json"
@@ -175,16 +175,7 @@ def save_registry(reg: Registry, path: str | os.PathLike) -> Path:
     reg = Registry(reg.entries, path)
     reg.validate()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(to_json_dict(reg, path.parent.resolve()), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, to_json_dict(reg, path.parent.resolve()))
     return path
 
 

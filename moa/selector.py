@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa.atomic import atomic_write_files
 from moa.data import load_rows
 from moa.embedding import embed_rows
 from moa.registry import Registry
@@ -249,15 +249,7 @@ def save_selector(sel: Selector, path: str | os.PathLike) -> Path:
         blob["mlp"] = {k: v.detach().clone() for k, v in sel.mlp.state_dict().items()}
     else:
         blob["keys"], blob["key_task"] = sel.keys, sel.key_task
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_files({str(path): lambda tmp: torch.save(blob, tmp)})
     return path
 
 

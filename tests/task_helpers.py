@@ -11,8 +11,6 @@ from llama.checkpoint import load_model
 from moa import MoAConfig, attach_adapters, save_adapter
 
 
-
-
 def make_task_adapter(base_dir: Path, path: Path, seed: int, rank: int = 4, alpha: float = 8.0,
                       targets: str = "Q,V,FFN_DOWN", layers: str = "0-2", scale: float = 0.05) -> Path:
     """Write a plain LoRA (adapter.pth + adapter_params.json) on the base in `base_dir`; B random

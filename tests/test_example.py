@@ -50,8 +50,6 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model; output weights scaled so greedy choices are far from ties."""

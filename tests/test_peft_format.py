@@ -24,8 +24,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("peft") / "base"
