@@ -275,20 +275,24 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
 
 # ---- ranks ---------------------------------------------------------------------------------------
 def _on_rank0(fn: Callable[[], T], rank: int, world: int) -> T:
-    """Run `fn` on rank 0 only and hand its result (or its ValueError / FileNotFoundError) to every rank."""
+    """Run `fn` on rank 0 only and hand its result, or its error, to every rank (an error of any kind
+    reaches the other ranks, so none waits for a result that never comes). A ValueError or
+    FileNotFoundError keeps its type there (user mistakes, reported in one line); others arrive as
+    RuntimeError with rank 0's message."""
     if world == 1:
         return fn()
     box: list[Any] = [None]
     if rank == 0:
         try:
             box[0] = ("ok", fn())
-        except (ValueError, FileNotFoundError) as e:
+        except Exception as e:
             box[0] = ("error", type(e).__name__, str(e))
             dist.broadcast_object_list(box, src=0)
             raise
     dist.broadcast_object_list(box, src=0)
     if box[0][0] == "error":
-        raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}[box[0][1]](box[0][2])
+        kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(box[0][1], RuntimeError)
+        raise kind(box[0][2] if kind is not RuntimeError else f"rank 0 failed: {box[0][1]}: {box[0][2]}")
     return box[0][1]
 
 

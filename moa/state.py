@@ -74,10 +74,15 @@ def load_adapter(model: nn.Module, path: str) -> nn.Module:
     """Load `path` (adapter.pth) with `adapter_params.json` beside it into `model` and return it.
 
     A model without adapters gets them attached from the JSON first (fp32); one with adapters must
-    have been attached with the same config (else `ValueError` naming the differing flags).
+    have been attached with the same config (else `ValueError` naming the differing flags). An
+    adapter whose training also changed base tensors (`base_trained.pth` beside it, --w_bias True) is
+    refused: `moa.loading.load_trained_adapter` loads both.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file {path} does not exist")
+    if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), BASE_TRAINED)):
+        raise ValueError(f"{path}: a {BASE_TRAINED} beside it holds base tensors that training changed "
+                         "(--w_bias True); load both with moa.loading.load_trained_adapter")
     cfg = MoAConfig.from_json(os.path.join(os.path.dirname(os.path.abspath(path)), ADAPTER_PARAMS))
     current = getattr(model, "moa_config", None)
     if current is None:

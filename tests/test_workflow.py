@@ -79,6 +79,12 @@ def test_run_math_sh_end_to_end_on_smollm2_files_and_acc_score_line(smollm2_dir,
     assert (out / "adapter.pth").stat().st_mtime_ns == mtime
     assert len((out / "acc_score.jsonl").read_text().splitlines()) == 2
 
+    # Other settings into the same folder would reuse stale files: refused, naming what differs.
+    proc = subprocess.run(["bash", "scripts/run_math.sh", "--model", str(smollm2_dir), "--out", str(out),
+                           "--max_seq_len", "192", *TINY_RUN, "--test_rows", "3"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "run_settings.json" in proc.stderr and "--test_rows '2' -> '3'" in proc.stderr
+
 
 def test_run_commonsense_sh_mixes_train_sets_and_scores_seven_sets(tiny_model, tmp_path):
     out = tmp_path / "cs"
@@ -95,6 +101,17 @@ def test_run_script_flag_errors_are_clear(tmp_path):
     assert proc.returncode == 2 and "no base model" in proc.stderr and "import_gguf.py" in proc.stderr
     proc = subprocess.run(["bash", "scripts/run_math.sh", "--method"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "--method needs a value" in proc.stderr
+    proc = subprocess.run(["bash", "scripts/run_math.sh", "--batch_size", "8"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown flag --batch_size" in proc.stderr and " batch " in proc.stderr
+
+
+def test_run_script_resolves_relative_paths_against_the_callers_folder(tiny_model, tmp_path):
+    """--model and --out relative to where the user stands, not to the repository."""
+    (tmp_path / "m").symlink_to(tiny_model)
+    proc = subprocess.run(["bash", str(REPO / "scripts/run_math.sh"), "--model", "m", "--out", "rel_out",
+                           "--method", "nope"], cwd=tmp_path, capture_output=True, text=True)
+    assert "unknown method 'nope'" in proc.stderr  # got past the model check: m was found from tmp_path
+    assert not (REPO / "rel_out").exists()
 
 
 def test_unknown_method_is_refused_with_the_known_names(tiny_model, tmp_path):
@@ -109,10 +126,10 @@ def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model, tmp_pa
     cmd = [sys.executable, "scripts/reproduce.py", "--methods", "lora,p_adapter", "--seeds", "0",
            "--scale", "smoke", "--out", str(out), "--model", str(tiny_model), "--max_seq_len", "1024", *TINY_RUN]
     run(cmd)
-    with open(out / "math_runs.csv") as f:
+    with open(out / "math_smoke_runs.csv") as f:
         runs = list(csv.DictReader(f))
     assert [(r["method"], r["seed"]) for r in runs] == [("lora", "0"), ("p_adapter", "0")]
-    with open(out / "math_results.csv") as f:
+    with open(out / "math_smoke_results.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == ["lora", "p_adapter"]
     for r, per_run in zip(table, runs):
@@ -124,7 +141,7 @@ def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model, tmp_pa
         assert float(r["average_sd"]) == 0.0  # one seed
         for name in MATH_SETS:
             assert float(r[f"{name}_mean"]) == pytest.approx(100 * score[name])
-    md = (out / "math_results.md").read_text()
+    md = (out / "math_smoke_results.md").read_text()
     assert md.splitlines()[0].startswith("| method | AddSub |") and "| lora |" in md and "| p_adapter |" in md
 
     again = run(cmd)  # resumable: finished runs are skipped
