@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -162,19 +162,25 @@ class InstructionDataset(Dataset):
         return {"tokens": tokens, "labels": labels}
 
 
+def pad_right(seqs: Sequence[Sequence[int] | torch.Tensor], fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to the longest: (B, T) int64 filled with `fill` after each row's end
+    (a pad is never read: attention, routers and losses take the mask), and the (B, T) bool mask of
+    real tokens."""
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), fill, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        tokens[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[b, :len(s)] = True
+    return tokens, mask
+
+
 def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Pad a list of items on the right to the batch's longest one.
 
     Returns tokens (B, T) int64 (pad id 0, never read), labels (B, T) int64 (-100 at pads) and
     token_mask (B, T) bool (True at real tokens).
     """
-    width = max(item["tokens"].numel() for item in batch)
-    tokens = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.bool)
-    for b, item in enumerate(batch):
-        n = item["tokens"].numel()
-        tokens[b, :n] = item["tokens"]
-        labels[b, :n] = item["labels"]
-        mask[b, :n] = True
+    tokens, mask = pad_right([item["tokens"] for item in batch])
+    labels, _ = pad_right([item["labels"] for item in batch], fill=IGNORE_INDEX)
     return {"tokens": tokens, "labels": labels, "token_mask": mask}

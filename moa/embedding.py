@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from llama.model import Transformer
+from moa.data import pad_right
 from moa.routers import masked_mean
 
 
@@ -40,14 +41,10 @@ def embed_tokens(model: Transformer, tokens: Sequence[list[int]], batch_size: in
     out = torch.zeros(len(tokens), model.args.dim)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = len(tokens[idx[0]])
-        batch = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.bool)
-        for b, i in enumerate(idx):
-            if not tokens[i]:
-                raise ValueError(f"embed_tokens: row {i} has no tokens")
-            batch[b, : len(tokens[i])] = torch.tensor(tokens[i])
-            mask[b, : len(tokens[i])] = True
+        empty = [i for i in idx if not tokens[i]]
+        if empty:
+            raise ValueError(f"embed_tokens: row {empty[0]} has no tokens")
+        batch, mask = pad_right([tokens[i] for i in idx])
         mask = mask.to(device)
         h = model.hidden_states(batch.to(device), token_mask=None if bool(mask.all()) else mask)  # (b, T, dim)
         out[idx] = masked_mean(h.float(), mask).cpu()  # (b, dim)

@@ -264,7 +264,11 @@ def load_selector(path: str | os.PathLike) -> Selector:
         raise ValueError(f"--selector {path}: cannot read it ({e})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"--selector {path}: not a selector file (written by scripts/train_selector.py)")
-    cfg = SelectorConfig(**blob["config"])
+    try:
+        cfg = SelectorConfig(**blob["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--selector {path}: its config does not load ({e}); retrain it with "
+                         "scripts/train_selector.py") from None
     sel = Selector(cfg, blob["mean"], blob["std"], report=blob.get("report", {}))
     if cfg.kind == "mlp":
         sel.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(cfg.tasks)))
@@ -278,7 +282,7 @@ def load_selector(path: str | os.PathLike) -> Selector:
 def check_tasks(sel: Selector, tasks: Sequence[str], where: str) -> None:
     """`ValueError` unless the selector's classes are exactly `tasks`, in that order."""
     if list(sel.cfg.tasks) != list(tasks):
-        raise ValueError(f"--selector was trained for tasks {sel.cfg.tasks}, but {where} lists {list(tasks)} "
+        raise ValueError(f"--selector (trained for tasks {sel.cfg.tasks}) does not fit {where}, which lists {list(tasks)} "
                          "(retrain it with scripts/train_selector.py after adding/deleting tasks)")
 
 

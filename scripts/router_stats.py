@@ -27,7 +27,7 @@ from llama.checkpoint import load_model  # noqa: E402
 from moa import RouterStats  # noqa: E402
 from moa.atomic import atomic_write_files, atomic_write_json  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
-from moa.data import load_rows  # noqa: E402
+from moa.data import load_rows, pad_right  # noqa: E402
 from moa.inference import encode_prompt  # noqa: E402
 from moa.loading import load_trained_adapter  # noqa: E402
 
@@ -51,23 +51,13 @@ def collect(model: torch.nn.Module, seqs: list[list[int]], batch_size: int, prog
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a batch
     with RouterStats(model) as stats:
         for start in tqdm(range(0, len(order), batch_size), desc="router stats", disable=not progress):
-            batch = [seqs[i] for i in order[start:start + batch_size]]
-            width = max(len(s) for s in batch)
-            tokens = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-            mask = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
-            for j, s in enumerate(batch):
-                tokens[j, :len(s)] = torch.tensor(s, device=device)
-                mask[j, :len(s)] = True
+            tokens, mask = pad_right([seqs[i] for i in order[start:start + batch_size]])
+            tokens, mask = tokens.to(device), mask.to(device)
             model.hidden_states(tokens, token_mask=mask)
     return stats
 
 
-def is_sparse(tables: dict[str, Any]) -> bool:
-    """True when some type ran on fewer than all tokens (a sparse router's activation fractions)."""
-    return any(not math.isnan(a) and a < 1.0 for row in tables["active"] for a in row)
-
-
-def plot(tables: dict[str, Any], path: Path, title: str) -> None:
+def plot(tables: dict[str, Any], path: Path, title: str, sparse: bool) -> None:
     """Heatmap(s) layer x type of the mean weight and, when sparse, of the activation fraction."""
     import matplotlib
 
@@ -75,7 +65,7 @@ def plot(tables: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [("mean router weight", "weight")] + ([("fraction of tokens run", "active")] if is_sparse(tables) else [])
+    panels = [("mean router weight", "weight")] + ([("fraction of tokens run", "active")] if sparse else [])
     layers, slots = tables["layers"], tables["slots"]
     fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.9 * len(slots) * len(panels), 1.5 + 0.22 * len(layers)),
                              squeeze=False)
@@ -122,15 +112,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("router_stats.py: error: the adapters have no type router (--type_router none): nothing to show",
               file=sys.stderr)
         return 2
+    sparse = model.moa_config.type_router == "sparse"
     set_name = Path(a.data_path).parent.name
     out = Path(a.out) if a.out else Path(a.adapter_path).parent / f"router_{set_name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"ckpt_dir": a.ckpt_dir, "adapter_path": a.adapter_path, "data_path": a.data_path, "rows": len(rows),
-              "with_output": a.with_output, "sparse": is_sparse(tables), **tables,
+              "with_output": a.with_output, "sparse": sparse, **tables,
               "per_layer": {str(k): v for k, v in stats.summary().items()}}
     json_path, png_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
     atomic_write_json(json_path, record)
-    plot(tables, png_path, f"{Path(a.adapter_path).parent.name} on {set_name} ({len(rows)} rows)")
+    plot(tables, png_path, f"{Path(a.adapter_path).parent.name} on {set_name} ({len(rows)} rows)", sparse)
     columns = {s: [r[j] for r in tables["weight"] if not math.isnan(r[j])] for j, s in enumerate(tables["slots"])}
     means = {s: sum(v) / len(v) for s, v in columns.items()}
     print("mean weight over layers: " + ", ".join(f"{s} {w:.3f}" for s, w in means.items()))
