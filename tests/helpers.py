@@ -23,6 +23,11 @@ TINY_PARAMS = {
 }
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ||a - b|| / ||b|| (the tolerance the tests state)."""
+    return float((a - b).norm() / b.norm())
+
+
 def random_state_dict(params: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Meta-named fp32 weights of a random model with `params`; norms random too (not all ones),
     so that a test can tell them apart."""

@@ -11,16 +11,12 @@ from moa import MoAConfig, attach_adapters, save_adapter
 from moa.algebra import (COMBINE_METHODS, combine, extract_lora_svd, kept_energy, lora_delta, merge_into_base,
                          read_plain_lora, write_adapter)
 from moa.peft_format import export_peft, from_peft_state
-from tests.helpers import write_meta_model_dir
+from tests.helpers import rel, write_meta_model_dir
 from tests.hf_reference import hf_twin
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 ALL_TARGETS = "Q,K,V,O,FFN_GATE,FFN_UP,FFN_DOWN"
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ from moa import load_adapter
 from moa.algebra import lora_delta, lora_sites, read_plain_lora
 from moa.fusion import attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
 from moa.task_routing import RoutingPlan
-from tests.helpers import write_meta_model_dir
+from tests.helpers import rel, write_meta_model_dir
 from tests.task_helpers import make_task_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 TASKS = ["t0", "t1", "t2"]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from llama import ModelArgs, Transformer
 from moa import MoAConfig, RouterStats, adapter_state_dict, attach_adapters, collect_aux_loss, load_adapter_state_dict
 from moa.routers import BlockRouter, Route
+from tests.helpers import rel
 
 TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64,
             max_batch_size=4)
@@ -37,10 +38,6 @@ CONFIGS = {
     "instance": dict(ALL, type_router="instance"),
     "unipeft": dict(ALL, type_router="unipeft"),
 }
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def bare_model(seed=0):

@@ -11,14 +11,11 @@ import torch
 from llama import ModelArgs, Transformer
 from moa import (MoAConfig, RouterStats, adapter_state_dict, attach_adapters, collect_aux_loss, load_adapter,
                  load_adapter_state_dict, merge_lora, save_adapter)
+from tests.helpers import rel
 
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 SOFT = dict(lora_layers="0-3", lora_rank=4, p_adapter_layers="0-3", p_adapter_size=8, prompt_layers="1-3",
             prompt_len=3, swi_x=4)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def bare_model(seed=0):

@@ -10,7 +10,7 @@ import torch
 from llama.checkpoint import load_model, load_params
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
 from moa.peft_format import export_peft, halves_to_interleaved, import_peft, interleaved_to_halves
-from tests.helpers import write_meta_model_dir
+from tests.helpers import rel, write_meta_model_dir
 from tests.hf_reference import hf_twin, interleaved_to_half_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -18,10 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.
 peft = pytest.importorskip("peft")
 
 ALL_TARGETS = "Q,K,V,O,FFN_GATE,FFN_UP,FFN_DOWN"
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -54,14 +54,6 @@ def _write_data(path: Path, rows) -> Path:
 
 
 @pytest.fixture(scope="module")
-def byte_model_dir(tmp_path_factory) -> Path:
-    """Tiny random model (TINY_PARAMS, vocab 512) with a byte-level tokenizer."""
-    d = tmp_path_factory.mktemp("byte_model") / "model"
-    write_meta_model_dir(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def meta_tok_model_dir(tmp_path_factory) -> Path:
     """Tiny random model whose vocabulary covers Meta's real LLaMA-3 tokenizer.model (128256 ids)."""
     spec = importlib.util.find_spec("llama_models")
@@ -139,14 +131,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_cpu_processes_sparse_moa_no_hang_and_grads_equal_one_process_rtol1e_5(byte_model_dir, tmp_path):
+def test_torchrun_two_cpu_processes_sparse_moa_no_hang_and_grads_equal_one_process_rtol1e_5(tiny_model_dir, tmp_path):
     """Reference: one process on the 8 concatenated examples (one padded batch); 2 Gloo processes with
     2 micro-batches of 2 each must give the same averaged gradients (rtol 1e-5). One type is never
     selected, and the learned threshold gets no gradient (find_unused_parameters)."""
     data = _write_data(tmp_path / "train.json", _rows(8))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(Path(__file__)), str(tmp_path), str(byte_model_dir), str(data)]
+           str(_free_port()), str(Path(__file__)), str(tmp_path), str(tiny_model_dir), str(data)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "train" / "checkpoint-0.pth").is_file()
@@ -238,11 +230,11 @@ def test_extract_rejects_files_that_are_not_our_checkpoints(tmp_path, capsys):
     assert not (tmp_path / "adapter.pth").exists() and not (tmp_path / "adapter_params.json").exists()
 
 
-def test_extract_is_all_or_none_when_a_write_fails(byte_model_dir, tmp_path, monkeypatch):
+def test_extract_is_all_or_none_when_a_write_fails(tiny_model_dir, tmp_path, monkeypatch):
     """A failure while writing adapter_params.json leaves neither adapter.pth nor a temporary file."""
     data = _write_data(tmp_path / "train.json", _rows(2))
     out = tmp_path / "out"
-    assert main_finetune.main(["--llama_path", str(byte_model_dir), "--data_path", str(data), "--output_dir",
+    assert main_finetune.main(["--llama_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
                                str(out), "--data_root", str(tmp_path), "--lora_layers", "0-1", "--batch_size", "2",
                                "--epochs", "1", "--lr", "0.01", "--num_workers", "0"]) == 0
 
@@ -254,11 +246,11 @@ def test_extract_is_all_or_none_when_a_write_fails(byte_model_dir, tmp_path, mon
 
 
 # ---- resume ---------------------------------------------------------------------------------------------
-def test_resume_continues_with_the_identical_loss_sequence_exact(byte_model_dir, tmp_path, capsys):
+def test_resume_continues_with_the_identical_loss_sequence_exact(tiny_model_dir, tmp_path, capsys):
     """One CPU process: epoch 1 after --resume checkpoint-0.pth logs exactly the losses and lrs of the
     uninterrupted run's epoch 1 (bitwise)."""
     data = _write_data(tmp_path / "train.json", _rows(12, "Sum: 4"))
-    common = ["--llama_path", str(byte_model_dir), "--data_path", str(data), "--data_root", str(tmp_path),
+    common = ["--llama_path", str(tiny_model_dir), "--data_path", str(data), "--data_root", str(tmp_path),
               "--lora_layers", "0-2", "--prompt_layers", "1-2", "--p_adapter_layers", "0-1", "--swi_x", "2",
               "--max_seq_len", "300", "--batch_size", "3", "--accum_iter", "2", "--epochs", "2",
               "--warmup_epochs", "0.5", "--lr", "0.01", "--num_workers", "0", "--log_every", "1", "--seed", "3"]
@@ -283,14 +275,14 @@ def test_resume_continues_with_the_identical_loss_sequence_exact(byte_model_dir,
     assert "adapter flags differ from this command's: ['lora_rank']" in capsys.readouterr().err
 
 
-def test_w_bias_trains_norms_in_fp32_and_extract_writes_them_apart(byte_model_dir, tmp_path, capsys):
+def test_w_bias_trains_norms_in_fp32_and_extract_writes_them_apart(tiny_model_dir, tmp_path, capsys):
     """Also --keep_test_overlap True: the row that repeats a test question is reported and kept."""
     rows = _rows(4)
     (tmp_path / "math" / "Toy").mkdir(parents=True)
     _write_data(tmp_path / "math" / "Toy" / "test.json", [rows[2]])
     data = _write_data(tmp_path / "train.json", rows)
     out = tmp_path / "out"
-    assert main_finetune.main(["--llama_path", str(byte_model_dir), "--data_path", str(data), "--output_dir",
+    assert main_finetune.main(["--llama_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir",
                                str(out), "--data_root", str(tmp_path), "--lora_layers", "0-1", "--w_bias", "True",
                                "--bf16", "True", "--max_seq_len", "300", "--batch_size", "4", "--epochs", "1",
                                "--warmup_epochs", "0", "--lr", "0.01", "--num_workers", "0",
@@ -378,10 +370,10 @@ def _bad_cases(tmp_path: Path, model_dir: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_inputs_give_one_line_errors_and_leave_no_output_dir(byte_model_dir, tmp_path, capsys):
-    for i, (extra, expected) in enumerate(_bad_cases(tmp_path, byte_model_dir)):
+def test_bad_inputs_give_one_line_errors_and_leave_no_output_dir(tiny_model_dir, tmp_path, capsys):
+    for i, (extra, expected) in enumerate(_bad_cases(tmp_path, tiny_model_dir)):
         out = tmp_path / f"out{i}"
-        argv = ["--llama_path", str(byte_model_dir), "--output_dir", str(out), "--data_root", str(tmp_path),
+        argv = ["--llama_path", str(tiny_model_dir), "--output_dir", str(out), "--data_root", str(tmp_path),
                 "--num_workers", "0"] + extra
         assert main_finetune.main(argv) == 2, extra
         err = capsys.readouterr().err
@@ -389,9 +381,9 @@ def test_bad_inputs_give_one_line_errors_and_leave_no_output_dir(byte_model_dir,
         assert not out.exists(), extra
 
 
-def test_bad_input_from_the_shell_exits_2_without_traceback(byte_model_dir, tmp_path):
+def test_bad_input_from_the_shell_exits_2_without_traceback(tiny_model_dir, tmp_path):
     data = _write_data(tmp_path / "no_out.json", [{"instruction": "c", "input": ""}])
-    proc = subprocess.run([sys.executable, "main_finetune.py", "--llama_path", str(byte_model_dir),
+    proc = subprocess.run([sys.executable, "main_finetune.py", "--llama_path", str(tiny_model_dir),
                            "--data_path", str(data), "--output_dir", str(tmp_path / "out")],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=120)
@@ -480,12 +472,12 @@ def test_padding_changes_neither_loss_nor_grads_vs_each_row_alone_rtol1e_5_of_ma
         torch.testing.assert_close(grads_batch[name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)
 
 
-def test_flash_attention2_true_without_flash_attn_says_it_falls_back_to_sdpa(byte_model_dir, tmp_path, capsys):
+def test_flash_attention2_true_without_flash_attn_says_it_falls_back_to_sdpa(tiny_model_dir, tmp_path, capsys):
     """On CPU (and wherever flash-attn is missing) --flash_attention2 True trains with SDPA and says so;
     bare boolean flags mean True; a row whose prompt alone exceeds --max_seq_len is skipped and counted."""
     rows = _rows(2) + [{"instruction": "x" * 400, "output": "y"}]
     data = _write_data(tmp_path / "train.json", rows)
-    argv = ["--llama_path", str(byte_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
+    argv = ["--llama_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "out"),
             "--data_root", str(tmp_path), "--lora_layers", "0-1", "--max_seq_len", "300", "--batch_size", "2",
             "--epochs", "1", "--lr", "0.01", "--num_workers", "0", "--flash_attention2", "--grad_checkpointing"]
     assert main_finetune.main(argv) == 0

@@ -20,10 +20,10 @@ import torch
 from llama.checkpoint import load_model
 from moa import MoAConfig, RouterStats, attach_adapters, save_adapter
 from moa.scoring import COMMONSENSE_SETS, MATH_SETS, score_generation
-from tests.helpers import write_meta_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
-# Tiny sizes: a few training rows and steps, one or two test rows, a few new tokens.
+# Tiny sizes: a few training rows and steps, one or two test rows, a few new tokens. On the tiny
+# byte-tokenizer model (`tiny_model_dir`) prompts are ~250 tokens: --max_seq_len 1024 there.
 TINY_RUN = ["--train_rows", "4", "--batch", "2", "--accum", "1", "--test_rows", "2", "--max_gen_len", "4",
             "--min_gen_len", "2", "--max_batch", "2"]
 
@@ -33,14 +33,6 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random 2-layer model with a byte tokenizer (prompts are ~250 tokens: use --max_seq_len 1024)."""
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    write_meta_model_dir(d)
-    return d
 
 
 def assert_scores_match_predictions(out: Path, sets: tuple[str, ...]) -> dict:
@@ -86,9 +78,9 @@ def test_run_math_sh_end_to_end_on_smollm2_files_and_acc_score_line(smollm2_dir,
     assert proc.returncode != 0 and "run_settings.json" in proc.stderr and "--test_rows '2' -> '3'" in proc.stderr
 
 
-def test_run_commonsense_sh_mixes_train_sets_and_scores_seven_sets(tiny_model, tmp_path):
+def test_run_commonsense_sh_mixes_train_sets_and_scores_seven_sets(tiny_model_dir, tmp_path):
     out = tmp_path / "cs"
-    run(["bash", "scripts/run_commonsense.sh", "--model", str(tiny_model), "--out", str(out),
+    run(["bash", "scripts/run_commonsense.sh", "--model", str(tiny_model_dir), "--out", str(out),
          "--max_seq_len", "1024", "--method", "lora", *TINY_RUN])
     assert_scores_match_predictions(out, COMMONSENSE_SETS)
     train = json.loads((out / "data" / "train.json").read_text())
@@ -105,26 +97,26 @@ def test_run_script_flag_errors_are_clear(tmp_path):
     assert proc.returncode == 2 and "unknown flag --batch_size" in proc.stderr and " batch " in proc.stderr
 
 
-def test_run_script_resolves_relative_paths_against_the_callers_folder(tiny_model, tmp_path):
+def test_run_script_resolves_relative_paths_against_the_callers_folder(tiny_model_dir, tmp_path):
     """--model and --out relative to where the user stands, not to the repository."""
-    (tmp_path / "m").symlink_to(tiny_model)
+    (tmp_path / "m").symlink_to(tiny_model_dir)
     proc = subprocess.run(["bash", str(REPO / "scripts/run_math.sh"), "--model", "m", "--out", "rel_out",
                            "--method", "nope"], cwd=tmp_path, capture_output=True, text=True)
     assert "unknown method 'nope'" in proc.stderr  # got past the model check: m was found from tmp_path
     assert not (REPO / "rel_out").exists()
 
 
-def test_unknown_method_is_refused_with_the_known_names(tiny_model, tmp_path):
-    proc = subprocess.run(["bash", "scripts/run_math.sh", "--model", str(tiny_model), "--method", "nope",
+def test_unknown_method_is_refused_with_the_known_names(tiny_model_dir, tmp_path):
+    proc = subprocess.run(["bash", "scripts/run_math.sh", "--model", str(tiny_model_dir), "--method", "nope",
                            "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown method 'nope'" in proc.stderr and "hydralora" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model, tmp_path):
+def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "repro"
     cmd = [sys.executable, "scripts/reproduce.py", "--methods", "lora,p_adapter", "--seeds", "0",
-           "--scale", "smoke", "--out", str(out), "--model", str(tiny_model), "--max_seq_len", "1024", *TINY_RUN]
+           "--scale", "smoke", "--out", str(out), "--model", str(tiny_model_dir), "--max_seq_len", "1024", *TINY_RUN]
     run(cmd)
     with open(out / "math_smoke_runs.csv") as f:
         runs = list(csv.DictReader(f))
@@ -149,8 +141,8 @@ def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model, tmp_pa
 
 
 @pytest.mark.parametrize("type_router", ["soft", "sparse"])
-def test_router_stats_png_and_json_equal_router_stats_direct(tiny_model, tmp_path, type_router):
-    model, tokenizer = load_model(tiny_model, max_seq_len=1024)
+def test_router_stats_png_and_json_equal_router_stats_direct(tiny_model_dir, tmp_path, type_router):
+    model, tokenizer = load_model(tiny_model_dir, max_seq_len=1024)
     cfg = MoAConfig(lora_layers="0-2", lora_rank=4, lora_alpha=4, lora_targets="Q,V", p_adapter_layers="0-2",
                     p_adapter_size=8, swi_x=2, type_router=type_router, max_threshold=0.5)
     attach_adapters(model, cfg)
@@ -162,7 +154,7 @@ def test_router_stats_png_and_json_equal_router_stats_direct(tiny_model, tmp_pat
     adapter = tmp_path / "ad" / "adapter.pth"
     save_adapter(model, str(adapter))
     out = tmp_path / "stats"
-    run([sys.executable, "scripts/router_stats.py", "--ckpt_dir", str(tiny_model), "--adapter_path", str(adapter),
+    run([sys.executable, "scripts/router_stats.py", "--ckpt_dir", str(tiny_model_dir), "--adapter_path", str(adapter),
          "--data_path", "data/math/SVAMP/test.json", "--max_rows", "5", "--batch_size", "2",
          "--max_seq_len", "1024", "--out", str(out)])
     png = (out.parent / "stats.png").read_bytes()
