@@ -74,6 +74,10 @@ record_time() {
 d=json.load(open(f)) if os.path.exists(f) else {}; d[k]=round(d.get(k,0)+float(b)-float(a),1); atomic_write_json(f,d)" "$@"
 }
 
+# The settings that decide a run's results (MAX_BATCH, NUM_WORKERS, GRAD_CKPT, BASELINE do not).
+RUN_SETTINGS="MODEL METHOD SEED TRAIN_ROWS TEST_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 MAX_SEQ_LEN
+  MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT TRAIN_FILES"
+
 # check_settings: the settings that decide a run's results, kept in $OUT/run_settings.json by its
 # first run; a later run into the same $OUT with other settings stops (its files would be stale).
 check_settings() {
@@ -87,8 +91,7 @@ elif old != now:
     diff=', '.join(f'--{k} {old.get(k)!r} -> {now.get(k)!r}' for k in sorted(set(old)|set(now)) if old.get(k)!=now.get(k))
     sys.exit(f'error: {path} holds a run with other settings ({diff}): its checkpoints and predictions '
              'would be reused as they are; give another --out, or delete that folder')" \
-    MODEL METHOD SEED TRAIN_ROWS TEST_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 MAX_SEQ_LEN \
-    MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT TRAIN_FILES
+    $RUN_SETTINGS
 }
 
 # prepare_data SUBDIR TRAIN_FILE...: slices under $OUT/data: train.json ($TRAIN_ROWS rows of the
@@ -143,10 +146,9 @@ run_pipeline() {
   local evaluator=$1 first
   first=$(echo "$SETS" | cut -d' ' -f1)
   shift
-  export MODEL METHOD SEED TRAIN_ROWS TEST_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 MAX_SEQ_LEN \
-    MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT OUT
   TRAIN_FILES="${*:2}"
-  export TRAIN_FILES
+  # shellcheck disable=SC2086  # a list of names
+  export $RUN_SETTINGS OUT
   check_settings
   mkdir -p "$OUT/data"
   prepare_data "$@"

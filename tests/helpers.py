@@ -12,7 +12,9 @@ from typing import Optional
 
 import torch
 
+from llama.checkpoint import load_model
 from llama.model import ModelArgs, Transformer
+from moa import MoAConfig, attach_adapters, save_adapter
 
 # 256 single-byte ranks + Meta's 256 LLaMA-3 special tokens (no tokenizer_config.json) = 512 ids.
 TINY_VOCAB = 512
@@ -86,3 +88,20 @@ def write_meta_model_dir(model_dir: Path, params: Optional[dict] = None, sd: Opt
         torch.save(shard, model_dir / f"consolidated.{i:02d}.pth")
     write_byte_tokenizer(model_dir)
     return sd
+
+
+def make_lora_adapter(base_dir: Path, path: Path, lora_layers: str = "0-2", targets: str = "Q,V,FFN_DOWN",
+                      rank: int = 4, alpha: float = 8.0, seed: int = 0, scale: float = 0.05, **flags):
+    """Write a plain LoRA (adapter.pth + adapter_params.json) on the base in `base_dir`, with B random
+    (N(0, scale^2), seeded): zero-init B would hide layout errors. Returns the model carrying it."""
+    model, _ = load_model(base_dir)
+    attach_adapters(model, MoAConfig(lora_layers=lora_layers, lora_rank=rank, lora_alpha=alpha,
+                                     lora_targets=targets, **{"type_router": "none", **flags}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    save_adapter(model, str(path))
+    return model
+

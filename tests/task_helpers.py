@@ -7,25 +7,16 @@ from pathlib import Path
 
 import torch
 
-from llama.checkpoint import load_model
-from moa import MoAConfig, attach_adapters, save_adapter
+from tests.helpers import make_lora_adapter
 
 
 def make_task_adapter(base_dir: Path, path: Path, seed: int, rank: int = 4, alpha: float = 8.0,
                       targets: str = "Q,V,FFN_DOWN", layers: str = "0-2", scale: float = 0.05) -> Path:
-    """Write a plain LoRA (adapter.pth + adapter_params.json) on the base in `base_dir`; B random
-    (N(0, scale^2)) so that the adapter changes the logits. Returns the adapter.pth path."""
-    model, _ = load_model(base_dir)
-    attach_adapters(model, MoAConfig(lora_layers=layers, lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
-                                     type_router="none"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    path = Path(path)
-    save_adapter(model, str(path))
-    return path
+    """A plain task LoRA with random non-zero B on the base in `base_dir` (so that it changes the
+    logits); returns its adapter.pth path."""
+    make_lora_adapter(base_dir, path, lora_layers=layers, targets=targets, rank=rank, alpha=alpha, seed=seed,
+                      scale=scale)
+    return Path(path)
 
 
 # Three synthetic tasks whose prompts differ in their words (a selector can tell them apart even on

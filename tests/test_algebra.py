@@ -11,7 +11,7 @@ from moa import MoAConfig, attach_adapters, save_adapter
 from moa.algebra import (COMBINE_METHODS, combine, extract_lora_svd, kept_energy, lora_delta, merge_into_base,
                          read_plain_lora, write_adapter)
 from moa.peft_format import export_peft, from_peft_state
-from tests.helpers import rel, write_meta_model_dir
+from tests.helpers import make_lora_adapter, rel, write_meta_model_dir
 from tests.hf_reference import hf_twin
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -26,19 +26,9 @@ def base_dir(tmp_path_factory):
     return d
 
 
-def make_adapter(base_dir, path, targets=ALL_TARGETS, rank=4, alpha=8.0, seed=0, **flags):
-    """A LoRA on the tiny base with random non-zero B; returns the model carrying it."""
-    model, _ = load_model(base_dir)
-    cfg = MoAConfig(lora_layers="0-2", lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
-                    **{"type_router": "none", **flags})
-    attach_adapters(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    save_adapter(model, str(path))
-    return model
+def make_adapter(base_dir, path, targets=ALL_TARGETS, **kwargs):
+    """A LoRA on the tiny base with random non-zero B (tests/helpers.make_lora_adapter)."""
+    return make_lora_adapter(base_dir, path, targets=targets, **kwargs)
 
 
 def tokens():

@@ -10,7 +10,7 @@ import torch
 from llama.checkpoint import load_model, load_params
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
 from moa.peft_format import export_peft, halves_to_interleaved, import_peft, interleaved_to_halves
-from tests.helpers import rel, write_meta_model_dir
+from tests.helpers import make_lora_adapter, rel, write_meta_model_dir
 from tests.hf_reference import hf_twin, interleaved_to_half_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -27,19 +27,9 @@ def base_dir(tmp_path_factory):
     return d
 
 
-def make_adapter(base_dir, path, lora_layers="0-2", targets=ALL_TARGETS, rank=4, alpha=8.0, seed=0):
-    """A plain LoRA on the tiny base with random non-zero B (zero-init B would hide layout errors)."""
-    model, _ = load_model(base_dir)
-    cfg = MoAConfig(lora_layers=lora_layers, lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
-                    type_router="none")
-    attach_adapters(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    save_adapter(model, str(path))
-    return model
+def make_adapter(base_dir, path, targets=ALL_TARGETS, **kwargs):
+    """A LoRA on the tiny base with random non-zero B (tests/helpers.make_lora_adapter)."""
+    return make_lora_adapter(base_dir, path, targets=targets, **kwargs)
 
 
 def tokens():
