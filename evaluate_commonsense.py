@@ -4,15 +4,15 @@
 
 Sets: boolq, piqa, social_i_qa, ARC-Challenge, ARC-Easy, openbookqa, winogrande (and
 hellaswag when its file exists). Prints a table, writes `<file>_scored.jsonl` beside each
-prediction file and appends one line to `DIR/acc_score.jsonl` (rules in moa/scoring.py).
+prediction file and appends one line to `DIR/acc_score.jsonl` (rules in moa/eval/scoring.py).
 """
 import argparse
 
-from moa.scoring import COMMONSENSE_SETS, run_scoring_cli
+from moa.eval.scoring import COMMONSENSE_SETS, run_scoring_cli
 
 
 def main() -> None:
-    """Parse the flags, then score and print (moa.scoring.run_scoring_cli)."""
+    """Parse the flags, then score and print (moa.eval.scoring.run_scoring_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict_file", required=True,
                         help=f"a prediction file of any of {', '.join(COMMONSENSE_SETS)} "

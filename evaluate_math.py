@@ -3,15 +3,15 @@
     python evaluate_math.py --predict_file DIR/AddSub_predict_X.jsonl [--mode strict]
 
 Prints a table, writes `<file>_scored.jsonl` beside each prediction file and appends one
-line to `DIR/acc_score.jsonl` (DESIGN §3 "scores", §3a; the rules live in moa/scoring.py).
+line to `DIR/acc_score.jsonl` (DESIGN §3 "scores", §3a; the rules live in moa/eval/scoring.py).
 """
 import argparse
 
-from moa.scoring import MATH_SETS, run_scoring_cli
+from moa.eval.scoring import MATH_SETS, run_scoring_cli
 
 
 def main() -> None:
-    """Parse the flags, then score and print (moa.scoring.run_scoring_cli)."""
+    """Parse the flags, then score and print (moa.eval.scoring.run_scoring_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict_file", required=True,
                         help=f"a prediction file of any of {', '.join(MATH_SETS)}; "

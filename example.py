@@ -7,7 +7,7 @@
 Also runs as plain `python example.py ...`. Without --adapter_path the bare base model answers (a
 baseline). Writes one JSON line per test row, in the test file's order (DESIGN §3 "predictions");
 an interrupted run resumes where it stopped. How prompts are cut, batched and split across ranks:
-moa/inference.py.
+moa/infer/generate.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 import sys
 
 from moa.cli import str2bool
-from moa.inference import InferenceConfig, format_summary, run_inference
+from moa.infer.generate import InferenceConfig, format_summary, run_inference
 
 
 def parse_args(argv: list[str] | None = None) -> InferenceConfig:

@@ -10,16 +10,14 @@ a temporary name and renamed only once all of them are complete.
 from __future__ import annotations
 
 import argparse
-import os
+from pathlib import Path
 import sys
 
 import torch
 
-from moa.atomic import atomic_write_files, write_json
-from moa.checkpointing import load_training_checkpoint
-from moa.state import ADAPTER_PARAMS, BASE_TRAINED
-
-ADAPTER_FILE = "adapter.pth"
+from moa.files.adapters import ADAPTER_FILE, ADAPTER_PARAMS, BASE_TRAINED, write_adapter_files
+from moa.method.config import MoAConfig
+from moa.train.checkpointing import load_training_checkpoint
 
 
 def extract(checkpoint: str) -> dict[str, str]:
@@ -29,17 +27,13 @@ def extract(checkpoint: str) -> dict[str, str]:
     written by main_finetune.py.
     """
     ckpt = load_training_checkpoint(checkpoint)
-    folder = os.path.dirname(os.path.abspath(checkpoint))
-    params = dict(ckpt["adapter_params"])
-    params["max_seq_len"] = int(ckpt["args"]["max_seq_len"])
-    written = {"adapter": os.path.join(folder, ADAPTER_FILE),
-               "adapter_params": os.path.join(folder, ADAPTER_PARAMS)}
-    writers = {written["adapter"]: lambda tmp: torch.save(dict(ckpt["model"]), tmp),
-               written["adapter_params"]: lambda tmp: write_json(params, tmp)}
+    folder = Path(checkpoint).resolve().parent
+    cfg = MoAConfig.from_dict(dict(ckpt["adapter_params"]))
+    path = write_adapter_files(folder / ADAPTER_FILE, cfg, dict(ckpt["model"]), int(ckpt["args"]["max_seq_len"]),
+                               dict(ckpt["base_trained"]))
+    written = {"adapter": str(path), "adapter_params": str(folder / ADAPTER_PARAMS)}
     if ckpt["base_trained"]:
-        written["base_trained"] = os.path.join(folder, BASE_TRAINED)
-        writers[written["base_trained"]] = lambda tmp: torch.save(dict(ckpt["base_trained"]), tmp)
-    atomic_write_files(writers)
+        written["base_trained"] = str(folder / BASE_TRAINED)
     return written
 
 

@@ -20,7 +20,7 @@ import torch
 
 from moa import MoAConfig
 from moa.cli import str2bool
-from moa.trainer import TrainConfig, finetune
+from moa.train.trainer import TrainConfig, finetune
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from llama.checkpoint import load_params  # noqa: E402
-from moa.algebra import (ExtractReport, extract_lora_svd, lora_delta, merge_into_base, read_plain_lora,  # noqa: E402
-                         write_adapter)
-from moa.peft_format import export_peft, import_peft  # noqa: E402
+from moa.files.adapters import write_adapter_files  # noqa: E402
+from moa.lora.algebra import (ExtractReport, extract_lora_svd, lora_delta, merge_into_base, read_plain_lora)  # noqa: E402
+from moa.files.peft import export_peft, import_peft  # noqa: E402
 from scripts.lora_tools import energy_tables  # noqa: E402
 
 TARGETS = "Q,K,V,O,FFN_DOWN"
@@ -59,7 +59,7 @@ def run_op(op: str, model_dir: Path, work: Path, rank: int, targets: str) -> dic
         merge_into_base(model_dir, adapter, work / "merged")
     elif op == "extract":
         cfg, state, report = extract_lora_svd(model_dir, work / "merged", rank, targets)
-        write_adapter(work / "extracted", cfg, state)
+        write_adapter_files(work / "extracted", cfg, state)
     elif op == "export":
         export_peft(adapter, work / "peft", load_params(model_dir))
     else:

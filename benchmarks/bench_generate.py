@@ -40,7 +40,7 @@ from llama.checkpoint import load_model  # noqa: E402
 from llama.generation import generate  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.tokenizer import load_tokenizer  # noqa: E402
-from moa.data import build_prompt, load_rows  # noqa: E402
+from moa.train.data import build_prompt, load_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -7,6 +7,8 @@ computes, at its real positions, the same numbers as the row alone.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -87,6 +89,29 @@ def _model_args_from_fields(cls: type, fields: dict) -> "ModelArgs":
     return cls(**fields)
 
 
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_recomputing", default=False)
+
+
+def is_recomputing() -> bool:
+    """True while activation checkpointing recomputes a block during backward: code that records
+    something per forward (statistics, auxiliary losses) must not record it a second time then."""
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def _recomputation():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def _checkpoint_contexts():
+    """`context_fn` of torch.utils.checkpoint: nothing around the forward, the flag around recomputation."""
+    return contextlib.nullcontext(), _recomputation()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -159,6 +184,9 @@ class KVCache(nn.Module):
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Per-sequence state that a subclass of the block keeps for as long as this cache lives
+        # (e.g. weights computed once from the prompt and reused at every decode step).
+        self.extra: dict[str, torch.Tensor] = {}
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there."""
@@ -331,7 +359,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, meta, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, meta, use_reentrant=False,
+                                                      context_fn=_checkpoint_contexts)
             else:
                 h = layer(h, meta)
         return self.norm(h)

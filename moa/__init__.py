@@ -1,30 +1,48 @@
 """Heterogeneous Mixture-of-Adapters on a frozen llama `Transformer` (DESIGN §1).
 
-    from moa import MoAConfig, attach_adapters, collect_aux_loss
+    from moa import MoAConfig, attach_adapters
     model = attach_adapters(model, MoAConfig(lora_layers="0-32", prompt_layers="0-32", swi_x=4))
-    loss = task_loss + collect_aux_loss(model)   # zero unless --lb_loss_coeff > 0 with mixtures
 
-State: `adapter_state_dict` / `load_adapter_state_dict` (strict, keys = module paths),
-`save_adapter` / `load_adapter` (adapter.pth + adapter_params.json), `merge_lora` (plain LoRA only).
-Statistics: `with RouterStats(model) as stats: model(...)`, then `stats.summary()`.
+The packages, one concept each (DESIGN §2): `moa.method` (the paper's method: config, experts,
+routers, the injection seam, in-memory adapter state, router statistics), `moa.files` (adapter and
+PEFT files, all-or-none writes), `moa.train`, `moa.infer`, `moa.eval` (scoring, pure Python),
+`moa.lora` (merge, SVD extraction, combination), `moa.tasks` (many task adapters on one model).
+
+The public names below are imported on first use (module `__getattr__`), so that `import moa.eval`
+pulls in no torch.
 """
-from moa.config import MoAConfig
-from moa.inject import attach_adapters, count_adapter_parameters, reset_adapter_parameters
-from moa.routers import collect_aux_loss
-from moa.state import (adapter_state_dict, load_adapter, load_adapter_state_dict, merge_lora,
-                       save_adapter)
-from moa.stats import RouterStats
+from __future__ import annotations
 
-__all__ = [
-    "MoAConfig",
-    "attach_adapters",
-    "reset_adapter_parameters",
-    "count_adapter_parameters",
-    "collect_aux_loss",
-    "adapter_state_dict",
-    "load_adapter_state_dict",
-    "save_adapter",
-    "load_adapter",
-    "merge_lora",
-    "RouterStats",
-]
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "MoAConfig": "moa.method.config",
+    "attach_adapters": "moa.method.inject",
+    "reset_adapter_parameters": "moa.method.inject",
+    "count_adapter_parameters": "moa.method.inject",
+    "adapter_names": "moa.method.inject",
+    "collect_aux_loss": "moa.method.routers",
+    "adapter_state_dict": "moa.method.state",
+    "load_adapter_state_dict": "moa.method.state",
+    "merge_lora": "moa.method.state",
+    "RouterStats": "moa.method.stats",
+    "save_adapter": "moa.files.adapters",
+    "load_adapter": "moa.files.adapters",
+    "load_trained_adapter": "moa.files.adapters",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -6,9 +6,9 @@
     python scripts/lora_tools.py export-peft --adapter PATH --base DIR --out DIR
     python scripts/lora_tools.py import-peft --peft DIR --base DIR --out PATH
 
-A plain LoRA is `--expert_num 1 --type_router none` with LoRA only (see moa/algebra.py). Adapter
+A plain LoRA is `--expert_num 1 --type_router none` with LoRA only (see moa/lora/algebra.py). Adapter
 paths are an adapter.pth file or its folder. `combine` follows PEFT's add_weighted_adapter and its
-method names (definitions in moa/algebra.py: COMBINE_METHODS): the exact sum of the LoRAs with
+method names (definitions in moa/lora/algebra.py: COMBINE_METHODS): the exact sum of the LoRAs with
 concatenated ranks is `cat`; PEFT's `linear` merges the A's and the B's separately (equal ranks).
 A user's mistake exits with status 1 and one line `lora_tools COMMAND: error: ...` on stderr.
 """
@@ -21,10 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.checkpoint import load_params  # noqa: E402
-from moa.algebra import (COMBINE_METHODS, ExtractReport, combine, extract_lora_svd, kept_energy,  # noqa: E402
-                         merge_into_base, read_plain_lora, write_adapter)
-from moa.config import LORA_TARGETS  # noqa: E402
-from moa.peft_format import export_peft, import_peft  # noqa: E402
+from moa.files.adapters import write_adapter_files  # noqa: E402
+from moa.lora.algebra import (COMBINE_METHODS, ExtractReport, combine, extract_lora_svd, kept_energy,  # noqa: E402
+                         merge_into_base, read_plain_lora)
+from moa.method.config import LORA_TARGETS  # noqa: E402
+from moa.files.peft import export_peft, import_peft  # noqa: E402
 
 _TARGET_OF_PATH = {path: t for t, (_, path) in LORA_TARGETS.items()}  # 'attention.wq' -> 'Q'
 
@@ -120,12 +121,12 @@ def run(args: argparse.Namespace) -> None:
         print(energy_tables(report, args.rank, args.energy_ranks))
         if report.other_changed:
             print(f"not captured (non-target tensors that differ): {', '.join(report.other_changed)}")
-        print(f"wrote {write_adapter(args.out, cfg, state)} (lora_alpha = rank = {args.rank}: scaling 1)")
+        print(f"wrote {write_adapter_files(args.out, cfg, state)} (lora_alpha = rank = {args.rank}: scaling 1)")
     elif args.command == "combine":
         loras = [read_plain_lora(a) for a in args.adapters]
         cfg, state = combine(loras, args.weights, args.method, density=args.density, rank=args.rank,
                              seed=args.seed, majority_sign_method=args.majority_sign_method)
-        print(f"wrote {write_adapter(args.out, cfg, state)} (rank {cfg.lora_rank}, lora_alpha {cfg.lora_alpha})")
+        print(f"wrote {write_adapter_files(args.out, cfg, state)} (rank {cfg.lora_rank}, lora_alpha {cfg.lora_alpha})")
     elif args.command == "export-peft":
         print(f"wrote {export_peft(args.adapter, args.out, load_params(args.base))}")
     else:

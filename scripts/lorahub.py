@@ -1,5 +1,5 @@
 """LoraHub: search the weights of a linear combination of task LoRAs on a few examples (CMA-ES from
-the `cma` package, few-shot loss + L1 on the weights) and write the combined LoRA (moa/lorahub.py):
+the `cma` package, few-shot loss + L1 on the weights) and write the combined LoRA (moa/tasks/lorahub.py):
 
     python scripts/lorahub.py --ckpt_dir models/smollm2 --adapters A/adapter.pth B/adapter.pth C/adapter.pth \\
         --data few_shot.json --steps 100 --out runs/lorahub/adapter.pth [--l1 0.05 --seed 0]
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from llama.checkpoint import load_model  # noqa: E402
-from moa.algebra import write_adapter  # noqa: E402
-from moa.data import load_rows  # noqa: E402
-from moa.lorahub import INITS, LoraHubConfig, lorahub  # noqa: E402
+from moa.files.adapters import write_adapter_files  # noqa: E402
+from moa.train.data import load_rows  # noqa: E402
+from moa.tasks.lorahub import INITS, LoraHubConfig, lorahub  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"lorahub.py: error: {e}", file=sys.stderr)
         return 2
-    path = write_adapter(a.out, combined_cfg, state)
+    path = write_adapter_files(a.out, combined_cfg, state)
     report = {"adapters": [str(Path(x).resolve()) for x in a.adapters], "config": asdict(cfg), "method": a.method,
               "weights": result.weights, "loss": result.loss, "objective": result.objective,
               "start_weights": result.start_weights, "start_loss": result.start_loss,

@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moa.atomic import atomic_write_text  # noqa: E402
-from moa.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE  # noqa: E402
+from moa.files.atomic import atomic_write_text  # noqa: E402
+from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE  # noqa: E402
 
 SEEDS = (0, 125, 1225)  # the paper's three seeds
 BENCHMARK_SETS = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}

@@ -25,11 +25,11 @@ from tqdm import tqdm  # noqa: E402
 
 from llama.checkpoint import load_model  # noqa: E402
 from moa import RouterStats  # noqa: E402
-from moa.atomic import atomic_write_files, atomic_write_json  # noqa: E402
+from moa.files.atomic import atomic_write_files, atomic_write_json  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
-from moa.data import load_rows, pad_right  # noqa: E402
-from moa.inference import encode_prompt  # noqa: E402
-from moa.loading import load_trained_adapter  # noqa: E402
+from moa.train.data import load_rows, pad_right  # noqa: E402
+from moa.infer.generate import encode_prompt  # noqa: E402
+from moa.files.adapters import load_trained_adapter  # noqa: E402
 
 
 def row_tokens(tokenizer: Any, rows: list[dict], max_seq_len: int, with_output: bool) -> list[list[int]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moa.atomic import atomic_write_text  # noqa: E402
+from moa.files.atomic import atomic_write_text  # noqa: E402
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -5,10 +5,10 @@ accuracy and the accuracy of base / each single adapter / selector top-1 / top-p
     python scripts/import_gguf.py --out models/smollm2          # once
     python scripts/task_adapters_demo.py --ckpt_dir models/smollm2 --out runs/task_adapters_demo
 
-Every step calls the project's own code: `moa.trainer.finetune` (main_finetune.py's loop) for the
-LoRAs, `moa.registry`, `moa.selector.train_on_registry`, `moa.lorahub.lorahub` (few-shot weights per
-task from `--lorahub_shots` training rows of that task), and `moa.inference.run_inference`
-(example.py) for every prediction file, scored with the standard rules (moa/scoring.py). Finished
+Every step calls the project's own code: `moa.train.trainer.finetune` (main_finetune.py's loop) for the
+LoRAs, `moa.tasks.registry`, `moa.tasks.selector.train_on_registry`, `moa.tasks.lorahub.lorahub` (few-shot weights per
+task from `--lorahub_shots` training rows of that task), and `moa.infer.generate.run_inference`
+(example.py) for every prediction file, scored with the standard rules (moa/eval/scoring.py). Finished
 steps are reused on a rerun (delete --out to start over). The defaults are sized for a 2-core CPU;
 the numbers they give are what such tiny training runs give, reported as they are.
 
@@ -29,16 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.checkpoint import load_model, load_params  # noqa: E402
-from moa.algebra import write_adapter  # noqa: E402
-from moa.checkpointing import checkpoint_path, load_training_checkpoint  # noqa: E402
-from moa.config import MoAConfig  # noqa: E402
-from moa.data import load_rows  # noqa: E402
-from moa.inference import InferenceConfig, run_inference  # noqa: E402
-from moa.lorahub import LoraHubConfig, lorahub  # noqa: E402
-from moa.registry import Registry, TaskEntry, load_registry, save_registry  # noqa: E402
-from moa.scoring import score_generation  # noqa: E402
-from moa.selector import load_selector, save_selector, train_on_registry  # noqa: E402
-from moa.trainer import TrainConfig, finetune  # noqa: E402
+from moa.files.adapters import write_adapter_files  # noqa: E402
+from moa.train.checkpointing import checkpoint_path, load_training_checkpoint  # noqa: E402
+from moa.method.config import MoAConfig  # noqa: E402
+from moa.train.data import load_rows  # noqa: E402
+from moa.infer.generate import InferenceConfig, run_inference  # noqa: E402
+from moa.tasks.lorahub import LoraHubConfig, lorahub  # noqa: E402
+from moa.tasks.registry import Registry, TaskEntry, load_registry, save_registry  # noqa: E402
+from moa.eval.scoring import score_generation  # noqa: E402
+from moa.tasks.selector import load_selector, save_selector, train_on_registry  # noqa: E402
+from moa.train.trainer import TrainConfig, finetune  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def train_task_lora(a: argparse.Namespace, task: str, rows: list[dict], out: Pat
     t0 = time.perf_counter()
     summary = finetune(train_cfg, moa_cfg, {**vars(a), "task": task, "max_seq_len": a.max_seq_len})
     ckpt = load_training_checkpoint(checkpoint_path(str(run_dir), a.epochs - 1))
-    write_adapter(adapter, MoAConfig.from_dict(ckpt["adapter_params"]), ckpt["model"])
+    write_adapter_files(adapter, MoAConfig.from_dict(ckpt["adapter_params"]), ckpt["model"])
     print(f"[{task}] LoRA trained on {len(rows)} rows in {time.perf_counter() - t0:.0f} s "
           f"({summary['steps']} steps, last loss {summary['last_loss']:.3f}) -> {adapter}")
     return adapter
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             base, tok = load_model(a.ckpt_dir, device=a.device, max_seq_len=a.max_seq_len)
             result, cfg, state = lorahub(base, tok, [str(adapters[u]) for u in TASKS], shots,
                                          LoraHubConfig(steps=a.lorahub_steps, seed=a.seed, max_seq_len=a.max_seq_len))
-            write_adapter(path, cfg, state)
+            write_adapter_files(path, cfg, state)
             write_json(path.parent / "lorahub.json", {"tasks": list(TASKS), "weights": result.weights,
                                                       "loss": result.loss, "start_loss": result.start_loss})
             print(f"[{t}] LoraHub weights {dict(zip(TASKS, (round(w, 3) for w in result.weights)))}: few-shot loss "

@@ -1,4 +1,4 @@
-"""Train a task selector for a task-adapter registry (moa/selector.py):
+"""Train a task selector for a task-adapter registry (moa/tasks/selector.py):
 
     python scripts/train_selector.py --adapter_registry tasks.json --ckpt_dir models/smollm2 \\
         --out selector.pt --kind mlp [--rows_per_task 256 --heldout_per_task 32]
@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from llama.checkpoint import load_model  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
-from moa.registry import load_registry  # noqa: E402
-from moa.selector import METRICS, SELECTOR_KINDS, save_selector, train_on_registry  # noqa: E402
+from moa.tasks.registry import load_registry  # noqa: E402
+from moa.tasks.selector import METRICS, SELECTOR_KINDS, save_selector, train_on_registry  # noqa: E402
 
 
 def format_report(report: dict) -> str:

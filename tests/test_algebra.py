@@ -1,6 +1,6 @@
-"""moa/algebra.py: merge into a base dir (reference: the unmerged adapter, rel <= 1e-5 fp32), SVD
+"""moa/lora/algebra.py: merge into a base dir (reference: the unmerged adapter, rel <= 1e-5 fp32), SVD
 extraction (a known rank-r delta, known singular values), combine (reference: PEFT's
-add_weighted_adapter on the same LoRAs exported with moa/peft_format.py, rel <= 1e-5)."""
+add_weighted_adapter on the same LoRAs exported with moa/files/peft.py, rel <= 1e-5)."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +8,10 @@ import torch
 
 from llama.checkpoint import load_model, load_params, load_state_dict
 from moa import MoAConfig, attach_adapters, save_adapter
-from moa.algebra import (COMBINE_METHODS, combine, extract_lora_svd, kept_energy, lora_delta, merge_into_base,
-                         read_plain_lora, write_adapter)
-from moa.peft_format import export_peft, from_peft_state
+from moa.files.adapters import write_adapter_files
+from moa.lora.algebra import (COMBINE_METHODS, combine, extract_lora_svd, kept_energy, lora_delta, merge_into_base,
+                         read_plain_lora)
+from moa.files.peft import export_peft, from_peft_state
 from tests.helpers import make_lora_adapter, rel, write_meta_model_dir
 from tests.hf_reference import hf_twin
 
@@ -155,7 +156,7 @@ def test_extract_recovers_known_rank_delta_and_energy_fp32_rtol1em5(base_dir, tm
     assert all(e == pytest.approx(1.0, abs=1e-6) for e in report.kept_energy.values())
     for site, values in known.items():
         assert torch.allclose(report.singular_values[site][:4], values, rtol=1e-4)
-    write_adapter(tmp_path / "ex", cfg, state)
+    write_adapter_files(tmp_path / "ex", cfg, state)
     merged = merge_into_base(base_dir, tmp_path / "ex", tmp_path / "merged")
     t = tokens()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""moa.data: the Alpaca template (DESIGN §3), row validation, test-set overlap, tokenisation with
+"""moa.train.data: the Alpaca template (DESIGN §3), row validation, test-set overlap, tokenisation with
 label masking and truncation, dynamic padding. Exact comparisons (integers and strings)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama.tokenizer import load_tokenizer
-from moa.data import (IGNORE_INDEX, InstructionDataset, build_prompt, collate, load_rows, question_key,
+from moa.train.data import (IGNORE_INDEX, InstructionDataset, build_prompt, collate, load_rows, question_key,
                       split_test_overlap, tokenize_rows)
 from tests.helpers import write_byte_tokenizer
 

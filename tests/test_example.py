@@ -1,4 +1,4 @@
-"""example.py / moa/inference.py: prediction files from a base model with or without adapters.
+"""example.py / moa/infer/generate.py: prediction files from a base model with or without adapters.
 
 Most tests use a tiny random LLaMA written as a Meta base-model directory (byte tokenizer, fp32,
 CPU); greedy comparisons are exact (token ids, whole files byte for byte). References: the same
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import moa.inference as inference
+import moa.infer.generate as inference
 from example import parse_args
 from llama.checkpoint import load_model
 from llama.generation import generate
-from moa.data import build_prompt
-from moa.inference import InferenceConfig, encode_prompt, format_summary, resolve_max_seq_len, run_inference
+from moa.train.data import build_prompt
+from moa.infer.generate import InferenceConfig, encode_prompt, format_summary, resolve_max_seq_len, run_inference
 from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

@@ -1,4 +1,4 @@
-"""moa/fusion.py and moa/task_routing.py: N task LoRAs on one model.
+"""moa/tasks/fusion.py and moa/tasks/routing.py: N task LoRAs on one model.
 
 References: each adapter loaded alone through `moa.load_adapter` (the existing single-LoRA path),
 and, for fractional weights, the base with its weights replaced by W + sum_i w_i dW_i computed
@@ -12,9 +12,9 @@ import torch
 from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
-from moa.algebra import lora_delta, lora_sites, read_plain_lora
-from moa.fusion import attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
-from moa.task_routing import RoutingPlan
+from moa.lora.algebra import lora_delta, lora_sites, read_plain_lora
+from moa.tasks.fusion import attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
+from moa.tasks.routing import RoutingPlan
 from tests.helpers import rel, write_meta_model_dir
 from tests.task_helpers import make_task_adapter
 

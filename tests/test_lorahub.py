@@ -1,4 +1,4 @@
-"""moa/lorahub.py and scripts/lorahub.py: CMA-ES (the `cma` package) over the weights of three LoRAs.
+"""moa/tasks/lorahub.py and scripts/lorahub.py: CMA-ES (the `cma` package) over the weights of three LoRAs.
 
 Toy problem: the few-shot targets are the greedy continuations of the base with adapter 0, so
 adapter 0 is right; the search must find weights with a lower few-shot loss than uniform weights,
@@ -14,9 +14,9 @@ import torch
 from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
-from moa.data import IGNORE_INDEX
-from moa.fusion import attach_bank, load_bank, set_row_weights
-from moa.lorahub import LoraHubConfig, few_shot_loss, lorahub_search
+from moa.train.data import IGNORE_INDEX
+from moa.tasks.fusion import attach_bank, load_bank, set_row_weights
+from moa.tasks.lorahub import LoraHubConfig, few_shot_loss, lorahub_search
 from scripts.lorahub import main as lorahub_main
 from tests.helpers import write_meta_model_dir
 from tests.task_helpers import make_task_adapter, task_rows, write_rows

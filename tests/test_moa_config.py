@@ -5,7 +5,7 @@ import pytest
 
 from llama import ModelArgs, Transformer
 from moa import MoAConfig, attach_adapters
-from moa.config import parse_spans
+from moa.method.config import parse_spans
 
 
 def test_defaults_switch_every_type_off_exact():

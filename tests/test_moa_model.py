@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
 from moa import MoAConfig, RouterStats, adapter_state_dict, attach_adapters, collect_aux_loss, load_adapter_state_dict
-from moa.routers import BlockRouter, Route
+from moa.method.routers import BlockRouter, Route
 from tests.helpers import rel
 
 TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64,

@@ -69,7 +69,7 @@ def test_load_adapter_reads_extracted_params_with_training_max_seq_len_exact(tmp
     """extract_adapter_from_checkpoint.py adds the training max_seq_len to adapter_params.json: not a flag."""
     import json
 
-    from moa.config import read_adapter_params
+    from moa.files.adapters import read_adapter_params
 
     model = moa_model(SOFT)
     path = tmp_path / "adapter.pth"

@@ -1,4 +1,4 @@
-"""moa/registry.py and scripts/adapters.py: the registry file after add/delete/balance (hand-written
+"""moa/tasks/registry.py and scripts/registry.py: the registry file after add/delete/balance (hand-written
 expected JSON), the directory-tree form, and clear errors (missing adapter or data, duplicate task)."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from moa.registry import add_task, balance_tasks, delete_task, load_registry
-from scripts.adapters import main as adapters_main
+from moa.tasks.registry import add_task, balance_tasks, delete_task, load_registry
+from scripts.registry import main as adapters_main
 from tests.helpers import write_meta_model_dir
 from tests.task_helpers import make_task_adapter, task_rows, write_rows
 

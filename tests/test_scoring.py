@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moa.scoring import (
+from moa.eval.scoring import (
     extract_letter,
     extract_number,
     extract_strict_letter,

@@ -1,4 +1,4 @@
-"""moa/selector.py, moa/embedding.py, scripts/train_selector.py and example.py --adapter_registry.
+"""moa/tasks/selector.py, moa/tasks/embedding.py, scripts/train_selector.py and example.py --adapter_registry.
 
 References: a separable synthetic set (>= 95% held-out, both kinds, all three distances); a
 hand-worked example where cosine, inner product and L2 rank three keys differently; the pooled
@@ -14,9 +14,9 @@ import torch
 
 from example import main as example_main
 from llama.checkpoint import load_model
-from moa.embedding import embed_rows, row_tokens
-from moa.registry import add_task, load_registry
-from moa.selector import (SelectorConfig, fit_selector, load_selector, routing_report, save_selector,
+from moa.tasks.embedding import embed_rows, row_tokens
+from moa.tasks.registry import add_task, load_registry
+from moa.tasks.selector import (SelectorConfig, fit_selector, load_selector, routing_report, save_selector,
                           selector_rows, similarity, task_scores)
 from scripts.train_selector import main as train_selector_main
 from tests.helpers import write_meta_model_dir

@@ -28,9 +28,9 @@ import extract_adapter_from_checkpoint  # noqa: E402
 import main_finetune  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from moa import MoAConfig, adapter_state_dict, attach_adapters, load_adapter_state_dict  # noqa: E402
-from moa.data import Example, InstructionDataset, collate  # noqa: E402
-from moa.schedule import WarmupCosine, param_groups, scaled_lr  # noqa: E402
-from moa.trainer import CausalLMLoss, DistEnv, forward_backward, wrap_ddp  # noqa: E402
+from moa.train.data import Example, InstructionDataset, collate  # noqa: E402
+from moa.train.schedule import WarmupCosine, param_groups, scaled_lr  # noqa: E402
+from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward, wrap_ddp  # noqa: E402
 from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
@@ -240,7 +240,8 @@ def test_extract_is_all_or_none_when_a_write_fails(tiny_model_dir, tmp_path, mon
 
     def disk_full(obj, path):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(extract_adapter_from_checkpoint, "write_json", disk_full)
+    import moa.files.adapters
+    monkeypatch.setattr(moa.files.adapters, "write_json", disk_full)
     assert extract_adapter_from_checkpoint.main(["--checkpoint", str(out / "checkpoint-0.pth")]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-0.pth", "log.txt"]
 

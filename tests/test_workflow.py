@@ -19,7 +19,7 @@ import torch
 
 from llama.checkpoint import load_model
 from moa import MoAConfig, RouterStats, attach_adapters, save_adapter
-from moa.scoring import COMMONSENSE_SETS, MATH_SETS, score_generation
+from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, score_generation
 
 REPO = Path(__file__).resolve().parent.parent
 # Tiny sizes: a few training rows and steps, one or two test rows, a few new tokens. On the tiny

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moa.atomic import atomic_write_files
-from moa.config import MoAConfig
-from moa.schedule import WarmupCosine
-from moa.state import adapter_state_dict, load_adapter_state_dict
+from moa.files.atomic import atomic_write_files
+from moa.method.config import MoAConfig
+from moa.train.schedule import WarmupCosine
+from moa.method.state import adapter_state_dict, load_adapter_state_dict
 
 CHECKPOINT_FORMAT = "moa-train-checkpoint"
 CHECKPOINT_VERSION = 1

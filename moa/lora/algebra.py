@@ -24,12 +24,13 @@ import torch
 
 from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths
 from llama.model import ModelArgs
-from moa.atomic import atomic_write_files, write_json
-from moa.config import LORA_TARGETS, MoAConfig, parse_spans, read_adapter_params
-from moa.loading import load_trained_adapter
-from moa.state import ADAPTER_PARAMS, BASE_TRAINED, merge_lora
+from moa.files.atomic import atomic_write_files, write_json
+from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
+from moa.files.adapters import load_trained_adapter
+from moa.files.adapters import (ADAPTER_PARAMS, BASE_TRAINED, adapter_file, read_adapter_files,
+                                read_adapter_params, write_adapter_files)
+from moa.method.state import merge_lora
 
-ADAPTER_FILE = "adapter.pth"
 
 # PEFT's combination types (`add_weighted_adapter(combination_type=...)`):
 #   cat: concatenate ranks, A_cat = [w_i s_i A_i] (rows), B_cat = [B_i] (columns): exact sum of w_i dW_i.
@@ -106,16 +107,6 @@ def site_shape(args: ModelArgs, site: str) -> tuple[int, int]:
     return shapes[site.rsplit(".", 1)[1]]
 
 
-def adapter_file(path: str | os.PathLike) -> Path:
-    """`path` itself when it is a file, else `path/adapter.pth`; FileNotFoundError when missing."""
-    path = Path(path)
-    file = path / ADAPTER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"adapter file {file} does not exist (expected adapter.pth with "
-                                f"{ADAPTER_PARAMS} beside it)")
-    return file
-
-
 def adapter_config(file: Path) -> MoAConfig:
     """The `MoAConfig` of `adapter_params.json` beside adapter file `file`."""
     return read_adapter_params(file.parent / ADAPTER_PARAMS)[0]
@@ -150,19 +141,6 @@ def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch
             raise ValueError(f"{file}: {site} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; expected "
                              f"(r, in), (out, r) with r = --lora_rank {r}")
     return cfg, {k: v.float() for k, v in state.items()}
-
-
-def write_adapter(path: str | os.PathLike, cfg: MoAConfig, state: dict[str, torch.Tensor]) -> Path:
-    """Write `state` to `path` (a file name, e.g. `out/adapter.pth`; a folder gets `adapter.pth`) and
-    `cfg` to `adapter_params.json` beside it, all-or-none (temporary names, renamed once both exist)."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".pth":
-        path = path / ADAPTER_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write_files({str(path): lambda tmp: torch.save(tensors, tmp),
-                        str(path.parent / ADAPTER_PARAMS): lambda tmp: write_json(cfg.to_dict(), tmp)})
-    return path
 
 
 def lora_delta(cfg: MoAConfig, state: dict[str, torch.Tensor], site: str) -> torch.Tensor:

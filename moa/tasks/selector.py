@@ -1,4 +1,4 @@
-"""Task selectors over base-model embeddings (`moa.embedding`): which task adapter(s) a row needs.
+"""Task selectors over base-model embeddings (`moa.tasks.embedding`): which task adapter(s) a row needs.
 
 Two kinds, one file format:
 - `mlp` (MoLE's task classifier, DLP-LoRA's mini-MLP): Linear(dim, hidden) -> GELU ->
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.atomic import atomic_write_files
-from moa.data import load_rows
-from moa.embedding import embed_rows
-from moa.registry import Registry
+from moa.files.atomic import atomic_write_files
+from moa.train.data import load_rows
+from moa.tasks.embedding import embed_rows
+from moa.tasks.registry import Registry
 
 SELECTOR_KINDS = ("mlp", "nearest")
 METRICS = ("cos", "ip", "l2")
@@ -45,7 +45,7 @@ class SelectorConfig:
     kind: str
     tasks: list[str]
     dim: int
-    max_tokens: int = 256  # tokens of each row's text embedded (moa.embedding.row_tokens)
+    max_tokens: int = 256  # tokens of each row's text embedded (moa.tasks.embedding.row_tokens)
     standardize: bool = True  # z-score embeddings with the training rows' mean/std first
     hidden: int = 256  # mlp
     steps: int = 300  # mlp: full-batch AdamW steps

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moa.routers import BlockRouter
+from moa.method.routers import BlockRouter
 
 
 class RouterStats:

@@ -8,24 +8,21 @@ weights. Padding never reaches a decision: pooled means and selections use the r
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.config import MoAConfig
+from llama.model import KVCache, is_recomputing
+from moa.method.config import PROMPT_SLOT, MoAConfig
 
 # Surrogate slope of the straight-through threshold gradient (--threshold_ste): the mask's
 # backward is that of sigmoid((w - t) / STE_TEMPERATURE).
 STE_TEMPERATURE = 0.1
-
-
-def in_backward() -> bool:
-    """True while autograd runs a backward pass, i.e. when activation checkpointing recomputes a
-    block: statistics and auxiliary losses must not be recorded a second time then."""
-    return torch._C._current_graph_task_id() != -1
 
 
 @dataclass
@@ -43,6 +40,40 @@ class Route:
     token_mask: Optional[torch.Tensor] = None
 
 
+# The routes of the block whose forward is running ({slot: Route}); set by `routing()` for exactly
+# that forward (activation checkpointing's recomputation re-runs the block and sets them again).
+_ROUTES: contextvars.ContextVar[Optional[dict[str, Route]]] = contextvars.ContextVar("moa_routes", default=None)
+# The load-balance terms of the model forward that is running (see `collecting_aux_losses`).
+_AUX_TERMS: contextvars.ContextVar[Optional[list[torch.Tensor]]] = contextvars.ContextVar("moa_aux", default=None)
+
+
+@contextlib.contextmanager
+def routing(routes: dict[str, Route]) -> Iterator[None]:
+    """Hand `routes` to the sites of one block for the duration of its forward."""
+    token = _ROUTES.set(routes)
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)
+
+
+def current_route(slot: Optional[str]) -> Optional[Route]:
+    """The route of `slot` in the running block's forward; None (weight 1) outside any block."""
+    routes = _ROUTES.get()
+    return None if routes is None else routes.get(slot)
+
+
+@contextlib.contextmanager
+def collecting_aux_losses() -> Iterator[list[torch.Tensor]]:
+    """Collect the `lb_loss_coeff * E * sum_i f_i P_i` terms of the forwards run inside the block."""
+    terms: list[torch.Tensor] = []
+    token = _AUX_TERMS.set(terms)
+    try:
+        yield terms
+    finally:
+        _AUX_TERMS.reset(token)
+
+
 def masked_mean(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of x (B, T, d) over the real tokens of each row -> (B, d); pads never count."""
     if token_mask is None:
@@ -56,9 +87,9 @@ class ExpertRouter(nn.Module):
 
     `soft`: softmax(Linear(z)). `topk`: the top-k softmax weights, renormalised. `adamole`:
     relu(p - sigmoid(Linear(z)) / E), renormalised. With `lb_loss_coeff > 0`, each training
-    forward leaves `E * sum_i f_i P_i` (over real rows; f_i = share of rows whose top-k, k = 1
-    unless `topk`, contains expert i, divided by k; P_i = mean softmax weight) in `aux_loss`,
-    which `collect_aux_loss` picks up.
+    forward adds `lb_loss_coeff * E * sum_i f_i P_i` (over real rows; f_i = share of rows whose
+    top-k, k = 1 unless `topk`, contains expert i, divided by k; P_i = mean softmax weight) to the
+    running model forward's terms (`collecting_aux_losses`), which `collect_aux_loss` hands out.
     """
 
     def __init__(self, in_dim: int, n_experts: int, cfg: MoAConfig, bias: bool,
@@ -70,7 +101,6 @@ class ExpertRouter(nn.Module):
         self.lb_loss_coeff = cfg.lb_loss_coeff
         self.proj = nn.Linear(in_dim, n_experts, bias=bias, device=device, dtype=dtype)
         self.threshold = (nn.Linear(in_dim, 1, device=device, dtype=dtype) if self.kind == "adamole" else None)
-        self.aux_loss: Optional[torch.Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,8 +126,9 @@ class ExpertRouter(nn.Module):
             aux = self._balance(p, row_mask)
             # Checkpointing's recomputation must save what the forward saved, so it computes the term
             # too, but only the forward's term is handed out.
-            if not in_backward():
-                self.aux_loss = aux
+            terms = _AUX_TERMS.get()
+            if terms is not None and not is_recomputing():
+                terms.append(self.lb_loss_coeff * aux)
         return w
 
     def _balance(self, p: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -111,21 +142,15 @@ class ExpertRouter(nn.Module):
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of `lb_loss_coeff * E * sum_i f_i P_i` over every mixture site of the last training forward.
-
-    Returns a scalar (0 when `lb_loss_coeff` is 0 or there is no mixture) to add to the loss; each
-    stored term is handed out once (collecting clears it).
-    """
-    total = None
-    for module in model.modules():
-        if isinstance(module, ExpertRouter) and module.aux_loss is not None:
-            term = module.lb_loss_coeff * module.aux_loss
-            total = term if total is None else total + term
-            module.aux_loss = None
-    if total is None:
-        param = next(model.parameters(), None)
-        total = torch.zeros((), device=None if param is None else param.device)
-    return total
+    """Sum of `lb_loss_coeff * E * sum_i f_i P_i` over every mixture site of the model's last training
+    forward: a scalar (0 when `lb_loss_coeff` is 0 or there is no mixture) to add to the loss. Each
+    forward's total is handed out once (collecting clears it)."""
+    total = getattr(model, "aux_loss", None)
+    if total is not None:
+        model.aux_loss = None
+        return total
+    param = next(model.parameters(), None)
+    return torch.zeros((), device=None if param is None else param.device)
 
 
 def slot_group(slot: str) -> str:
@@ -168,7 +193,6 @@ class BlockRouter(nn.Module):
         self.gates = (nn.ModuleDict({g: nn.Linear(dim, 1, **kw) for g in dict.fromkeys(map(slot_group, slots))})
                       if self.mode == "unipeft" else None)
         self.stats = None  # a RouterStats collecting while its `with` block runs
-        self._prefill_weights: Optional[torch.Tensor] = None  # (B, n) instance/unipeft weights for KV decode
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -182,12 +206,16 @@ class BlockRouter(nn.Module):
             return self.proj(x)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.named_parameters()
+
     def _sequence_weights(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], start_pos: int,
-                          caching: bool) -> torch.Tensor:
-        """(B, n) per-sequence weights; during KV decode (start_pos > 0) the ones stored at prefill."""
+                          cache: Optional[KVCache]) -> torch.Tensor:
+        """(B, n) per-sequence weights; during KV decode (start_pos > 0) the ones stored beside the KV
+        cache at prefill (they live as long as that cache)."""
         bsz = x.shape[0]
         if start_pos > 0:
-            stored = self._prefill_weights
+            stored = None if cache is None else cache.extra.get("type_router_weights")
             if stored is None or stored.shape[0] < bsz:
                 raise ValueError(f"--type_router {self.mode}: a decode step (start_pos {start_pos}) needs the "
                                  "whole prompt run first in one chunk at start_pos 0 with a KV cache")
@@ -198,22 +226,22 @@ class BlockRouter(nn.Module):
             w = torch.cat([gate[slot_group(s)] for s in self.slots], dim=-1)
         else:
             w = torch.sigmoid(self._logits(pooled))
-        if caching:
-            self._prefill_weights = w.detach()
+        if cache is not None:
+            cache.extra["type_router_weights"] = w.detach()
         return w
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], start_pos: int = 0,
-                caching: bool = False) -> dict[str, Route]:
+                cache: Optional[KVCache] = None) -> dict[str, Route]:
         """Block input x (B, T, dim), token_mask (B, T) bool or None -> {slot: Route}.
 
-        caching: a KV cache is attached (instance/unipeft store the prefill weights for decode).
+        cache: the block's KV cache during generation (instance/unipeft keep the prefill weights there).
         """
         if self.mode == "none":
             self._record(None, None, token_mask, x)
             return {slot: Route(None, None, token_mask) for slot in self.slots}
         xr = x.to(self.dtype)
         if self.mode in ("instance", "unipeft"):
-            w = self._sequence_weights(xr, token_mask, start_pos, caching)[:, None, :]  # (B, 1, n)
+            w = self._sequence_weights(xr, token_mask, start_pos, cache)[:, None, :]  # (B, 1, n)
             self._record(w, None, token_mask, x)
             return {s: Route(w[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
         w = torch.sigmoid(self._logits(xr))  # (B, T, n)
@@ -240,10 +268,10 @@ class BlockRouter(nn.Module):
             g = g * (1.0 + s - s.detach())
         self._record(w, keep, token_mask, x)
         routes = {}
-        if "prompt" in self.col:  # attention to the prompt cannot skip a token: dense, masked weight
-            j = self.col["prompt"]
-            routes["prompt"] = Route(g[..., j:j + 1], None, token_mask)
-        cols = [j for s, j in self.col.items() if s != "prompt"]
+        if PROMPT_SLOT in self.col:  # attention to the prompt cannot skip a token: dense, masked weight
+            j = self.col[PROMPT_SLOT]
+            routes[PROMPT_SLOT] = Route(g[..., j:j + 1], None, token_mask)
+        cols = [j for s, j in self.col.items() if s != PROMPT_SLOT]
         if cols:
             keep_t = keep.reshape(-1, n)[:, cols].t()  # (n_skippable, B*T)
             counts = keep_t.sum(1).tolist()  # the only host sync: selection sizes
@@ -259,7 +287,7 @@ class BlockRouter(nn.Module):
     def _record(self, w: Optional[torch.Tensor], keep: Optional[torch.Tensor],
                 token_mask: Optional[torch.Tensor], x: torch.Tensor) -> None:
         """Add this forward's sums over real tokens to the attached RouterStats (if any)."""
-        if self.stats is None or in_backward():
+        if self.stats is None or is_recomputing():
             return
         bsz, seqlen, _ = x.shape
         n = len(self.slots)

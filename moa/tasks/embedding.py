@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import torch
 
 from llama.model import Transformer
-from moa.data import pad_right
-from moa.routers import masked_mean
+from moa.train.data import pad_right
+from moa.method.routers import masked_mean
 
 
 def row_tokens(tokenizer: Any, row: dict, max_tokens: int) -> list[int]:

@@ -6,13 +6,11 @@ that names the flag and says what was expected.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from moa.atomic import atomic_write_json
+from moa.files.atomic import atomic_write_json
 
 # --lora_targets name -> (slot name, path of the projection inside a TransformerBlock).
 # The slot name is the key the type router uses for that LoRA type.
@@ -25,6 +23,10 @@ LORA_TARGETS: dict[str, tuple[str, str]] = {
     "FFN_UP": ("lora.w3", "feed_forward.w3"),
     "FFN_DOWN": ("lora.w2", "feed_forward.w2"),
 }
+# Slot names: how a block's type router, the statistics and the parameter report name each type.
+PROMPT_SLOT = "prompt"
+P_ADAPTER_SLOT = "p_adapter"
+LORA_SLOTS = tuple(slot for slot, _ in LORA_TARGETS.values())  # "lora.wq", ...
 TYPE_ROUTERS = ("soft", "sparse", "instance", "unipeft", "none")
 EXPERT_ROUTERS = ("soft", "topk", "adamole")
 _SPAN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -174,31 +176,7 @@ class MoAConfig:
     @classmethod
     def from_json(cls, path: str) -> "MoAConfig":
         """The adapter flags of `adapter_params.json` (a training `max_seq_len` there is not a flag:
-        see `read_adapter_params`)."""
+        see `moa.files.adapters.read_adapter_params`)."""
+        from moa.files.adapters import read_adapter_params  # the one reader of that file
+
         return read_adapter_params(path)[0]
-
-
-def read_adapter_params(path: str | os.PathLike) -> tuple[MoAConfig, Optional[int]]:
-    """Read `adapter_params.json`: (the adapter flags, the training `max_seq_len` or None).
-
-    extract_adapter_from_checkpoint.py records the training `max_seq_len` beside the flags (example.py
-    caps prompt + generation at it by default). `FileNotFoundError` / `ValueError` name the file.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such adapter params file (it holds the flags that rebuild the "
-                                "adapters; extract_adapter_from_checkpoint.py writes it beside adapter.pth)")
-    with open(path) as f:
-        try:
-            params = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object of adapter flags")
-    max_seq_len = params.pop("max_seq_len", None)
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 2):
-        raise ValueError(f"{path}: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    try:
-        return MoAConfig.from_dict(params), max_seq_len
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None

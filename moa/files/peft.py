@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama.model import ModelArgs
-from moa.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape, write_adapter
-from moa.config import LORA_TARGETS, MoAConfig
+from moa.lora.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape
+from moa.files.adapters import write_adapter_files
+from moa.method.config import LORA_TARGETS, MoAConfig
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -171,4 +172,4 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
     check_plain_lora(cfg, str(peft_dir))
     state = from_peft_state(cfg, peft_state, args)
     _check_shapes(cfg, state, args, str(weights_path))
-    return write_adapter(out_path, cfg, state)
+    return write_adapter_files(out_path, cfg, state)

@@ -5,10 +5,10 @@ Before any adapter is attached, the selector reads every row's base-model embedd
 probabilities (R, N). Then:
 - `top1`: each row runs with its most probable task's adapter. Rows are grouped by that choice and
   each group is batched on its own; before a batch, its adapter's tensors are loaded into the
-  model's one plain LoRA per site (`moa.fusion.use_adapter`).
+  model's one plain LoRA per site (`moa.tasks.fusion.use_adapter`).
 - `topp`: each row runs with the weighted fusion of the adapters whose probabilities reach
-  `top_p_adapters` (DLP-LoRA; `moa.fusion.top_p_weights`); batches mix rows freely, each row with its
-  own weights, through the stacked MoLoRA sites (`moa.fusion.set_row_weights`).
+  `top_p_adapters` (DLP-LoRA; `moa.tasks.fusion.top_p_weights`); batches mix rows freely, each row with its
+  own weights, through the stacked MoLoRA sites (`moa.tasks.fusion.set_row_weights`).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 import torch
 
 from llama.model import Transformer
-from moa.embedding import embed_rows
-from moa.fusion import AdapterBank, attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
-from moa.registry import load_registry
-from moa.selector import check_tasks, load_selector
+from moa.tasks.embedding import embed_rows
+from moa.tasks.fusion import AdapterBank, attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
+from moa.tasks.registry import load_registry
+from moa.tasks.selector import check_tasks, load_selector
 
 FUSION_MODES = ("top1", "topp")
 

@@ -1,10 +1,10 @@
-"""Edit a task-adapter registry (moa/registry.py), a JSON file {domain: {task: {adapter, data}}}:
+"""Edit a task-adapter registry (moa/tasks/registry.py), a JSON file {domain: {task: {adapter, data}}}:
 
-    python scripts/adapters.py add --registry tasks.json --domain math --task gsm8k \\
+    python scripts/registry.py add --registry tasks.json --domain math --task gsm8k \\
         --adapter runs/gsm8k/adapter.pth --data data/math/train/gsm8k_train.json
-    python scripts/adapters.py delete --registry tasks.json --task gsm8k
-    python scripts/adapters.py list --registry tasks.json        (also a domain/task/ directory tree)
-    python scripts/adapters.py balance --registry tasks.json [--n_train N]
+    python scripts/registry.py delete --registry tasks.json --task gsm8k
+    python scripts/registry.py list --registry tasks.json        (also a domain/task/ directory tree)
+    python scripts/registry.py balance --registry tasks.json [--n_train N]
 
 `balance` sets every task's `n_train` (rows the selector trains on) to N, default the smallest
 task's row count. After adding or deleting a task, retrain the selector (scripts/train_selector.py).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moa.registry import Registry, add_task, balance_tasks, delete_task, load_registry, task_row_counts  # noqa: E402
+from moa.tasks.registry import Registry, add_task, balance_tasks, delete_task, load_registry, task_row_counts  # noqa: E402
 
 
 def format_registry(reg: Registry) -> str:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             reg = load_registry(a.registry)
     except (FileNotFoundError, ValueError) as e:
-        print(f"adapters.py: error: {e}", file=sys.stderr)
+        print(f"registry.py: error: {e}", file=sys.stderr)
         return 2
     print(format_registry(reg))
     return 0

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from moa.scoring import write_jsonl_atomic
+from moa.eval.scoring import write_jsonl_atomic
 
 PARTIAL_SUFFIX = ".partial"
 # Fields every prediction line starts with, then the row's other fields, then what inference adds.

@@ -28,10 +28,12 @@ from tqdm import tqdm
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
-from moa import MoAConfig, attach_adapters, collect_aux_loss
-from moa.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
-from moa.data import IGNORE_INDEX, InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
-from moa.schedule import WarmupCosine, make_adamw, scaled_lr
+from moa.method.config import MoAConfig
+from moa.method.inject import MoABlock, adapter_names, attach_adapters
+from moa.method.routers import collect_aux_loss
+from moa.train.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
+from moa.train.data import IGNORE_INDEX, InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
+from moa.train.schedule import WarmupCosine, make_adamw, scaled_lr
 
 LOGITS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MiB): rows = this // vocab_size
 
@@ -219,27 +221,26 @@ def forward_backward(module: nn.Module, batches: list[dict[str, torch.Tensor]], 
 
 def trainable_counts(model: nn.Module) -> dict[str, int]:
     """Trainable parameter elements per type: LoRA sites by slot (`lora.wq`, ...), `prompt`,
-    `p_adapter`, `type_router`, `threshold`, and `norms/biases` (--w_bias)."""
-    adapters = set(getattr(model, "moa_adapter_names", ()))
+    `p_adapter`, `type_router`, `threshold`, and `norms/biases` (--w_bias), read from the sites each
+    block holds (`MoABlock.moa_sites`)."""
     counts: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        rest = re.sub(r"^layers\.\d+\.", "", name)
-        if name not in adapters:
-            kind = "norms/biases"
-        elif rest.startswith("type_router.threshold"):
-            kind = "threshold"
-        elif rest.startswith("type_router"):
-            kind = "type_router"
-        elif ".prompt." in f".{rest}":
-            kind = "prompt"
-        elif ".p_adapter." in f".{rest}":
-            kind = "p_adapter"
-        else:
-            kind = "lora." + rest.split(".")[1]  # attention.wq.lora_A -> lora.wq
-        counts[kind] = counts.get(kind, 0) + p.numel()
-    return counts
+    seen: set[int] = set()
+
+    def add(kind: str, params) -> None:
+        for _, p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                counts[kind] = counts.get(kind, 0) + p.numel()
+
+    blocks = [b for b in model.modules() if isinstance(b, MoABlock)]
+    for slot in dict.fromkeys(s for b in blocks for s in b.moa_sites):
+        add(slot, [kv for b in blocks if slot in b.moa_sites for kv in b.moa_sites[slot].adapter_params()])
+    add("type_router", [kv for b in blocks for kv in b.type_router.named_parameters()
+                        if not kv[0].startswith("threshold.")])
+    add("threshold", [kv for b in blocks for kv in b.type_router.named_parameters() if kv[0].startswith("threshold.")])
+    add("norms/biases", model.named_parameters())
+    ordered = [k for k in counts if k.startswith("lora.")] + [k for k in counts if not k.startswith("lora.")]
+    return {k: counts[k] for k in ordered}
 
 
 def _attn_impl(cfg: TrainConfig, device: torch.device, say) -> str:
@@ -316,8 +317,8 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.data = p.data.float()
                 p.requires_grad_(True)
-    adapter_names = set(model.moa_adapter_names)
-    base_trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapter_names]
+    adapters = set(adapter_names(model))
+    base_trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapters]
 
     examples, skipped = tokenize_rows(rows, tokenizer, cfg.max_seq_len)
     if skipped:
@@ -344,7 +345,7 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
         raise ValueError(f"--epochs {cfg.epochs}: training would start at epoch {start_epoch}, nothing to do")
 
     counts = trainable_counts(model)
-    n_base = sum(p.numel() for n, p in model.named_parameters() if n not in adapter_names)
+    n_base = sum(p.numel() for n, p in model.named_parameters() if n not in adapters)
     say(f"trainable parameters by type ({model.args.n_layers} layers, base {n_base / 1e6:.1f}M frozen):")
     for kind, n in counts.items():
         say(f"  {kind:<14} {n:>14,}")

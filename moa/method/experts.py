@@ -1,22 +1,24 @@
 """The expert modules (DESIGN §1): LoRA sites (plain, MoLoRA, HydraLoRA), the parallel adapter
 (single, MoE, hydra) and the prompt (single, E prompt sets).
 
-Every site reads `self.route` (a `Route`, set by its block for the duration of one forward; None
-means weight 1 on every token). Adapter tensors have their own dtype (fp32 by default): inputs are
+Every site reads its `Route` with `current_route(self.slot)` (handed out by its block for the
+duration of that block's forward; None, outside a block, means weight 1 on every token). Each
+module lists its trainable tensors in `adapter_params()` (the injection seam never guesses them from
+names). Adapter tensors have their own dtype (fp32 by default): inputs are
 cast to it and results cast back to the base's dtype. Homogeneous experts are stacked tensors
 (`A: (E, r, in)`) contracted in one einsum, never a list of modules.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.config import MoAConfig
-from moa.routers import ExpertRouter, Route
+from moa.method.config import P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig
+from moa.method.routers import ExpertRouter, Route, current_route
 
 # delta_fn(z (n, in), row_mask (n,) bool | None, weight (n, 1) | None) -> (n, out)
 DeltaFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
@@ -65,8 +67,10 @@ class LoRALinear(nn.Module):
     Init: A Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default), B zero.
     """
 
-    def __init__(self, base: nn.Linear, cfg: MoAConfig, mixture: str = "lora", dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Linear, cfg: MoAConfig, mixture: str = "lora", dtype: torch.dtype = torch.float32,
+                 slot: Optional[str] = None):
         super().__init__()
+        self.slot = slot  # e.g. "lora.wq": the name its block's type router uses
         if mixture not in ("lora", "molora", "hydra"):
             raise ValueError(f"LoRALinear: mixture must be 'lora', 'molora' or 'hydra', got {mixture!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -83,8 +87,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
         self.router = None if mixture == "lora" else ExpertRouter(self.in_features, e, cfg, False, **kw)
-        self.route: Optional[Route] = None
         self.reset_lora_parameters()
+
+    def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the trainable tensors: LoRA factors and router, never the frozen weight."""
+        return ((n, p) for n, p in self.named_parameters() if n not in ("weight", "bias"))
 
     def reset_lora_parameters(self) -> None:
         """Re-initialise the adapter tensors only (never the frozen weight)."""
@@ -110,7 +117,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) in the base dtype -> (..., out): frozen projection plus the routed LoRA."""
-        return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, self.route)
+        return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, current_route(self.slot))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, mixture={self.mixture}, rank={self.rank}, "
@@ -137,8 +144,11 @@ class ParallelAdapter(nn.Module):
         self.up = nn.Parameter(torch.empty((dim, s) if e == 1 else (e, dim, s), **kw))
         self.up_bias = nn.Parameter(torch.empty((dim,) if e == 1 else (e, dim), **kw))
         self.router = ExpertRouter(dim, e, cfg, True, **kw) if e > 1 else None
-        self.route: Optional[Route] = None
+        self.slot = P_ADAPTER_SLOT
         self.reset_parameters()
+
+    def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.named_parameters()
 
     def reset_parameters(self) -> None:
         xavier = 1e-4 * math.sqrt(6.0 / (self.dim + self.size))  # same fans for down and up
@@ -188,8 +198,11 @@ class PromptExpert(nn.Module):
         self.vectors = nn.Parameter(torch.empty(shape, **kw))
         self.gate = nn.Parameter(torch.empty(1, n_heads, 1, 1, **kw))
         self.router = ExpertRouter(dim, self.n_experts, cfg, True, **kw) if self.n_experts > 1 else None
-        self.route: Optional[Route] = None
+        self.slot = PROMPT_SLOT
         self.reset_parameters()
+
+    def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.named_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -213,7 +226,7 @@ class PromptExpert(nn.Module):
         v = v.repeat_interleave(self.n_heads // kv, dim=1)
         scores = torch.einsum("bhtd,ehld->bhtel", q.to(dtype), k) / math.sqrt(hd)
         out = torch.einsum("bhtel,ehld->bthed", scores.softmax(-1), v)  # (B, T, H, E, hd)
-        route = self.route
+        route = current_route(self.slot)
         if self.router is not None:
             row_mask = None if route is None or route.token_mask is None else route.token_mask.reshape(-1)
             p = self.router(x.reshape(-1, self.dim).to(dtype), row_mask).view(bsz, seqlen, 1, e, 1)

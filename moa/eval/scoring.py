@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
-from moa.atomic import atomic_write_text
+from moa.files.atomic import atomic_write_text
 
 MATH_SETS: tuple[str, ...] = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 COMMONSENSE_SETS: tuple[str, ...] = (

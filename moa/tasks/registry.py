@@ -11,7 +11,7 @@ Two forms, loaded into the same `Registry`:
 Task names are unique over the whole registry (a task name is a selector class and names its
 adapter): the same task under two domains, or twice in one domain of the JSON, is a `ValueError`
 naming both places. A missing adapter or data file is a `FileNotFoundError` naming the task.
-Editing (`add`, `delete`, `balance`, used by `scripts/adapters.py`) works on the JSON form and
+Editing (`add`, `delete`, `balance`, used by `scripts/registry.py`) works on the JSON form and
 writes the file atomically.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from moa.algebra import ADAPTER_FILE, adapter_file
-from moa.atomic import atomic_write_json
-from moa.data import load_rows
+from moa.files.adapters import ADAPTER_FILE, adapter_file
+from moa.files.atomic import atomic_write_json
+from moa.train.data import load_rows
 
 TREE_DATA_FILE = "train.json"
 

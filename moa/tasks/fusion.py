@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from llama.model import Transformer
-from moa.adapters import LoRALinear
-from moa.algebra import indices_to_spans, lora_sites, read_plain_lora
-from moa.config import LORA_TARGETS, MoAConfig, parse_spans
-from moa.inject import attach_adapters
+from moa.method.experts import LoRALinear
+from moa.lora.algebra import indices_to_spans, lora_sites, read_plain_lora
+from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
+from moa.method.inject import attach_adapters
 
 @dataclass
 class AdapterBank:
@@ -45,7 +45,7 @@ class AdapterBank:
 
 
 def build_bank(tasks: Sequence[str], adapters: Sequence[tuple[MoAConfig, dict[str, torch.Tensor]]]) -> AdapterBank:
-    """Stack plain LoRAs (`(cfg, state)` each, as `moa.algebra.read_plain_lora` returns) into a bank."""
+    """Stack plain LoRAs (`(cfg, state)` each, as `moa.lora.algebra.read_plain_lora` returns) into a bank."""
     if len(tasks) != len(adapters) or not adapters:
         raise ValueError(f"build_bank: {len(tasks)} task names for {len(adapters)} adapters (need one each, >= 1)")
     layers = sorted({i for cfg, _ in adapters for s, e in parse_spans("lora_layers", cfg.lora_layers)
@@ -100,7 +100,7 @@ class RowWeights(nn.Module):
         """z (B*T, in) -> (B*T, N) in z's dtype."""
         w = self.weights
         if w is None:
-            raise ValueError("fused adapters: call moa.fusion.set_row_weights(model, weights) before a forward")
+            raise ValueError("fused adapters: call moa.tasks.fusion.set_row_weights(model, weights) before a forward")
         if z.shape[0] % w.shape[0]:
             raise ValueError(f"fused adapters: {z.shape[0]} tokens do not split into the {w.shape[0]} rows "
                              "whose weights were set (set weights for exactly the batch being run)")
@@ -133,7 +133,6 @@ def attach_bank(model: Transformer, bank: AdapterBank, fused: bool) -> Transform
             site.lora_A.copy_(bank.lora_A[name])
             site.lora_B.copy_(bank.lora_B[name])
             site.router = router  # one shared module: the weights are set once per batch
-    model.moa_adapter_names = tuple(n for n in model.moa_adapter_names if ".router." not in n)
     model.moa_bank_fused = True
     model.moa_row_weights = router
     return model

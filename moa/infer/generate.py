@@ -4,7 +4,7 @@ prompts, length-sorted batches, data-parallel ranks and a resumable prediction f
 Adapters: `adapter.pth` with the `adapter_params.json` beside it (every adapter flag, plus the
 training `max_seq_len`), and `base_trained.pth` when training also changed base tensors (--w_bias).
 
-Prompt of a row: BOS (when the tokenizer has one) + `moa.data.build_prompt(instruction, input)`,
+Prompt of a row: BOS (when the tokenizer has one) + `moa.train.data.build_prompt(instruction, input)`,
 the template training used. Lengths, in tokens:
 - `max_seq_len` caps prompt + generation. Default: the adapter's training `max_seq_len` (from its
   adapter_params.json), as the paper's loop does, so that numbers are comparable; the bare model
@@ -28,7 +28,7 @@ may round differently at another batch size, which can flip a near-tie in bf16).
 `torch.Generator` per rank seeded with `seed + rank`: reproducible for the same flags, batch size
 and number of ranks, but a row's sample depends on which rows share its batch and its rank.
 
-Resumable, atomic output (the partial files and their merge: moa/predictions.py): each rank appends
+Resumable, atomic output (the partial files and their merge: moa/infer/predictions.py): each rank appends
 finished rows to its own partial file, flushed after every batch; a rerun with the same settings
 skips them; rank 0 writes the prediction file in test order, atomically, once every row is done.
 """
@@ -48,12 +48,12 @@ from tqdm import tqdm
 from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import Transformer
-from moa.data import build_prompt, load_rows
-from moa.loading import LoadedAdapter, load_trained_adapter
-from moa.predictions import (count_lines, merge_partials, partial_files, partial_header, partial_path,
+from moa.train.data import build_prompt, load_rows
+from moa.files.adapters import LoadedAdapter, load_trained_adapter
+from moa.infer.predictions import (count_lines, merge_partials, partial_files, partial_header, partial_path,
                              prediction_record, read_partials)
-from moa.task_routing import RoutingPlan, check_routing_flags, plan_task_routing
-from moa.trainer import init_distributed
+from moa.tasks.routing import RoutingPlan, check_routing_flags, plan_task_routing
+from moa.train.trainer import init_distributed
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ class InferenceConfig:
     data_path: str
     save_path: str
     adapter_path: Optional[str] = None
-    adapter_registry: Optional[str] = None  # task adapters picked/fused per row by --selector (moa/task_routing.py)
+    adapter_registry: Optional[str] = None  # task adapters picked/fused per row by --selector (moa/tasks/routing.py)
     selector: Optional[str] = None
     fusion: str = "top1"  # top1 | topp
     top_p_adapters: float = 0.9

@@ -1,0 +1,1 @@
+"""Scoring (evaluate_math.py, evaluate_commonsense.py): pure Python, no torch."""
