@@ -19,7 +19,7 @@ import sys
 import torch
 
 from moa import MoAConfig
-from moa.cli import str2bool
+from moa.cli import bool_or_auto, str2bool
 from moa.train.trainer import TrainConfig, finetune
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = p.add_argument_group("training")
     tr.add_argument("--max_seq_len", type=int, default=300, help="tokens per example (prompt + response)")
-    tr.add_argument("--max_batch_size", type=int, default=32, help="model's KV-cache batch size (generation)")
+    tr.add_argument("--max_batch_size", type=int, default=32, help="accepted for the research workflow's command "
+                    "lines; training ignores it (the batch is --batch_size)")
     tr.add_argument("--batch_size", type=int, default=8, help="sequences per micro-batch per process")
     tr.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     tr.add_argument("--epochs", type=int, default=2)
@@ -56,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
     tr.add_argument("--weight_decay", type=float, default=0.02, help="AdamW weight decay (matrices only)")
     flag_bool("w_bias", False, "also train the base's norms and biases")
-    flag_bool("bf16", False, "frozen base in bf16 with bf16 autocast (adapters stay fp32)")
+    tr.add_argument("--bf16", type=bool_or_auto, nargs="?", const=True, default=False, metavar="True|False|auto",
+                    help="frozen base in bf16 with bf16 autocast (adapters stay fp32); auto: bf16 where a short "
+                         "matmul probe at start shows it faster on this device, else fp32 (default False)")
     flag_bool("grad_checkpointing", False, "recompute each block in backward (activation memory)")
     flag_bool("flash_attention2", False, "flash-attn when installed (CUDA, bf16), else PyTorch SDPA")
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     values = vars(args)
     moa_names = {f.name for f in dataclasses.fields(MoAConfig)}
     try:
+        if values["bf16"] == "auto":
+            from moa.infer.dtype import resolve_dtype
+
+            dtype, report = resolve_dtype("auto", values["device"])
+            print(f"--bf16 auto: {report}")
+            values["bf16"] = dtype == torch.bfloat16
         moa_cfg = MoAConfig(**{k: v for k, v in values.items() if k in moa_names})
         train_cfg = TrainConfig(**{k: v for k, v in values.items() if k not in moa_names})
         finetune(train_cfg, moa_cfg, values)

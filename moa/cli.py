@@ -19,3 +19,8 @@ def str2bool(text: str) -> bool:
     if text in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def bool_or_auto(text: str) -> bool | str:
+    """argparse `type` for `--bf16`: True/False as `str2bool`, or `auto` (decided by a probe at start)."""
+    return "auto" if text == "auto" else str2bool(text)

@@ -5,8 +5,8 @@
 # adapter or prediction file is left alone, an interrupted training resumes from its last checkpoint.
 
 # Flags every run script takes (lower case); a script adds its own in EXTRA_FLAGS before parse_flags.
-PIPELINE_FLAGS="model data_root out method nproc seed train_rows test_rows epochs warmup batch accum blr bf16
-  grad_ckpt num_workers max_seq_len max_gen_len min_gen_len max_batch temperature top_p baseline"
+PIPELINE_FLAGS="model data_root out method nproc seed train_rows test_rows loss_rows epochs warmup batch accum blr
+  bf16 dtype grad_ckpt num_workers max_seq_len max_gen_len min_gen_len max_batch temperature top_p baseline"
 PATH_FLAGS="model data_root out train_files"  # made absolute against the caller's folder
 
 # parse_flags "$@": turn `--name value` (or `--name=value`) into the variable NAME=value; a name not in
@@ -46,7 +46,8 @@ pipeline_defaults() {
   BATCH=${BATCH:-8}
   ACCUM=${ACCUM:-$(( 32 / NPROC / BATCH > 0 ? 32 / NPROC / BATCH : 1 ))}
   BLR=${BLR:-6e-3}
-  BF16=${BF16:-False}
+  BF16=${BF16:-auto}              # auto: bf16 where a short matmul probe at start shows it faster
+  DTYPE=${DTYPE:-auto}            # example.py / evaluate_loss.py: the same rule
   GRAD_CKPT=${GRAD_CKPT:-False}
   NUM_WORKERS=${NUM_WORKERS:-0}
   MAX_SEQ_LEN=${MAX_SEQ_LEN:-300}
@@ -75,8 +76,8 @@ d=json.load(open(f)) if os.path.exists(f) else {}; d[k]=round(d.get(k,0)+float(b
 }
 
 # The settings that decide a run's results (MAX_BATCH, NUM_WORKERS, GRAD_CKPT, BASELINE do not).
-RUN_SETTINGS="MODEL METHOD SEED TRAIN_ROWS TEST_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 MAX_SEQ_LEN
-  MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT TRAIN_FILES"
+RUN_SETTINGS="MODEL METHOD SEED TRAIN_ROWS TEST_ROWS LOSS_ROWS EPOCHS WARMUP BATCH ACCUM NPROC BLR BF16 DTYPE
+  MAX_SEQ_LEN MAX_GEN_LEN MIN_GEN_LEN TEMPERATURE TOP_P DATA_ROOT TRAIN_FILES"
 
 # check_settings: the settings that decide a run's results, kept in $OUT/run_settings.json by its
 # first run; a later run into the same $OUT with other settings stops (its files would be stale).
@@ -95,14 +96,35 @@ elif old != now:
 }
 
 # prepare_data SUBDIR TRAIN_FILE...: slices under $OUT/data: train.json ($TRAIN_ROWS rows of the
-# training files) and SUBDIR/SET/test.json ($TEST_ROWS rows) for each of $SETS; 0 rows means all.
+# training files), $ds/test.json (the first $TEST_ROWS rows of each of $SETS, generated and scored)
+# and, with $LOSS_ROWS > 0, loss/$ds/test.json (the first $LOSS_ROWS rows, for the held-out loss);
+# 0 rows means all.
 prepare_data() {
   local subdir=$1; shift
   python3 scripts/slice_data.py --rows "$TRAIN_ROWS" --seed "$SEED" --out "$OUT/data/train.json" "$@"
   for ds in $SETS; do
     python3 scripts/slice_data.py --rows "$TEST_ROWS" --out "$OUT/data/$ds/test.json" \
       "$DATA_ROOT/$subdir/$ds/test.json"
+    if [ "${LOSS_ROWS:-0}" != 0 ]; then
+      python3 scripts/slice_data.py --rows "$LOSS_ROWS" --out "$OUT/data/loss/$ds/test.json" \
+        "$DATA_ROOT/$subdir/$ds/test.json"
+    fi
   done
+}
+
+# loss_all DIR [ADAPTER]: the teacher-forced held-out loss DIR/loss/SET_loss.jsonl of each of $SETS
+# (evaluate_loss.py; one forward per row, no generation).
+loss_all() {
+  local dir=$1 adapter=() t0
+  [ $# -ge 2 ] && adapter=(--adapter_path "$2")
+  mkdir -p "$dir/loss"
+  t0=$(now)
+  for ds in $SETS; do
+    "${LAUNCH[@]}" evaluate_loss.py --ckpt_dir "$MODEL" "${adapter[@]}" --dtype "$DTYPE" \
+      --data_path "$OUT/data/loss/$ds/test.json" --save_path "$dir/loss/${ds}_loss.jsonl" \
+      --max_seq_len "$MAX_SEQ_LEN" --max_batch_size "$MAX_BATCH"
+  done
+  record_time "$dir/timing.json" loss_s "$t0" "$(now)"
 }
 
 # train_and_extract: main_finetune.py (resuming from the newest checkpoint when one exists), then
@@ -135,7 +157,7 @@ generate_all() {
     "${LAUNCH[@]}" example.py --ckpt_dir "$MODEL" "${adapter[@]}" \
       --data_path "$OUT/data/$ds/test.json" --save_path "$dir/${ds}_predict.jsonl" \
       --max_gen_len "$MAX_GEN_LEN" --min_gen_len "$MIN_GEN_LEN" --max_seq_len "$MAX_SEQ_LEN" \
-      --max_batch_size "$MAX_BATCH" --temperature "$TEMPERATURE" --top_p "$TOP_P"
+      --max_batch_size "$MAX_BATCH" --temperature "$TEMPERATURE" --top_p "$TOP_P" --dtype "$DTYPE"
   done
   record_time "$dir/timing.json" infer_s "$t0" "$(now)"
 }
@@ -153,12 +175,18 @@ run_pipeline() {
   mkdir -p "$OUT/data"
   prepare_data "$@"
   train_and_extract
+  if [ "${LOSS_ROWS:-0}" != 0 ]; then loss_all "$OUT" "$OUT/adapter.pth"; fi
   generate_all "$OUT" "$OUT/adapter.pth"
   if [ "$BASELINE" = True ]; then
+    if [ "${LOSS_ROWS:-0}" != 0 ]; then loss_all "$OUT/base"; fi
     generate_all "$OUT/base"
     echo "== bare base model ($MODEL)"
     python3 "$evaluator" --predict_file "$OUT/base/${first}_predict.jsonl"
   fi
   echo "== $METHOD adapters ($OUT/adapter.pth)"
   python3 "$evaluator" --predict_file "$OUT/${first}_predict.jsonl"
+  if [ "$BASELINE" = True ] && [ "${LOSS_ROWS:-0}" != 0 ]; then
+    echo "== the run: bare base model against the trained adapters"
+    python3 scripts/summarize_run.py --out "$OUT" --sets "$(echo $SETS | tr ' ' ,)"
+  fi
 }

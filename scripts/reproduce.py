@@ -1,6 +1,7 @@
 """Reproduce the paper's tables: methods x seeds x the sets of a benchmark -> one results table.
 
     python scripts/reproduce.py --methods soft_moa,lora --scale smoke          # CPU, bundled model
+    python scripts/reproduce.py --methods lora,hydralora,soft_moa,sparse_moa --scale cpu   # the CPU comparison
     python scripts/reproduce.py --model /path/Meta-Llama-3.1-8B --nproc 4 --scale full \\
         --methods soft_moa,sparse_moa,lora,lora_r16,hydralora,molora,adamole,unipeft
 
@@ -9,7 +10,8 @@ a run whose `acc_score.jsonl` exists is finished and skipped (so an interrupted 
 resumes, and inside a run every step resumes too; a run script stops rather than reuse a folder
 whose `run_settings.json` records other settings). The table (OUT/{benchmark}_{scale}_results.md and .csv)
 has, per method, the accuracy of every set and their average as mean ± sd over the seeds that
-finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_{scale}_runs.csv
+finished, the held-out loss likewise (runs with `--loss_rows`), each method's paired difference to
+LoRA over the seeds both finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_{scale}_runs.csv
 has one row per run. Flags this script does not know go to the run script as they are (e.g.
 `--train_rows 128 --max_gen_len 32 --nproc 2`), after and over the flags of `--scale`.
 """
@@ -32,12 +34,20 @@ sys.path.insert(0, str(REPO))
 from moa.files.atomic import atomic_write_text  # noqa: E402
 from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE  # noqa: E402
 
+LOSS_SUMMARY = "loss_score.jsonl"  # evaluate_loss.py's summary lines, beside its per-row files
+
 SEEDS = (0, 125, 1225)  # the paper's three seeds
 BENCHMARK_SETS = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}
 # Run-script flags for each scale. smoke: minutes on a CPU with the bundled model; full: the paper.
 SCALES: dict[str, dict[str, str]] = {
     "smoke": {"train_rows": "64", "test_rows": "8", "epochs": "1", "max_gen_len": "48", "min_gen_len": "32"},
     "small": {},  # the run scripts' own defaults (the README's main job)
+    # The paper's comparison at CPU scale on the bundled SmolLM2-135M: every method trains on the same
+    # 1,000 GSM8K rows for one epoch (125 optimizer steps of 8 rows; peak lr 1e-3 = blr 0.032 x 8 / 256,
+    # 10% warmup) and is scored on the same first 100 rows of every math set (loss and accuracy).
+    "cpu": {"train_rows": "1000", "test_rows": "100", "loss_rows": "100", "epochs": "1", "warmup": "0.1",
+            "batch": "8", "accum": "1", "blr": "0.032", "max_gen_len": "128", "min_gen_len": "0",
+            "max_batch": "32", "baseline": "False"},
     "full": {"train_rows": "0", "test_rows": "0", "epochs": "2", "warmup": "1", "bf16": "True",
              "max_gen_len": "200", "min_gen_len": "120", "max_batch": "200", "temperature": "0.1"},
 }
@@ -51,6 +61,7 @@ class RunResult:
     seed: int
     accuracy: dict[str, Optional[float]]  # set -> fraction in [0, 1] (None: missing)
     average: Optional[float]
+    loss: dict[str, Optional[float]]  # set -> held-out nats per reference token (None: not measured)
     params: int  # trainable adapter parameters
     train_s: Optional[float]
     peak_mem_mb: Optional[float]
@@ -88,8 +99,20 @@ def read_result(directory: Path, method: str, seed: int, sets: Sequence[str]) ->
     timing_path = directory / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     return RunResult(method, seed, {s: score.get(s) for s in sets}, score.get("average"),
+                     read_losses(directory / "loss" / LOSS_SUMMARY, sets),
                      adapter_param_count(directory / "adapter.pth"), timing.get("train_s"),
                      peak_memory_mb(directory / "log.txt"), directory)
+
+
+def read_losses(path: Path, sets: Sequence[str]) -> dict[str, Optional[float]]:
+    """{set: nll_per_token} from the last line of each set in evaluate_loss.py's summary file."""
+    found: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                found[record["set"]] = float(record["nll_per_token"])
+    return {s: found.get(s) for s in sets}
 
 
 def run_one(benchmark: str, method: str, seed: int, directory: Path, flags: Sequence[str]) -> None:
@@ -105,17 +128,42 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(results: Sequence[RunResult], sets: Sequence[str]) -> list[dict]:
-    """One row per method (in first-seen order): per set and average, mean and sd in percent over
-    its seeds; params; mean train time; max peak memory; the seeds that finished."""
+def metric(r: RunResult, kind: str, name: str) -> Optional[float]:
+    """Accuracy in percent (kind 'acc') or held-out loss (kind 'loss') of one set or the 'average'."""
+    values = r.accuracy if kind == "acc" else r.loss
+    if name == "average":
+        if kind == "acc":
+            return None if r.average is None else 100 * r.average
+        known = [v for v in values.values() if v is not None]
+        return statistics.fmean(known) if known and len(known) == len(values) else None
+    v = values[name]
+    return None if v is None else (100 * v if kind == "acc" else v)
+
+
+def paired_difference(runs: Sequence[RunResult], reference: Sequence[RunResult], kind: str) -> tuple[float, float]:
+    """Mean and sd over the seeds both finished of (this method - reference) on the average."""
+    ref = {r.seed: metric(r, kind, "average") for r in reference}
+    diffs = [metric(r, kind, "average") - ref[r.seed] for r in runs
+             if ref.get(r.seed) is not None and metric(r, kind, "average") is not None]
+    return mean_sd(diffs) if diffs else (math.nan, math.nan)
+
+
+def aggregate(results: Sequence[RunResult], sets: Sequence[str], reference: str = "lora") -> list[dict]:
+    """One row per method (in first-seen order): per set and average, accuracy (percent) and loss as
+    mean and sd over its seeds; the paired difference to `reference` on both averages; params; mean
+    train time; max peak memory; the seeds that finished."""
     rows = []
+    ref_runs = [r for r in results if r.method == reference]
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
         row: dict = {"method": method, "seeds": " ".join(str(r.seed) for r in runs)}
-        for name in (*sets, "average"):
-            values = [100 * (r.average if name == "average" else r.accuracy[name]) for r in runs
-                      if (r.average if name == "average" else r.accuracy[name]) is not None]
-            row[f"{name}_mean"], row[f"{name}_sd"] = mean_sd(values) if values else (math.nan, math.nan)
+        for kind, prefix in (("acc", ""), ("loss", "loss_")):
+            for name in (*sets, "average"):
+                values = [v for v in (metric(r, kind, name) for r in runs) if v is not None]
+                row[f"{prefix}{name}_mean"], row[f"{prefix}{name}_sd"] = (mean_sd(values) if values
+                                                                          else (math.nan, math.nan))
+            row[f"{prefix}vs_{reference}_mean"], row[f"{prefix}vs_{reference}_sd"] = paired_difference(
+                runs, ref_runs, kind)
         row["params_M"] = runs[0].params / 1e6
         times = [r.train_s for r in runs if r.train_s is not None]
         row["train_s"] = statistics.fmean(times) if times else math.nan
@@ -125,16 +173,26 @@ def aggregate(results: Sequence[RunResult], sets: Sequence[str]) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: Sequence[dict], sets: Sequence[str]) -> str:
-    """The aggregated rows as a Markdown table (accuracy in percent, mean ± sd over seeds)."""
-    head = ["method", *sets, "average", "params (M)", "train (s)", "peak mem (MB)", "seeds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["method"]]
-        cells += [f"{r[f'{s}_mean']:.1f} ± {r[f'{s}_sd']:.1f}" for s in (*sets, "average")]
-        cells += [f"{r['params_M']:.2f}", f"{r['train_s']:.0f}", f"{r['peak_mem_mb']:.0f}", r["seeds"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def markdown_table(rows: Sequence[dict], sets: Sequence[str], reference: str = "lora") -> str:
+    """The aggregated rows as Markdown: accuracy (percent) and, when measured, held-out loss (nats per
+    reference token), each mean ± sd over seeds with the paired difference to `reference`."""
+    head = ["method", *sets, "average", f"Δ vs {reference}", "params (M)", "train (s)", "peak mem (MB)", "seeds"]
+    out = []
+    for kind, prefix, fmt, title in (("acc", "", "{:.1f} ± {:.1f}", "accuracy, % (mean ± sd over seeds)"),
+                                     ("loss", "loss_", "{:.4f} ± {:.4f}",
+                                      "held-out loss, nats per reference token (mean ± sd over seeds)")):
+        if kind == "loss" and all(math.isnan(r["loss_average_mean"]) for r in rows):
+            continue
+        lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["method"]] + [fmt.format(r[f"{prefix}{s}_mean"], r[f"{prefix}{s}_sd"]) for s in (*sets, "average")]
+            d, sd = r[f"{prefix}vs_{reference}_mean"], r[f"{prefix}vs_{reference}_sd"]
+            cells.append("–" if r["method"] == reference else ("{:+.1f} ± {:.1f}" if kind == "acc"
+                                                              else "{:+.4f} ± {:.4f}").format(d, sd))
+            cells += [f"{r['params_M']:.2f}", f"{r['train_s']:.0f}", f"{r['peak_mem_mb']:.0f}", r["seeds"]]
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def csv_text(rows: Sequence[dict]) -> str:
@@ -155,7 +213,7 @@ def write_tables(out: Path, name: str, results: Sequence[RunResult], sets: Seque
     atomic_write_text(out / f"{name}_results.md", table + "\n")
     atomic_write_text(out / f"{name}_results.csv", csv_text(rows))
     per_run = [{"method": r.method, "seed": r.seed, **{s: r.accuracy[s] for s in sets}, "average": r.average,
-                "params": r.params, "train_s": r.train_s, "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir)}
+                **{f"loss_{s}": r.loss[s] for s in sets}, "params": r.params, "train_s": r.train_s, "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir)}
                for r in results]
     atomic_write_text(out / f"{name}_runs.csv", csv_text(per_run))
     return table

@@ -375,3 +375,17 @@ def test_commonsense_driver_optional_hellaswag_and_empty_file_exact(tmp_path):
                                  "winogrande"]
     assert record["winogrande"] is None
     assert (tmp_path / "boolq_predict_t_scored.jsonl").exists()
+
+
+def test_wilson_interval_hand_worked():
+    """k = 3 of n = 10 at z = 1.96: centre (3 + 1.9208) / 13.8416 = 0.35550, half = 1.96 *
+    sqrt(2.1 + 0.9604) / 13.8416 = 0.24771 -> (0.1078, 0.6032); k = 0 of 20 -> (0, 0.1611)."""
+    from moa.eval.intervals import wilson_interval
+
+    lo, hi = wilson_interval(3, 10, 1.96)
+    assert abs(lo - 0.10779) < 1e-4 and abs(hi - 0.60322) < 1e-4
+    lo, hi = wilson_interval(0, 20, 1.96)
+    assert lo == 0.0 and abs(hi - 0.16112) < 1e-4
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
