@@ -137,7 +137,7 @@ def random_model(params: dict, max_seq_len: int, dtype: torch.dtype, device: str
     """A Transformer of `params` with random weights (N(0, 0.02), norms 1), built on the meta device
     and materialised once in `dtype` on `device` (no fp32 copy of an 8B model)."""
     with torch.device("meta"):
-        model = Transformer(ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=1))
+        model = Transformer(ModelArgs(**params, max_seq_len=max_seq_len))
     model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

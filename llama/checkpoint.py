@@ -5,7 +5,7 @@ to the target dtype/device one at a time, so the model is never materialised twi
 of a bf16 checkpoint, no random init that is thrown away). Meta's model-parallel shards are
 merged on the way in.
 
-Context length: `params.json` holds only Meta's keys (so `ModelArgs(**params)` works on it), and
+Context length: `params.json` holds only Meta's keys (so `ModelArgs.from_params(**params)` works on it), and
 none of them states the context the model was trained for, so it follows from the model family:
 131072 for LLaMA-3.1 (`use_scaled_rope`), 8192 for any other model with a tiktoken tokenizer
 (LLaMA-3, and SmolLM2 imported by `scripts/import_gguf.py`), 4096 for a sentencepiece tokenizer
@@ -139,7 +139,7 @@ def load_state_dict(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.
 
 def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-               max_batch_size: int = 32, attn_impl: str = "sdpa"):
+               attn_impl: str = "sdpa"):
     """Build the `Transformer` of a base-model directory and its tokenizer.
 
     model_dir: `params.json`, `consolidated.NN.pth` (one or more of Meta's model-parallel shards,
@@ -147,7 +147,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
     dtype, device: where every weight ends up (converted tensor by tensor, never via fp32 copies).
     max_seq_len: the longest sequence (prompt + generation, in tokens) the model accepts; default
         and upper bound: the model's context length (see `context_length`).
-    max_batch_size, attn_impl: passed to `ModelArgs`.
+    attn_impl: passed to `ModelArgs`.
 
     Returns `(model, tokenizer)`, the model in eval mode. `vocab_size: -1` in params.json
     (LLaMA-2) is taken from the tokenizer, and a sentencepiece model without `rope_theta` gets
@@ -178,7 +178,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
                          f"{model_dir} (131072 for LLaMA-3.1, 8192 for LLaMA-3 and other tiktoken models, "
                          f"4096 for LLaMA-2)")
     try:
-        args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size, attn_impl=attn_impl)
+        args = ModelArgs.from_params(**params, max_seq_len=max_seq_len, attn_impl=attn_impl)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{params_path}: {e}") from None
 
@@ -213,7 +213,7 @@ def save_model_dir(out_dir: str | os.PathLike, params: Mapping, state_dict: Mapp
     """
     out_dir = Path(out_dir)
     try:
-        ModelArgs(**params)
+        ModelArgs.from_params(**params)
     except (ValueError, TypeError) as e:
         raise ValueError(f"params for {out_dir}: {e}") from None
     if out_dir.exists():

@@ -24,7 +24,7 @@ from torch import nn
 class ModelArgs:
     """Every key of Meta's LLaMA-3/3.1 `params.json`, plus the run-time sizes.
 
-    `ModelArgs(**params)` raises `ValueError` naming an unknown or missing key.
+    `ModelArgs.from_params(**params)` raises `ValueError` naming an unknown or missing key.
     """
 
     dim: int
@@ -37,26 +37,23 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
-    max_batch_size: int = 32
     max_seq_len: int = 2048
     attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional package, causal unpadded calls only)
 
-    def __new__(cls, *args, **kwargs):
-        if args:
-            raise ValueError("ModelArgs takes keyword arguments only (the keys of params.json)")
+    @classmethod
+    def from_params(cls, **params) -> "ModelArgs":
+        """`ModelArgs(**params)` for the keys of a params.json (plus the run-time sizes), checked
+        first: an unknown or missing key is a ValueError naming it (the constructor's TypeError
+        would not say which keys params.json may hold)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - set(fields))
+        unknown = sorted(set(params) - set(fields))
         if unknown:
             raise ValueError(f"ModelArgs: unknown key(s) {unknown}; expected keys of params.json: {sorted(fields)}")
         missing = [n for n, f in fields.items()
-                   if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+                   if n not in params and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ValueError(f"ModelArgs: missing required key(s) {missing}")
-        return super().__new__(cls)
-
-    def __reduce__(self):
-        # copy/deepcopy/pickle would call `__new__` without the keys; rebuild through the checks instead.
-        return _model_args_from_fields, (type(self), dataclasses.asdict(self))
+        return cls(**params)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -82,11 +79,6 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-
-def _model_args_from_fields(cls: type, fields: dict) -> "ModelArgs":
-    """`cls(**fields)`: how a pickled or copied `ModelArgs` is rebuilt (see `ModelArgs.__reduce__`)."""
-    return cls(**fields)
 
 
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_recomputing", default=False)

@@ -8,7 +8,7 @@
 
 A plain LoRA is `--expert_num 1 --type_router none` with LoRA only (see moa/lora/algebra.py). Adapter
 paths are an adapter.pth file or its folder. `combine` follows PEFT's add_weighted_adapter and its
-method names (definitions in moa/lora/algebra.py: COMBINE_METHODS): the exact sum of the LoRAs with
+method names (definitions in moa/lora/combine.py: COMBINE_METHODS): the exact sum of the LoRAs with
 concatenated ranks is `cat`; PEFT's `linear` merges the A's and the B's separately (equal ranks).
 A user's mistake exits with status 1 and one line `lora_tools COMMAND: error: ...` on stderr.
 """
@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.checkpoint import load_params  # noqa: E402
 from moa.files.adapters import write_adapter_files  # noqa: E402
-from moa.lora.algebra import (COMBINE_METHODS, ExtractReport, combine, extract_lora_svd, kept_energy,  # noqa: E402
-                         merge_into_base, read_plain_lora)
+from moa.lora.algebra import (ExtractReport, extract_lora_svd, kept_energy, merge_into_base,  # noqa: E402
+                              read_plain_lora)
+from moa.lora.combine import COMBINE_METHODS, combine  # noqa: E402
 from moa.method.config import LORA_TARGETS  # noqa: E402
 from moa.files.peft import export_peft, import_peft  # noqa: E402
 

@@ -104,7 +104,7 @@ def test_top1_grouped_generation_equals_each_row_alone_with_its_adapter_greedy_e
     alone with its own adapter loaded by moa.load_adapter."""
     base, paths = setup
     bank = load_bank(TASKS, paths)
-    model, _ = load_model(base, max_batch_size=8)
+    model, _ = load_model(base)
     attach_bank(model, bank, fused=False)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (5, 9, 7, 4, 8, 6)]
@@ -133,7 +133,7 @@ def test_topp_fused_generation_rows_equal_alone_greedy_exact(setup):
     """Fusion during KV-cached generation: each row of a padded batch with its own weights generates
     what it generates alone with the same weights."""
     base, paths = setup
-    model, _ = load_model(base, max_batch_size=4)
+    model, _ = load_model(base)
     attach_bank(model, load_bank(TASKS, paths), fused=True)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (6, 3, 8)]

@@ -13,8 +13,7 @@ from moa import MoAConfig, RouterStats, adapter_state_dict, attach_adapters, col
 from moa.method.routers import BlockRouter, Route
 from tests.helpers import rel
 
-TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64,
-            max_batch_size=4)
+TINY = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 ALL = dict(lora_layers="0-4", lora_targets="Q,K,V,O,FFN_DOWN", lora_rank=4, p_adapter_layers="0-4",
            p_adapter_size=8, prompt_layers="0-4", prompt_len=3)
 CONFIGS = {

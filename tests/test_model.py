@@ -142,11 +142,11 @@ def test_flash_attn_path_used_when_asked_and_equal_to_sdpa(monkeypatch: pytest.M
 
 def test_model_args_bad_keys_raise_valueerror_naming_them() -> None:
     with pytest.raises(ValueError, match="rope_scaling"):
-        ModelArgs(**CONFIGS["mha_ffnmult"], rope_scaling=2.0)
+        ModelArgs.from_params(**CONFIGS["mha_ffnmult"], rope_scaling=2.0)
     with pytest.raises(ValueError, match="n_layers"):
-        ModelArgs(dim=64, n_heads=4, vocab_size=10)
+        ModelArgs.from_params(dim=64, n_heads=4, vocab_size=10)
     with pytest.raises(ValueError, match="n_kv_heads"):
-        ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=3, vocab_size=10)
+        ModelArgs.from_params(dim=64, n_layers=1, n_heads=4, n_kv_heads=3, vocab_size=10)
 
 
 def test_model_args_and_model_survive_deepcopy_and_pickle_exact() -> None:

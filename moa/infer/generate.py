@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,16 +48,15 @@ from tqdm import tqdm
 from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import Transformer
-from moa.train.data import build_prompt, load_rows
+from moa.checks import check_int
 from moa.files.adapters import LoadedAdapter, load_trained_adapter
 from moa.infer.predictions import (count_lines, merge_partials, partial_files, partial_header, partial_path,
-                             prediction_record, read_partials)
+                                   prediction_record, read_partials)
 from moa.tasks.routing import RoutingPlan, check_routing_flags, plan_task_routing
-from moa.train.trainer import init_distributed
+from moa.train.data import build_prompt, load_rows
+from moa.train.distributed import init_distributed, on_rank0
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-T = TypeVar("T")
-
 
 @dataclass
 class InferenceConfig:
@@ -85,9 +84,7 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         for flag, low in (("max_gen_len", 1), ("min_gen_len", 0), ("max_batch_size", 1)):
-            value = getattr(self, flag)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"--{flag}: expected an integer >= {low}, got {value!r}")
+            check_int(flag, getattr(self, flag), low)
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 0):
             raise ValueError(f"--max_seq_len: expected an integer >= 0 (0 = the model's context), "
                              f"got {self.max_seq_len!r}")
@@ -273,29 +270,6 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
     return new_tokens, time.perf_counter() - t0
 
 
-# ---- ranks ---------------------------------------------------------------------------------------
-def _on_rank0(fn: Callable[[], T], rank: int, world: int) -> T:
-    """Run `fn` on rank 0 only and hand its result, or its error, to every rank (an error of any kind
-    reaches the other ranks, so none waits for a result that never comes). A ValueError or
-    FileNotFoundError keeps its type there (user mistakes, reported in one line); others arrive as
-    RuntimeError with rank 0's message."""
-    if world == 1:
-        return fn()
-    box: list[Any] = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as e:
-            box[0] = ("error", type(e).__name__, str(e))
-            dist.broadcast_object_list(box, src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(box[0][1], RuntimeError)
-        raise kind(box[0][2] if kind is not RuntimeError else f"rank 0 failed: {box[0][1]}: {box[0][2]}")
-    return box[0][1]
-
-
 # ---- the run -------------------------------------------------------------------------------------
 def run_inference(cfg: InferenceConfig) -> InferenceSummary:
     """Generate the prediction file `cfg.save_path` for the test rows of `cfg.data_path`.
@@ -317,28 +291,12 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     save = Path(cfg.save_path)
     rows = load_rows(cfg.data_path)
-
-    def check_existing() -> bool:
-        if save.is_dir():
-            raise ValueError(f"--save_path {save} is a directory; expected a .jsonl file name")
-        save.parent.mkdir(parents=True, exist_ok=True)
-        if not save.exists() or cfg.overwrite:
-            return False
-        n = count_lines(save)
-        if n != len(rows):
-            raise ValueError(f"--save_path {save} exists with {n} lines but --data_path {cfg.data_path} has "
-                             f"{len(rows)} rows; rerun with --overwrite True to redo it")
-        return True
-
-    if _on_rank0(check_existing, rank, world):
+    if on_rank0(lambda: _complete_already(cfg, save, rows), rank, world):
         return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
 
-    model, tokenizer = load_model(cfg.ckpt_dir, dtype=_DTYPES[dtype_name], device=device,
-                                  max_batch_size=cfg.max_batch_size)
+    model, tokenizer = load_model(cfg.ckpt_dir, dtype=_DTYPES[dtype_name], device=device)
     context = model.args.max_seq_len
-    loaded = LoadedAdapter(None, [])
-    if cfg.adapter_path:
-        loaded = load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir)
+    loaded = load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir) if cfg.adapter_path else LoadedAdapter(None, [])
     routing = None
     if cfg.adapter_registry:
         routing = plan_task_routing(model, tokenizer, rows, cfg.adapter_registry, cfg.selector, cfg.fusion,
@@ -346,27 +304,8 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, loaded.max_seq_len, context)
     model.eval()
 
-    # What shapes the predictions: a partial file written with other values cannot be resumed.
-    settings = {
-        "data_path": os.path.abspath(cfg.data_path), "ckpt_dir": os.path.abspath(cfg.ckpt_dir),
-        "adapter_path": os.path.abspath(cfg.adapter_path) if cfg.adapter_path else None,
-        "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": max_seq_len,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
-    }
-    if cfg.adapter_registry:
-        settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
-                        selector=os.path.abspath(cfg.selector), fusion=cfg.fusion,
-                        top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
-    settings = json.loads(json.dumps(settings))  # the form it takes after a round trip through the file
-
-    def finished_rows() -> list[int]:
-        if cfg.overwrite:
-            for path in partial_files(save):
-                path.unlink()
-            return []
-        return sorted(read_partials(save, settings, rows, repair=True))
-
-    done = set(_on_rank0(finished_rows, rank, world))
+    settings = _settings(cfg, max_seq_len, dtype_name)
+    done = set(on_rank0(lambda: _finished_rows(cfg, save, settings, rows), rank, world))
     pending = [i for i in range(len(rows)) if i not in done]
     prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
     prompts.sort(key=lambda p: (-len(p.tokens), p.index))
@@ -382,19 +321,63 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
         new_tokens, seconds = generate_into_partial(
             model, tokenizer, rows, batches, cfg, partial_path(save, rank, world),
             partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0, routing=routing)
-    stats = {"rows": len(mine), "tokens": new_tokens, "seconds": seconds}
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, stats)  # also the barrier: every partial file is closed
-    else:
-        gathered = [stats]
+    gathered = _gather({"rows": len(mine), "tokens": new_tokens, "seconds": seconds}, world)
 
-    counts = _on_rank0(lambda: merge_partials(save, settings, rows), rank, world)
+    counts = on_rank0(lambda: merge_partials(save, settings, rows), rank, world)
     return InferenceSummary(
         save_path=str(save), rows=len(rows), generated_rows=sum(s["rows"] for s in gathered),
         resumed_rows=len(done), new_tokens=sum(s["tokens"] for s in gathered),
         seconds=max(s["seconds"] for s in gathered), world_size=world, max_seq_len=max_seq_len,
         max_seq_len_source=source, base_trained=len(loaded.base_trained), **counts)
+
+
+def _complete_already(cfg: InferenceConfig, save: Path, rows: list[dict]) -> bool:
+    """True when `save` already holds a prediction for every row (and --overwrite is off); creates
+    its folder otherwise."""
+    if save.is_dir():
+        raise ValueError(f"--save_path {save} is a directory; expected a .jsonl file name")
+    save.parent.mkdir(parents=True, exist_ok=True)
+    if not save.exists() or cfg.overwrite:
+        return False
+    n = count_lines(save)
+    if n != len(rows):
+        raise ValueError(f"--save_path {save} exists with {n} lines but --data_path {cfg.data_path} has "
+                         f"{len(rows)} rows; rerun with --overwrite True to redo it")
+    return True
+
+
+def _settings(cfg: InferenceConfig, max_seq_len: int, dtype_name: str) -> dict[str, Any]:
+    """What shapes the predictions: a partial file written with other values cannot be resumed."""
+    settings = {
+        "data_path": os.path.abspath(cfg.data_path), "ckpt_dir": os.path.abspath(cfg.ckpt_dir),
+        "adapter_path": os.path.abspath(cfg.adapter_path) if cfg.adapter_path else None,
+        "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": max_seq_len,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
+    }
+    if cfg.adapter_registry:
+        settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
+                        selector=os.path.abspath(cfg.selector), fusion=cfg.fusion,
+                        top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
+    return json.loads(json.dumps(settings))  # the form it takes after a round trip through the file
+
+
+def _finished_rows(cfg: InferenceConfig, save: Path, settings: dict[str, Any], rows: list[dict]) -> list[int]:
+    """The rows an interrupted run with the same settings already wrote (none with --overwrite,
+    whose partial files are removed)."""
+    if cfg.overwrite:
+        for path in partial_files(save):
+            path.unlink()
+        return []
+    return sorted(read_partials(save, settings, rows, repair=True))
+
+
+def _gather(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """Every rank's `stats`; also the barrier after which every partial file is closed."""
+    if world == 1:
+        return [stats]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, stats)
+    return gathered
 
 
 def format_summary(s: InferenceSummary, min_gen_len: int) -> str:

@@ -4,8 +4,8 @@ few examples of a new task, minimising the few-shot loss plus `l1 * sum |w_i|`.
 The optimiser is CMA-ES from the `cma` package (bounded to [-bound, bound], as LoraHub bounds
 its weights to [-1.5, 1.5]). A candidate w is evaluated on the fused bank (`moa.tasks.fusion`, every row
 with weights w), which computes exactly the LoRA `sum_i w_i dW_i`; the result is written with
-`moa.lora.algebra.combine(..., method="cat")`, the exact combined LoRA of rank sum r_i (or `svd`, its
-best rank-r approximation). The loss is the label cross-entropy of training (`moa.train.trainer`),
+`moa.lora.combine.combine(..., method="cat")`, the exact combined LoRA of rank sum r_i (or `svd`, its
+best rank-r approximation). The loss is the label cross-entropy of training (`moa.train.loss`),
 averaged over the examples' label tokens, on the Alpaca prompt + output of each row.
 """
 from __future__ import annotations
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from llama.model import Transformer
-from moa.lora.algebra import combine, read_plain_lora
+from moa.lora.algebra import read_plain_lora
+from moa.lora.combine import combine
 from moa.method.config import MoAConfig
 from moa.train.data import InstructionDataset, collate, tokenize_rows
 from moa.tasks.fusion import attach_bank, build_bank, set_row_weights
-from moa.train.trainer import CausalLMLoss, count_labels
+from moa.train.loss import CausalLMLoss, count_labels
 
 INITS = ("uniform", "zero")
 
@@ -127,7 +128,7 @@ def lorahub_search(model: Transformer, batches: Sequence[dict], cfg: LoraHubConf
 def lorahub(model: Transformer, tokenizer: Any, adapters: Sequence[str], rows: Sequence[dict], cfg: LoraHubConfig,
             method: str = "cat", rank: int | None = None) -> tuple[LoraHubResult, MoAConfig, dict[str, torch.Tensor]]:
     """The whole LoraHub step: attach the plain LoRAs `adapters` (files) fused to the bare base `model`,
-    search the weights on the few-shot `rows`, and combine the LoRAs with them (`moa.lora.algebra.combine`,
+    search the weights on the few-shot `rows`, and combine the LoRAs with them (`moa.lora.combine.combine`,
     `cat`: exact; `svd`: truncated to `rank`). Returns (search result, combined cfg, combined state)."""
     if method not in ("cat", "svd"):
         raise ValueError(f"--method: expected cat (the exact sum of the weighted deltas) or svd (its rank-r "

@@ -37,7 +37,6 @@ class WarmupCosine:
     warmup_epochs: float
     epochs: int
     last_lr: float = 0.0
-    steps: int = 0  # optimizer steps taken so far (for the checkpoint)
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at fractional epoch `epoch`."""
@@ -55,16 +54,15 @@ class WarmupCosine:
         for group in optimizer.param_groups:
             group["lr"] = lr
         self.last_lr = lr
-        self.steps += 1
         return lr
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `last_lr` and `steps`; the shape of the schedule comes from the current flags."""
+        """Restore `last_lr` (the shape of the schedule comes from the current flags; the step count
+        that older checkpoints also hold here is the checkpoint's own `step`)."""
         self.last_lr = float(state["last_lr"])
-        self.steps = int(state["steps"])
 
 
 def _is_matrix(p: torch.Tensor) -> bool:

@@ -1,9 +1,11 @@
 """The training loop behind main_finetune.py: data, forward, label-only loss, backward, step, log,
-checkpoint. One process per device under torchrun (NCCL on CUDA, Gloo on CPU), or a plain process.
+checkpoint. One process per device under torchrun (NCCL on CUDA, Gloo on CPU), or a plain process
+(`moa.train.distributed`).
 
 Loss: cross-entropy averaged over the label tokens of the whole effective batch (all micro-batches
 of an optimizer step on all ranks), so the gradient does not depend on how the batch is split over
-micro-batches and processes. Logits exist only at label positions, a chunk of rows at a time.
+micro-batches and processes. Logits exist only at label positions, a chunk of rows at a time
+(`moa.train.loss`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import re
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -28,14 +30,18 @@ from tqdm import tqdm
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+from moa.checks import check_int, check_number
 from moa.method.config import MoAConfig
 from moa.method.inject import MoABlock, adapter_names, attach_adapters
-from moa.method.routers import collect_aux_loss
 from moa.train.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
-from moa.train.data import IGNORE_INDEX, InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
+from moa.train.data import InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
+# The loss and the process-group names are also importable from here, where they used to live.
+from moa.train.distributed import DistEnv, init_distributed, wrap_ddp  # noqa: F401
+from moa.train.loss import LOGITS_CHUNK_ELEMENTS, CausalLMLoss, count_labels, label_cross_entropy  # noqa: F401
 from moa.train.schedule import WarmupCosine, make_adamw, scaled_lr
 
-LOGITS_CHUNK_ELEMENTS = 1 << 26  # fp32 logits per chunk (256 MiB): rows = this // vocab_size
+Say = Callable[..., None]
 
 
 @dataclass
@@ -48,7 +54,7 @@ class TrainConfig:
     data_root: str
     keep_test_overlap: bool = False
     max_seq_len: int = 300
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # accepted for old command lines; training does not read it
     batch_size: int = 8
     accum_iter: int = 1
     epochs: int = 2
@@ -71,125 +77,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for flag, low in (("max_seq_len", 2), ("max_batch_size", 1), ("batch_size", 1), ("accum_iter", 1),
                           ("epochs", 1), ("start_epoch", 0), ("num_workers", 0), ("log_every", 1)):
-            value = getattr(self, flag)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"--{flag}: expected an integer >= {low}, got {value!r}")
+            check_int(flag, getattr(self, flag), low)
         for flag in ("warmup_epochs", "blr", "min_lr", "weight_decay") + (("lr",) if self.lr is not None else ()):
-            value = getattr(self, flag)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"--{flag}: expected a number >= 0, got {value!r}")
+            check_number(flag, getattr(self, flag))
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup_epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: no CUDA device is available (use --device cpu)")
-
-
-@dataclass
-class DistEnv:
-    """Where this process sits: rank, world size, device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> DistEnv:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, Gloo on CPU);
-    a plain process is rank 0 of 1. On CUDA each process takes the GPU of its LOCAL_RANK."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistEnv(0, 1, torch.device(device))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return DistEnv(rank, world, dev)
-
-
-class _LabelCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropies of rows `hidden @ weight.T` against `targets`, chunk by chunk, with the
-    gradient w.r.t. `hidden` computed in the same pass (the frozen `weight` gets none), so that no
-    chunk's logits outlive it: peak extra memory is one (chunk, vocab) fp32 block."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(hidden) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logp = torch.log_softmax((h.to(weight.dtype) @ weight.t()).float(), dim=-1)  # (n, vocab)
-            total -= logp.gather(1, t[:, None]).sum()
-            if need_grad:
-                probs = logp.exp_()  # softmax, in place of the log-probabilities
-                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
-                grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
-
-
-def label_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """Summed cross-entropy (fp32 scalar) of hidden (N, dim) projected by the frozen weight (V, dim)
-    against targets (N,) int64; never materialises more than `chunk_rows` rows of logits."""
-    if weight.requires_grad:
-        raise ValueError("label_cross_entropy: the output projection must be frozen")
-    chunk = chunk_rows or max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
-    return _LabelCrossEntropy.apply(hidden, weight, targets, chunk)
-
-
-class CausalLMLoss(nn.Module):
-    """The training forward: `model` plus the label-only loss; the module DDP wraps."""
-
-    def __init__(self, model: Transformer, chunk_rows: Optional[int] = None):
-        super().__init__()
-        self.model = model
-        self.chunk_rows = chunk_rows
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
-                token_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens, labels (B, T) int64 (labels -100 where untrained, unshifted), token_mask (B, T) bool
-        or None -> (summed label cross-entropy, auxiliary loss), fp32 scalars."""
-        hidden = self.model.hidden_states(tokens, token_mask=token_mask)  # (B, T, dim)
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        selected = targets != IGNORE_INDEX
-        loss_sum = label_cross_entropy(hidden[:, :-1][selected], self.model.output.weight, targets[selected],
-                                       self.chunk_rows)
-        return loss_sum, collect_aux_loss(self.model)
-
-
-def wrap_ddp(module: CausalLMLoss, env: DistEnv, find_unused_parameters: bool) -> nn.Module:
-    """DDP over the trainable parameters only (the frozen base is neither broadcast nor reduced).
-
-    `find_unused_parameters` is needed when some trainable tensor gets no gradient in a step (the
-    sparse router's learned threshold without --threshold_ste); sparse experts that no token picked
-    still run on zero rows, so they stay in the graph and cost DDP nothing special.
-    """
-    if env.world_size == 1:
-        return module
-    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-    frozen += [n for n, _ in module.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               find_unused_parameters=find_unused_parameters)
-
-
-def count_labels(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def forward_backward(module: nn.Module, batches: list[dict[str, torch.Tensor]], env: DistEnv,
@@ -289,9 +185,111 @@ def finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any]) -> dict
             dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """What the loop needs besides the model and the data: the optimizer, its schedule, the frozen
+    base's trained tensors (--w_bias), where training starts, and where it logs."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    peak_lr: float
+    base_trained: list[str]
+    start_epoch: int
+    step: int
+    log_path: str
+
+
 def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: list[dict],
               env: DistEnv) -> dict[str, Any]:
-    say = print if env.is_main else (lambda *a, **k: None)
+    say: Say = print if env.is_main else (lambda *a, **k: None)
+    rows = _drop_test_overlap(rows, cfg, say)
+    seed_everything(cfg.seed + env.rank)
+    model, tokenizer, base_trained = _build_model(cfg, moa_cfg, env, say)
+    sampler, loader = _make_loader(rows, tokenizer, cfg, env, say)
+    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say)
+    _report(model, cfg, env, len(sampler.dataset), run.peak_lr, -(-len(loader) // cfg.accum_iter), say)
+
+    if env.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    module = wrap_ddp(CausalLMLoss(model), env, moa_cfg.has_unused_params)
+    summary: dict[str, Any] = {"epochs": [], "last_loss": float("nan"), "steps": run.step}
+    for epoch in range(run.start_epoch, cfg.epochs):
+        record = _train_epoch(module, sampler, loader, run, epoch, cfg, env)
+        _log(run, env, record)
+        say(json.dumps(record))
+        summary["epochs"].append(record)
+        summary["last_loss"], summary["steps"] = record["loss"], run.step
+        save_training_checkpoint(checkpoint_path(cfg.output_dir, epoch), model, run.base_trained, run.optimizer,
+                                 run.schedule, epoch, run.step, moa_cfg, args, env.rank, env.world_size)
+    return summary
+
+
+def _train_epoch(module: nn.Module, sampler: DistributedSampler, loader: DataLoader, run: _Run, epoch: int,
+                 cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+    """One epoch of optimizer steps (a "step" record every --log_every steps); its "epoch" record."""
+    sampler.set_epoch(epoch)
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not env.is_main, dynamic_ncols=True)
+    epoch_t0 = window_t0 = time.perf_counter()
+    epoch_sums = torch.zeros(3, device=env.device)  # loss sum, labels, real tokens (this rank)
+    window_sums = torch.zeros(3, device=env.device)
+    for first, batches in _step_batches(loader, cfg.accum_iter):
+        lr = run.schedule.step(run.optimizer, epoch + first / len(loader))
+        sums = _train_step(module, batches, run, env, cfg.bf16)
+        window_sums += sums
+        epoch_sums += sums
+        bar.update(len(batches))
+        if run.step % cfg.log_every == 0:
+            now = time.perf_counter()
+            record = _record("step", epoch, run.step, _reduce(window_sums, env), lr, now - window_t0, env)
+            _log(run, env, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            window_sums.zero_()
+            window_t0 = now
+    bar.close()
+    return _record("epoch", epoch, run.step, _reduce(epoch_sums, env), run.schedule.last_lr,
+                   time.perf_counter() - epoch_t0, env)
+
+
+def _step_batches(loader: DataLoader, accum_iter: int) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+    """(index in the epoch of the step's first micro-batch, the step's micro-batches) for each
+    optimizer step: `accum_iter` micro-batches, the last step of the epoch whatever is left."""
+    batches: list[dict[str, torch.Tensor]] = []
+    for i, batch in enumerate(loader):
+        batches.append(batch)
+        if len(batches) == accum_iter or i + 1 == len(loader):
+            yield i + 1 - len(batches), batches
+            batches = []
+
+
+def _train_step(module: nn.Module, batches: list[dict[str, torch.Tensor]], run: _Run, env: DistEnv,
+                bf16: bool) -> torch.Tensor:
+    """Forward, backward and one optimizer step over `batches`; (loss sum, labels, real tokens) of
+    this rank, a float32 tensor on the device."""
+    loss_sum, _ = forward_backward(module, batches, env, bf16)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    n_labels = sum(count_labels(b) for b in batches)
+    n_tokens = sum(int(b["token_mask"].sum()) for b in batches)
+    counts = torch.tensor([n_labels, n_tokens], dtype=torch.float32, device=env.device)
+    return torch.cat([loss_sum[None], counts])
+
+
+def _record(kind: str, epoch: int, step: int, totals: list[float], lr: float, seconds: float,
+            env: DistEnv) -> dict[str, Any]:
+    """A log.txt record from the all-rank (loss sum, labels, real tokens) of a window of steps."""
+    return {"kind": kind, "epoch": epoch, "step": step, "loss": totals[0] / totals[1], "lr": lr,
+            "tokens_per_s": totals[2] / seconds, "peak_mem_mb": peak_memory_mb(env.device)}
+
+
+def _log(run: _Run, env: DistEnv, record: dict[str, Any]) -> None:
+    if env.is_main:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _drop_test_overlap(rows: list[dict], cfg: TrainConfig, say: Say) -> list[dict]:
+    """The training rows, without those that repeat a test question unless --keep_test_overlap."""
     kept, overlap, test_files = split_test_overlap(rows, cfg.data_root)
     if not test_files:
         say(f"warning: no test sets under --data_root {cfg.data_root}: test-set overlap not checked")
@@ -301,14 +299,16 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
             f"under {cfg.data_root}: {action} (rows {overlap[:10]}{' ...' if len(overlap) > 10 else ''})")
     else:
         say(f"no training row repeats a question of the {len(test_files)} test sets under {cfg.data_root}")
-    if not cfg.keep_test_overlap:
-        rows = kept
+    return rows if cfg.keep_test_overlap else kept
 
-    seed_everything(cfg.seed + env.rank)
-    attn_impl = _attn_impl(cfg, env.device, say)
+
+def _build_model(cfg: TrainConfig, moa_cfg: MoAConfig, env: DistEnv,
+                 say: Say) -> tuple[Transformer, Tokenizer, list[str]]:
+    """The base with the adapters attached, in training mode; its tokenizer; the names of the base
+    tensors that are trained too (norms and biases under --w_bias)."""
     model, tokenizer = load_model(cfg.llama_path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                   device=env.device, max_seq_len=cfg.max_seq_len,
-                                  max_batch_size=cfg.max_batch_size, attn_impl=attn_impl)
+                                  attn_impl=_attn_impl(cfg, env.device, say))
     attach_adapters(model, moa_cfg)
     model.train()
     model.grad_checkpointing = cfg.grad_checkpointing
@@ -319,7 +319,12 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
                 p.requires_grad_(True)
     adapters = set(adapter_names(model))
     base_trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapters]
+    return model, tokenizer, base_trained
 
+
+def _make_loader(rows: list[dict], tokenizer: Tokenizer, cfg: TrainConfig, env: DistEnv,
+                 say: Say) -> tuple[DistributedSampler, DataLoader]:
+    """This rank's shuffled share of the tokenized rows, in micro-batches of --batch_size."""
     examples, skipped = tokenize_rows(rows, tokenizer, cfg.max_seq_len)
     if skipped:
         say(f"{len(skipped)} rows skipped: their prompt alone fills --max_seq_len {cfg.max_seq_len} "
@@ -332,84 +337,38 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
                                  seed=cfg.seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda", drop_last=False)
+    return sampler, loader
 
+
+def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_trained: list[str],
+              batches_per_epoch: int, env: DistEnv, say: Say) -> _Run:
+    """AdamW and its schedule at --start_epoch, or where the --resume checkpoint left off."""
     peak_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, env.world_size, cfg.lr)
     optimizer = make_adamw(model, peak_lr, cfg.weight_decay)
     schedule = WarmupCosine(peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-    steps_per_epoch = -(-len(loader) // cfg.accum_iter)
+    steps_per_epoch = -(-batches_per_epoch // cfg.accum_iter)
     start_epoch, step = cfg.start_epoch, cfg.start_epoch * steps_per_epoch
     if cfg.resume:
         start_epoch, step = resume_training(cfg.resume, model, base_trained, optimizer, schedule, moa_cfg,
                                             env.rank, env.world_size, say)
     if start_epoch >= cfg.epochs:
         raise ValueError(f"--epochs {cfg.epochs}: training would start at epoch {start_epoch}, nothing to do")
+    return _Run(optimizer, schedule, peak_lr, base_trained, start_epoch, step,
+                os.path.join(cfg.output_dir, "log.txt"))
 
+
+def _report(model: Transformer, cfg: TrainConfig, env: DistEnv, n_examples: int, peak_lr: float,
+            steps_per_epoch: int, say: Say) -> None:
+    """The trainable parameters by type, and the shape of the run."""
     counts = trainable_counts(model)
+    adapters = set(adapter_names(model))
     n_base = sum(p.numel() for n, p in model.named_parameters() if n not in adapters)
     say(f"trainable parameters by type ({model.args.n_layers} layers, base {n_base / 1e6:.1f}M frozen):")
     for kind, n in counts.items():
         say(f"  {kind:<14} {n:>14,}")
     say(f"  {'total':<14} {sum(counts.values()):>14,}")
-    say(f"{len(dataset)} examples, {env.world_size} process(es) on {env.device}, effective batch "
+    say(f"{n_examples} examples, {env.world_size} process(es) on {env.device}, effective batch "
         f"{cfg.batch_size * cfg.accum_iter * env.world_size}, peak lr {peak_lr:.3g}, {steps_per_epoch} steps/epoch")
-
-    if env.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    module = wrap_ddp(CausalLMLoss(model), env, moa_cfg.has_unused_params)
-    log_path = os.path.join(cfg.output_dir, "log.txt")
-    summary: dict[str, Any] = {"epochs": [], "last_loss": float("nan"), "steps": step}
-
-    def log(record: dict[str, Any]) -> None:
-        if env.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch}", disable=not env.is_main, dynamic_ncols=True)
-        epoch_t0 = window_t0 = time.perf_counter()
-        epoch_sums = torch.zeros(3, device=env.device)  # loss sum, labels, real tokens (this rank)
-        window_sums = torch.zeros(3, device=env.device)
-        batches: list[dict[str, torch.Tensor]] = []
-        for i, batch in enumerate(loader):
-            batches.append(batch)
-            if len(batches) < cfg.accum_iter and i + 1 < len(loader):
-                continue
-            first = i + 1 - len(batches)  # index of the step's first micro-batch in the epoch
-            lr = schedule.step(optimizer, epoch + first / len(loader))
-            loss_sum, _ = forward_backward(module, batches, env, cfg.bf16)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n_labels = sum(count_labels(b) for b in batches)
-            n_tokens = sum(int(b["token_mask"].sum()) for b in batches)
-            counts_t = torch.tensor([n_labels, n_tokens], dtype=torch.float32, device=env.device)
-            sums = torch.cat([loss_sum[None], counts_t])
-            window_sums += sums
-            epoch_sums += sums
-            bar.update(len(batches))
-            batches = []
-            if step % cfg.log_every == 0:
-                totals = _reduce(window_sums, env)
-                now = time.perf_counter()
-                record = {"kind": "step", "epoch": epoch, "step": step, "loss": totals[0] / totals[1], "lr": lr,
-                          "tokens_per_s": totals[2] / (now - window_t0), "peak_mem_mb": peak_memory_mb(env.device)}
-                log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                window_sums.zero_()
-                window_t0 = now
-        bar.close()
-        totals = _reduce(epoch_sums, env)
-        record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": totals[0] / totals[1],
-                  "lr": schedule.last_lr, "tokens_per_s": totals[2] / (time.perf_counter() - epoch_t0),
-                  "peak_mem_mb": peak_memory_mb(env.device)}
-        log(record)
-        say(json.dumps(record))
-        summary["epochs"].append(record)
-        summary["last_loss"], summary["steps"] = record["loss"], step
-        save_training_checkpoint(checkpoint_path(cfg.output_dir, epoch), model, base_trained, optimizer, schedule,
-                                 epoch, step, moa_cfg, args, env.rank, env.world_size)
-    return summary
 
 
 def _reduce(sums: torch.Tensor, env: DistEnv) -> list[float]:
