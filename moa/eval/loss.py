@@ -1,0 +1,354 @@
+"""Held-out loss (evaluate_loss.py): the teacher-forced negative log-likelihood of each test row's
+reference `output` given its Alpaca prompt, for a base model with or without trained adapters.
+
+What is scored is what training scores (moa/train/data.py): prompt = BOS + `build_prompt(instruction,
+input)`, response = `output` + EOS, labels on the response tokens only; a row's `nll` is the mean over
+its response tokens (EOS included) of -log p(token | everything before it), `tokens` their number.
+The set's `nll_per_token` is the total NLL over the total tokens of all rows (a long answer weighs
+more than a short one, as in training).
+
+Lengths: prompt + response are cut at `max_seq_len` (default: the model's context) by dropping the
+response's last tokens; only the kept ones are scored (`cut_tokens` in the row's line says how many
+were dropped). A row whose prompt alone leaves no room for one response token is an error naming it.
+Compare a bare model and adapters at the same `max_seq_len`, which is why the default does not follow
+the adapter's training length.
+
+One forward per batch, no generation: rows sorted by length (longest first), right-padded with a
+`token_mask` (pads reach neither attention nor routers nor the loss), the label positions' logits
+computed row by row and a chunk of positions at a time by `moa.train.loss.label_cross_entropy`
+(never a (B, T, vocab) block). Data-parallel under torchrun (the length order dealt round-robin to the
+ranks), resumable through the partial files of moa/infer/predictions.py (same settings only); rank 0
+writes the file in test order, then appends the summary line to `loss_score.jsonl` beside it.
+
+This module imports torch; `moa.eval` itself does not import it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llama.checkpoint import load_model
+from llama.model import Transformer
+from moa.checks import check_int
+from moa.files.adapters import load_trained_adapter
+from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
+from moa.infer.predictions import count_lines, merge_partials, partial_files, partial_header, partial_path, read_partials
+from moa.train.data import IGNORE_INDEX, Example, InstructionDataset, collate, load_rows, tokenize_rows
+from moa.train.distributed import init_distributed, on_rank0
+from moa.train.loss import label_cross_entropy
+
+SCORE_FILE = "loss_score.jsonl"
+
+
+@dataclass
+class LossConfig:
+    """What evaluate_loss.py's flags describe (same names; see evaluate_loss.py --help)."""
+
+    ckpt_dir: str
+    data_path: str
+    save_path: str
+    adapter_path: Optional[str] = None
+    max_seq_len: Optional[int] = None  # None or 0: the model's context
+    max_batch_size: int = 32
+    dtype: str = "float32"  # auto | float32 | bfloat16 (moa/infer/dtype.py)
+    device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("max_batch_size", self.max_batch_size, 1)
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or isinstance(self.max_seq_len, bool)
+                                             or self.max_seq_len < 0 or self.max_seq_len == 1):
+            raise ValueError(f"--max_seq_len: expected an integer >= 2 (0 = the model's context), "
+                             f"got {self.max_seq_len!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"--dtype: expected one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+
+
+@dataclass
+class LossSummary:
+    """The outcome of `evaluate_loss`; `score_line()` is the line appended to loss_score.jsonl."""
+
+    set: str
+    nll_per_token: float
+    rows: int
+    tokens: int
+    adapter: Optional[str]
+    data_path: str
+    save_path: str
+    max_seq_len: int = 0
+    dtype: str = "float32"
+    dtype_report: str = ""
+    cut_rows: int = 0  # rows whose response was cut at max_seq_len
+    evaluated_rows: int = 0  # rows computed by this run (all ranks)
+    resumed_rows: int = 0  # rows taken from the partial files of an interrupted run
+    seconds: float = 0.0  # forward wall time of this run (slowest rank), loading excluded
+    world_size: int = 1
+    left_alone: bool = False  # the file existed complete and was not redone
+    score_file: str = ""
+
+    def score_line(self) -> dict[str, Any]:
+        return {"set": self.set, "nll_per_token": self.nll_per_token, "rows": self.rows, "tokens": self.tokens,
+                "adapter": self.adapter, "data_path": self.data_path, "save_path": self.save_path}
+
+
+def set_name(data_path: str | os.PathLike) -> str:
+    """The test set's name: its file's folder (data/math/gsm8k/test.json -> gsm8k)."""
+    return Path(os.path.abspath(data_path)).parent.name
+
+
+def check_outputs(rows: list[dict], path: str | os.PathLike) -> None:
+    """ValueError naming the file, row index and field for a row whose reference `output` is empty
+    (`load_rows` already refuses a missing or non-string one)."""
+    for i, row in enumerate(rows):
+        if not row["output"].strip():
+            raise ValueError(f"{os.fspath(path)}: row {i}: field 'output' is empty (the held-out loss scores "
+                             "the reference output)")
+
+
+def loss_examples(tokenizer: Any, rows: list[dict], indices: list[int], max_seq_len: int,
+                  data_path: str) -> list[tuple[int, Example, int]]:
+    """(row index, `Example`, response tokens cut at max_seq_len) for rows[i], i in `indices`, tokenised
+    as training does (`tokenize_rows`). ValueError naming the row when its prompt leaves no room."""
+    picked = [rows[i] for i in indices]
+    examples, skipped = tokenize_rows(picked, tokenizer, max_seq_len)
+    if skipped:
+        i = indices[skipped[0]]
+        raise ValueError(f"{data_path}: row {i}: its prompt (instruction + input) fills --max_seq_len {max_seq_len} "
+                         f"tokens, leaving none for the output ({len(skipped)} such rows); raise --max_seq_len")
+    out = []
+    for i, ex in zip(indices, examples):
+        cut = 0
+        if len(ex.tokens) == max_seq_len:  # possibly cut: count what was dropped
+            full = len(tokenizer.encode(rows[i]["output"], bos=False, eos=True))
+            cut = ex.n_prompt + full - max_seq_len
+        out.append((i, ex, cut))
+    return out
+
+
+@torch.no_grad()
+def row_nll_sums(model: Transformer, batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[list[float], list[int]]:
+    """Per row of a collated batch (tokens, labels, token_mask): the summed NLL of its label tokens and
+    their number, from one forward. Logits only at label positions, row by row, in chunks."""
+    mask = batch["token_mask"]
+    mask = None if bool(mask.all()) else mask.to(device)
+    hidden = model.hidden_states(batch["tokens"].to(device), token_mask=mask)  # (B, T, dim)
+    targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+    selected = targets != IGNORE_INDEX
+    weight = model.output.weight.detach()  # frozen here whatever its flag
+    sums, counts = [], []
+    for b in range(hidden.shape[0]):
+        sel = selected[b]
+        sums.append(float(label_cross_entropy(hidden[b, :-1][sel], weight, targets[b][sel])))
+        counts.append(int(sel.sum()))
+    return sums, counts
+
+
+def make_batches(items: list[tuple[int, Example, int]], max_batch_size: int) -> list[list[tuple[int, Example, int]]]:
+    """Items sorted longest first (ties by row index), packed `max_batch_size` at a time."""
+    ordered = sorted(items, key=lambda it: (-len(it[1].tokens), it[0]))
+    return [ordered[s:s + max_batch_size] for s in range(0, len(ordered), max_batch_size)]
+
+
+def score_into_partial(model: Transformer, rows: list[dict], batches: list[list[tuple[int, Example, int]]],
+                       device: torch.device | str, partial: Path, header: dict, show_progress: bool,
+                       desc: str) -> tuple[int, float]:
+    """Score `batches` and append one record per row (with its index) to `partial` (gets `header` first
+    when new), flushed and synced after every batch. Returns (rows scored, seconds)."""
+    t0, n_rows = time.perf_counter(), 0
+    fresh = not partial.exists() or partial.stat().st_size == 0
+    bar = tqdm(total=sum(map(len, batches)), unit="row", disable=not show_progress, desc=desc)
+    with open(partial, "a", encoding="utf-8") as f:
+        if fresh:
+            f.write(json.dumps(header) + "\n")
+        for items in batches:
+            batch = collate([InstructionDataset([ex])[0] for _, ex, _ in items])
+            sums, counts = row_nll_sums(model, batch, device)
+            lines = []
+            for (i, _, cut), s, n in zip(items, sums, counts):
+                row = rows[i]
+                record = {"index": i, "nll": s / n, "tokens": n, "instruction": row["instruction"],
+                          "input": row.get("input"), "nll_sum": s, "cut_tokens": cut}
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+            n_rows += len(items)
+            bar.update(len(items))
+    bar.close()
+    return n_rows, time.perf_counter() - t0
+
+
+def evaluate_loss(cfg: LossConfig) -> LossSummary:
+    """Write the per-row loss file `cfg.save_path` for the test rows of `cfg.data_path` and append the
+    summary line to loss_score.jsonl beside it. Under torchrun every rank calls this; every rank
+    returns the same summary. User mistakes raise ValueError / FileNotFoundError naming flag, file or row."""
+    own_group = not dist.is_initialized()
+    env = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        return _run(cfg, env.rank, env.world_size, env.device)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSummary:
+    save = Path(cfg.save_path)
+    rows = load_rows(cfg.data_path)
+    check_outputs(rows, cfg.data_path)
+    if on_rank0(lambda: _complete_already(cfg, save, rows), rank, world):
+        summary = on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True), rank, world)
+        return summary
+
+    dtype, report = on_rank0(lambda: resolve_dtype(cfg.dtype, device), rank, world)  # every rank: one choice
+    dtype_name = str(dtype).removeprefix("torch.")
+    model, tokenizer = load_model(cfg.ckpt_dir, dtype=dtype, device=device)
+    if cfg.adapter_path:
+        load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir)
+    model.requires_grad_(False)
+    model.eval()
+    context = model.args.max_seq_len
+    if cfg.max_seq_len and cfg.max_seq_len > context:
+        raise ValueError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's context length {context} "
+                         "(0 = the context)")
+    max_seq_len = cfg.max_seq_len or context
+
+    settings = _settings(cfg, max_seq_len, dtype_name)
+    done = set(on_rank0(lambda: _finished_rows(cfg, save, settings, rows), rank, world))
+    pending = [i for i in range(len(rows)) if i not in done]
+    items = loss_examples(tokenizer, rows, pending, max_seq_len, cfg.data_path)
+    items.sort(key=lambda it: (-len(it[1].tokens), it[0]))
+    mine = items[rank::world]  # round-robin over the length order: every rank gets a similar mix
+    n_rows, seconds = 0, 0.0
+    if mine:
+        n_rows, seconds = score_into_partial(model, rows, make_batches(mine, cfg.max_batch_size), device,
+                                             partial_path(save, rank, world), partial_header(save, settings),
+                                             show_progress=cfg.progress and rank == 0, desc=save.name)
+    gathered = _gather({"rows": n_rows, "seconds": seconds}, world)
+
+    def finish() -> LossSummary:
+        merge_partials(save, settings, rows)
+        return _summarise(cfg, save, rows, left_alone=False)
+
+    summary = on_rank0(finish, rank, world)
+    summary.max_seq_len, summary.dtype, summary.dtype_report = max_seq_len, dtype_name, report
+    summary.evaluated_rows = sum(g["rows"] for g in gathered)
+    summary.resumed_rows = len(done)
+    summary.seconds = max(g["seconds"] for g in gathered)
+    summary.world_size = world
+    if rank == 0:
+        _append_score(summary)
+    return summary
+
+
+def _summarise(cfg: LossConfig, save: Path, rows: list[dict], left_alone: bool) -> LossSummary:
+    """The summary of a complete loss file; for a file left alone, also appends its line to
+    loss_score.jsonl when no line there names it (a run killed between the two writes)."""
+    records = [json.loads(line) for line in save.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, (rec, row) in enumerate(zip(records, rows)):
+        if not isinstance(rec, dict) or "nll_sum" not in rec or rec.get("instruction") != row["instruction"]:
+            raise ValueError(f"--save_path {save} line {i + 1}: not the loss record of test row {i} of "
+                             f"{cfg.data_path}; rerun with --overwrite True")
+    total_nll = sum(r["nll_sum"] for r in records)
+    total_tokens = sum(r["tokens"] for r in records)
+    summary = LossSummary(set=set_name(cfg.data_path), nll_per_token=total_nll / total_tokens, rows=len(records),
+                          tokens=total_tokens, adapter=cfg.adapter_path, data_path=cfg.data_path,
+                          save_path=str(save), cut_rows=sum(1 for r in records if r.get("cut_tokens")),
+                          left_alone=left_alone, score_file=str(save.parent / SCORE_FILE))
+    if left_alone and not _score_has(summary):
+        _append_score(summary)
+    return summary
+
+
+def _score_has(summary: LossSummary) -> bool:
+    path = Path(summary.score_file)
+    if not path.is_file():
+        return False
+    target = os.path.abspath(summary.save_path)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("save_path") and os.path.abspath(entry["save_path"]) == target:
+            return True
+    return False
+
+
+def _append_score(summary: LossSummary) -> None:
+    with open(summary.score_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(summary.score_line()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _complete_already(cfg: LossConfig, save: Path, rows: list[dict]) -> bool:
+    """True when `save` already holds a line for every row (and --overwrite is off); creates its folder."""
+    if save.is_dir():
+        raise ValueError(f"--save_path {save} is a directory; expected a .jsonl file name")
+    save.parent.mkdir(parents=True, exist_ok=True)
+    if not save.exists() or cfg.overwrite:
+        return False
+    n = count_lines(save)
+    if n != len(rows):
+        raise ValueError(f"--save_path {save} exists with {n} lines but --data_path {cfg.data_path} has "
+                         f"{len(rows)} rows; rerun with --overwrite True to redo it")
+    return True
+
+
+def _settings(cfg: LossConfig, max_seq_len: int, dtype_name: str) -> dict[str, Any]:
+    """What shapes the per-row numbers: a partial file written with other values cannot be resumed."""
+    settings = {"kind": "loss", "data_path": os.path.abspath(cfg.data_path), "ckpt_dir": os.path.abspath(cfg.ckpt_dir),
+                "adapter_path": os.path.abspath(cfg.adapter_path) if cfg.adapter_path else None,
+                "max_seq_len": max_seq_len, "dtype": dtype_name}
+    return json.loads(json.dumps(settings))
+
+
+def _finished_rows(cfg: LossConfig, save: Path, settings: dict[str, Any], rows: list[dict]) -> list[int]:
+    """Rows an interrupted run with the same settings already scored (none with --overwrite, whose
+    partial files are removed)."""
+    if cfg.overwrite:
+        for path in partial_files(save):
+            path.unlink()
+        return []
+    return sorted(read_partials(save, settings, rows, repair=True))
+
+
+def _gather(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """Every rank's `stats`; also the barrier after which every partial file is closed."""
+    if world == 1:
+        return [stats]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, stats)
+    return gathered
+
+
+def format_summary(s: LossSummary) -> str:
+    """The lines evaluate_loss.py prints."""
+    who = f"adapter {s.adapter}" if s.adapter else "bare model"
+    head = f"{s.set}: nll/token {s.nll_per_token:.4f} over {s.rows} rows, {s.tokens} tokens ({who})"
+    if s.left_alone:
+        return (f"{head}\n{s.save_path} already holds all {s.rows} rows: left alone (--overwrite True to redo it); "
+                f"its line is in {s.score_file}")
+    resumed = f", {s.resumed_rows} resumed from an interrupted run" if s.resumed_rows else ""
+    rate = s.evaluated_rows / s.seconds if s.seconds > 0 else 0.0
+    return "\n".join([
+        head,
+        s.dtype_report,
+        f"wrote {s.save_path} ({s.evaluated_rows} rows scored now{resumed}; {s.cut_rows} outputs cut at "
+        f"max_seq_len {s.max_seq_len}); summary appended to {s.score_file}",
+        f"forward: {s.seconds:.1f} s on {s.world_size} rank(s), {rate:.2f} rows/s",
+    ])
+
+
+def summary_dict(s: LossSummary) -> dict[str, Any]:
+    """Every field of a summary (for scripts that log it)."""
+    return asdict(s)
