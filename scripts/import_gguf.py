@@ -32,6 +32,7 @@ Tokenizer (byte-level BPE, `tokenizer.ggml.model == "gpt2"`) -> tiktoken ranks:
   "smollm" and loads such a GGUF with GPT-2's regex alone, which differs where a run of two or
   more whitespace characters precedes a digit.
 """
+# Over 400 lines: one standalone converter (weights, BPE ranks, split regex) that runs without the package.
 from __future__ import annotations
 
 import argparse
@@ -181,10 +182,20 @@ def convert_tokenizer(fields: dict) -> tuple[bytes, dict, int]:
             raise ValueError(f"metadata {key} is missing")
     tokens: list[str] = fields["tokenizer.ggml.tokens"]
     types: list[int] = fields.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
-    merges: list[str] = fields.get("tokenizer.ggml.merges") or []
-    n_vocab = len(tokens)
     u2b = gpt2_unicode_to_byte()
+    ranks, special = _token_ranks(tokens, types, u2b)
+    _check_merges(fields.get("tokenizer.ggml.merges") or [], ranks, u2b)
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    for j, b in enumerate(missing):
+        ranks[bytes([b])] = len(tokens) + j  # never emitted: the split pattern skips these characters
+    config = {"pattern": split_pattern(fields.get("tokenizer.ggml.pre", "default"), missing),
+              "special_tokens": special, **_special_token_roles(fields, tokens, special)}
+    lines = [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    return ("\n".join(lines) + "\n").encode(), config, len(tokens)
 
+
+def _token_ranks(tokens: list[str], types: list[int], u2b: dict[str, int]) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(bytes -> id of every normal token, text -> id of every control / user-defined token)."""
     ranks: dict[bytes, int] = {}
     special: dict[str, int] = {}
     for i, (tok, typ) in enumerate(zip(tokens, types)):
@@ -201,10 +212,13 @@ def convert_tokenizer(fields: dict) -> tuple[bytes, dict, int]:
         else:
             raise ValueError(f"token {i} {tok!r} has type {typ}: only normal, control and user-defined "
                              "tokens are supported")
+    return ranks, special
 
-    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE the pair
-    # with the highest-priority merge. With rank = id they agree when merge k produces the k-th
-    # merged token in id order and every multi-byte token is produced by a merge.
+
+def _check_merges(merges: list[str], ranks: dict[bytes, int], u2b: dict[str, int]) -> None:
+    """tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE the pair
+    with the highest-priority merge. With rank = id they agree when merge k produces the k-th
+    merged token in id order and every multi-byte token is produced by a merge: check that."""
     ids_of_merges = []
     for k, m in enumerate(merges):
         left, sep, right = m.partition(" ")
@@ -222,10 +236,9 @@ def convert_tokenizer(fields: dict) -> tuple[bytes, dict, int]:
         raise ValueError(f"{multi_byte} multi-byte tokens but {len(ids_of_merges)} merges: some tokens are not "
                          "produced by a merge")
 
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    for j, b in enumerate(missing):
-        ranks[bytes([b])] = n_vocab + j  # never emitted: the split pattern skips these characters
 
+def _special_token_roles(fields: dict, tokens: list[str], special: dict[str, int]) -> dict:
+    """bos_token, eos_token, stop_tokens and chat_template of tokenizer_config.json."""
     eos = tokens[fields["tokenizer.ggml.eos_token_id"]]
     bos = tokens[fields["tokenizer.ggml.bos_token_id"]] if fields.get("tokenizer.ggml.add_bos_token") else None
     stop = [eos] + [t for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>")
@@ -237,16 +250,7 @@ def convert_tokenizer(fields: dict) -> tuple[bytes, dict, int]:
     usable.sort(key=lambda name: CHAT_TEMPLATES[name][-1] not in template)
     if not usable:
         raise ValueError(f"no supported chat template: the vocabulary lacks the control tokens of {sorted(CHAT_TEMPLATES)}")
-    config = {
-        "pattern": split_pattern(fields.get("tokenizer.ggml.pre", "default"), missing),
-        "special_tokens": special,
-        "bos_token": bos,
-        "eos_token": eos,
-        "stop_tokens": stop,
-        "chat_template": usable[0],
-    }
-    lines = [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(ranks.items(), key=lambda kv: kv[1])]
-    return ("\n".join(lines) + "\n").encode(), config, n_vocab
+    return {"bos_token": bos, "eos_token": eos, "stop_tokens": stop, "chat_template": usable[0]}
 
 
 def ffn_params(dim: int, hidden: int) -> tuple[int, float | None]:
@@ -288,8 +292,6 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype =
     Atomic: on any error (missing file, damaged file, not a llama GGUF) nothing is left behind.
     Returns `out_dir`.
     """
-    import gguf
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
@@ -303,16 +305,28 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype =
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path}: general.architecture is {arch!r}, expected 'llama'")
+    try:
+        tok_model, tok_config, n_vocab = convert_tokenizer(fields)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: tokenizer: {e}") from None
+    params = _model_params(fields, n_vocab, gguf_path)
+    sd, rope_freqs = _read_tensors(reader, dtype, gguf_path)
+    if rope_freqs is not None:
+        _check_llama31_rope(params, rope_freqs, gguf_path)
+        params["use_scaled_rope"] = True
+    _check_tensors(params, sd, gguf_path)
+    files = {"tokenizer.model": tok_model, "tokenizer_config.json": json.dumps(tok_config, indent=2) + "\n"}
+    return save_model_dir(out_dir, params, sd, files)
 
+
+def _model_params(fields: dict, n_vocab: int, gguf_path: Path) -> dict:
+    """Meta's params.json keys from the `llama.*` metadata (`use_scaled_rope` False until the
+    tensors say otherwise)."""
     def meta(key: str):
         if f"llama.{key}" not in fields:
             raise ValueError(f"{gguf_path}: metadata llama.{key} is missing")
         return fields[f"llama.{key}"]
 
-    try:
-        tok_model, tok_config, n_vocab = convert_tokenizer(fields)
-    except ValueError as e:
-        raise ValueError(f"{gguf_path}: tokenizer: {e}") from None
     dim, n_heads = int(meta("embedding_length")), int(meta("attention.head_count"))
     multiple_of, ffn_mult = ffn_params(dim, int(meta("feed_forward_length")))
     if int(fields.get("llama.rope.dimension_count", dim // n_heads)) != dim // n_heads:
@@ -331,6 +345,13 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype =
     }
     if params["vocab_size"] != n_vocab:
         raise ValueError(f"{gguf_path}: llama.vocab_size {params['vocab_size']} != {n_vocab} tokenizer tokens")
+    return params
+
+
+def _read_tensors(reader, dtype: torch.dtype, gguf_path: Path) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+    """(Meta-named tensors dequantized to `dtype`, rope_freqs.weight or None). A model with tied
+    embeddings gets `output.weight` as a copy of the embeddings."""
+    import gguf
 
     sd: dict[str, torch.Tensor] = {}
     rope_freqs = None
@@ -354,14 +375,15 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype =
         sd[key] = torch.from_numpy(values).to(dtype)
     if "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"].clone()  # tied embeddings, written out
-    if rope_freqs is not None:
-        _check_llama31_rope(params, rope_freqs, gguf_path)
-        params["use_scaled_rope"] = True
+    return sd, rope_freqs
 
+
+def _check_tensors(params: dict, sd: dict[str, torch.Tensor], gguf_path: Path) -> None:
+    """The tensors are exactly those, of exactly the shapes, that `params` implies."""
     from llama.model import Transformer
 
     with torch.device("meta"):
-        expected = Transformer(ModelArgs(**params)).state_dict()
+        expected = Transformer(ModelArgs.from_params(**params)).state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{gguf_path}: tensors do not match the metadata: missing {missing[:10]}, "
@@ -370,16 +392,13 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype =
         if v.shape != expected[key].shape:
             raise ValueError(f"{gguf_path}: {key} has shape {tuple(v.shape)}, expected {tuple(expected[key].shape)}")
 
-    files = {"tokenizer.model": tok_model, "tokenizer_config.json": json.dumps(tok_config, indent=2) + "\n"}
-    return save_model_dir(out_dir, params, sd, files)
-
 
 def _check_llama31_rope(params: dict, rope_freqs: np.ndarray, gguf_path: Path) -> None:
     """llama.cpp stores LLaMA-3.1's RoPE scaling as per-frequency divisors; accept only Meta's 3.1 rule."""
     from llama.model import rope_inv_freq
 
-    plain = rope_inv_freq(ModelArgs(**params))
-    scaled = rope_inv_freq(ModelArgs(**{**params, "use_scaled_rope": True}))
+    plain = rope_inv_freq(ModelArgs.from_params(**params))
+    scaled = rope_inv_freq(ModelArgs.from_params(**{**params, "use_scaled_rope": True}))
     ours = (plain / scaled).numpy()
     if rope_freqs.shape != ours.shape or not np.allclose(rope_freqs, ours, rtol=1e-4):
         raise ValueError(f"{gguf_path}: rope_freqs.weight is not LLaMA-3.1's RoPE scaling: unsupported")
