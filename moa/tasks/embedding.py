@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from llama.model import Transformer
+from moa.checks import check_int
 from moa.train.data import pad_right
 from moa.method.routers import masked_mean
 
@@ -32,8 +33,7 @@ def embed_tokens(model: Transformer, tokens: Sequence[list[int]], batch_size: in
     """
     if getattr(model, "moa_config", None) is not None:
         raise ValueError("embed_tokens: the model has adapters attached; the selector embeds with the bare base")
-    if batch_size < 1:
-        raise ValueError(f"--embed_batch_size: expected an integer >= 1, got {batch_size}")
+    check_int("embed_batch_size", batch_size, 1)
     if model.cache_shape is not None:
         model.clear_caches()
     device = model.tok_embeddings.weight.device

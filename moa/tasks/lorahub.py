@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from llama.model import Transformer
+from moa.checks import check_int
 from moa.lora.algebra import read_plain_lora
 from moa.lora.combine import combine
 from moa.method.config import MoAConfig
@@ -47,9 +48,7 @@ class LoraHubConfig:
 
     def __post_init__(self) -> None:
         for flag, low in (("steps", 1), ("batch_size", 1), ("max_seq_len", 2), ("seed", 0)):
-            v = getattr(self, flag)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"--{flag}: expected an integer >= {low}, got {v!r}")
+            check_int(flag, getattr(self, flag), low)
         for flag in ("l1", "bound", "sigma0"):
             v = getattr(self, flag)
             if not isinstance(v, (int, float)) or not v >= 0 or (flag != "l1" and v == 0):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa.checks import check_int, load_tensors
 from moa.files.atomic import atomic_write_files
 from moa.train.data import load_rows
 from moa.tasks.embedding import embed_rows
@@ -64,8 +65,7 @@ class SelectorConfig:
         if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"selector: need at least 2 distinct tasks, got {self.tasks}")
         for flag in ("dim", "max_tokens", "hidden", "steps", "n_clusters"):
-            if not isinstance(getattr(self, flag), int) or getattr(self, flag) < 1:
-                raise ValueError(f"--{flag}: expected an integer >= 1, got {getattr(self, flag)!r}")
+            check_int(flag, getattr(self, flag), 1)
         if not self.temperature > 0:
             raise ValueError(f"--temperature: expected > 0, got {self.temperature!r}")
 
@@ -259,8 +259,8 @@ def load_selector(path: str | os.PathLike) -> Selector:
     if not path.is_file():
         raise FileNotFoundError(f"--selector {path}: no such file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not a saved dict
+        blob = load_tensors(path, "selector file")
+    except ValueError as e:
         raise ValueError(f"--selector {path}: cannot read it ({e})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"--selector {path}: not a selector file (written by scripts/train_selector.py)")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moa.checks import load_tensors
 from moa.files.atomic import atomic_write_files
 from moa.method.config import MoAConfig
 from moa.train.schedule import WarmupCosine
@@ -89,11 +90,10 @@ def load_training_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types on foreign files (UnpicklingError, KeyError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ckpt = load_tensors(path, "torch file")
+    except ValueError as e:  # "PATH: cannot read this torch file: why"
         raise ValueError(f"{path}: not a moa training checkpoint (torch.load with weights_only=True "
-                         f"failed: {first})") from None
+                         f"failed: {str(e)[len(f'{path}: '):]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a moa training checkpoint (no 'format': '{CHECKPOINT_FORMAT}' "
                          "entry; expected a checkpoint-N.pth written by main_finetune.py)")

@@ -14,7 +14,6 @@ loss; the pad id itself is never read.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
+
+from moa.checks import read_json
 
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -56,13 +57,7 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: data file not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    rows = read_json(path, "data file")
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of rows {{instruction, input, output}}, "
                          f"got a JSON {type(rows).__name__}")
