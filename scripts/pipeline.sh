@@ -113,7 +113,8 @@ prepare_data() {
 }
 
 # loss_all DIR [ADAPTER]: the teacher-forced held-out loss DIR/loss/SET_loss.jsonl of each of $SETS
-# (evaluate_loss.py; one forward per row, no generation).
+# (evaluate_loss.py; one forward per row, no generation; at the model's full context, so that no
+# reference is cut and the bare model and the adapters score the same tokens).
 loss_all() {
   local dir=$1 adapter=() t0
   [ $# -ge 2 ] && adapter=(--adapter_path "$2")
@@ -122,7 +123,7 @@ loss_all() {
   for ds in $SETS; do
     "${LAUNCH[@]}" evaluate_loss.py --ckpt_dir "$MODEL" "${adapter[@]}" --dtype "$DTYPE" \
       --data_path "$OUT/data/loss/$ds/test.json" --save_path "$dir/loss/${ds}_loss.jsonl" \
-      --max_seq_len "$MAX_SEQ_LEN" --max_batch_size "$MAX_BATCH"
+      --max_batch_size "$MAX_BATCH"
   done
   record_time "$dir/timing.json" loss_s "$t0" "$(now)"
 }

@@ -253,8 +253,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for benchmark in benchmarks:
         sets = BENCHMARK_SETS[benchmark]
         results = []
-        for method in methods:
-            for seed in seeds:
+        # Seed-major: every method's first seed comes first, so a table that is cut short still compares
+        # all methods.
+        for seed in seeds:
+            for method in methods:
                 directory = run_dir(args.out, args.scale, benchmark, method, seed)
                 if (directory / SUMMARY_FILE).is_file():
                     print(f"=== {benchmark} / {method} / seed {seed}: finished, skipped ({directory})")
@@ -269,6 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         continue
                 results.append(read_result(directory, method, seed, sets))
         if results:
+            results.sort(key=lambda r: (methods.index(r.method), seeds.index(r.seed)))
             name = f"{benchmark}_{args.scale}"
             print(f"\n{benchmark} ({args.scale}):\n" + write_tables(args.out, name, results, sets))
             print(f"written: {args.out / f'{name}_results.md'}, .csv and {name}_runs.csv")

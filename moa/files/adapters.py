@@ -22,7 +22,7 @@ from torch import nn
 
 from moa.checks import load_tensors, read_json
 from moa.files.atomic import atomic_write_files, write_json
-from moa.method.config import MoAConfig
+from moa.method.config import MoAConfig, parse_adapter_params
 from moa.method.inject import adapter_names, attach_adapters, moa_config
 from moa.method.state import adapter_state_dict, load_adapter_state_dict
 
@@ -56,24 +56,11 @@ def adapter_file(path: str | os.PathLike) -> Path:
 
 def read_adapter_params(path: str | os.PathLike) -> tuple[MoAConfig, Optional[int]]:
     """Read `adapter_params.json`: (the adapter flags, the training `max_seq_len` or None).
-
-    extract_adapter_from_checkpoint.py records the training `max_seq_len` beside the flags (example.py
-    caps prompt + generation at it by default). `FileNotFoundError` / `ValueError` name the file.
-    """
+    `FileNotFoundError` / `ValueError` name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such adapter params file (it holds the flags that rebuild the "
                                 "adapters; extract_adapter_from_checkpoint.py writes it beside adapter.pth)")
-    params = read_json(path, "adapter params file")
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object of adapter flags")
-    max_seq_len = params.pop("max_seq_len", None)
-    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
-                                    or max_seq_len < 2):
-        raise ValueError(f"{path}: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    try:
-        return MoAConfig.from_dict(params), max_seq_len
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return parse_adapter_params(read_json(path, "adapter params file"), path)
 
 
 def _tensor_dict(path: Path, what: str) -> dict[str, torch.Tensor]:

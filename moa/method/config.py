@@ -6,10 +6,12 @@ that names the flag and says what was expected.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from moa.checks import read_json
 from moa.files.atomic import atomic_write_json
 
 # --lora_targets name -> (slot name, path of the projection inside a TransformerBlock).
@@ -176,7 +178,24 @@ class MoAConfig:
     @classmethod
     def from_json(cls, path: str) -> "MoAConfig":
         """The adapter flags of `adapter_params.json` (a training `max_seq_len` there is not a flag:
-        see `moa.files.adapters.read_adapter_params`)."""
-        from moa.files.adapters import read_adapter_params  # the one reader of that file
+        see `parse_adapter_params`)."""
+        return parse_adapter_params(read_json(path, "adapter params file"), path)[0]
 
-        return read_adapter_params(path)[0]
+
+def parse_adapter_params(params: Any, path: str | os.PathLike) -> tuple[MoAConfig, Optional[int]]:
+    """The parsed content of an `adapter_params.json` -> (the adapter flags, the training `max_seq_len`
+    or None); a ValueError naming `path` when it is not an object of known flags.
+
+    extract_adapter_from_checkpoint.py records the training `max_seq_len` beside the flags (example.py
+    caps prompt + generation at it by default)."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a JSON object of adapter flags")
+    params = dict(params)
+    max_seq_len = params.pop("max_seq_len", None)
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 2):
+        raise ValueError(f"{path}: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    try:
+        return MoAConfig.from_dict(params), max_seq_len
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

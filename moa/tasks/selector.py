@@ -22,7 +22,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,9 @@ from moa.checks import check_int, load_tensors
 from moa.files.atomic import atomic_write_files
 from moa.train.data import load_rows
 from moa.tasks.embedding import embed_rows
-from moa.tasks.registry import Registry
+
+if TYPE_CHECKING:  # a type hint only: the registry is read by the caller
+    from moa.tasks.registry import Registry
 
 SELECTOR_KINDS = ("mlp", "nearest")
 METRICS = ("cos", "ip", "l2")
