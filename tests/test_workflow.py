@@ -24,8 +24,8 @@ from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, score_generation
 REPO = Path(__file__).resolve().parent.parent
 # Tiny sizes: a few training rows and steps, one or two test rows, a few new tokens. On the tiny
 # byte-tokenizer model (`tiny_model_dir`) prompts are ~250 tokens: --max_seq_len 1024 there.
-TINY_RUN = ["--train_rows", "4", "--batch", "2", "--accum", "1", "--test_rows", "2", "--max_gen_len", "4",
-            "--min_gen_len", "2", "--max_batch", "2"]
+TINY_RUN = ["--train_rows", "4", "--batch", "2", "--accum", "1", "--test_rows", "2", "--loss_rows", "2",
+            "--max_gen_len", "4", "--min_gen_len", "2", "--max_batch", "2"]
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -63,6 +63,16 @@ def test_run_math_sh_end_to_end_on_smollm2_files_and_acc_score_line(smollm2_dir,
         assert (out / f"{name}_predict_scored.jsonl").is_file()
         assert len(json.loads((out / "data" / name / "test.json").read_text())) == 2
     assert json.loads((out / "timing.json").read_text())["train_s"] > 0
+    # The main job's report: held-out loss of both models from the per-row files, accuracy with intervals.
+    summary = json.loads((out / "summary.json").read_text())
+    for model, folder in (("adapters", out), ("bare", out / "base")):
+        rows = [json.loads(line) for line in (folder / "loss" / "gsm8k_loss.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        nll = sum(r["nll"] * r["tokens"] for r in rows) / sum(r["tokens"] for r in rows)
+        assert summary["loss"][model]["gsm8k"]["nll"] == pytest.approx(nll)
+        acc = summary["accuracy"][model]["average"]
+        assert acc["rows"] == 12 and acc["low"] <= acc["acc"] <= acc["high"]
+    assert "This run shows" in proc.stdout
 
     # A second run finds every step done: nothing is retrained or regenerated, one more score line.
     mtime = (out / "adapter.pth").stat().st_mtime_ns
