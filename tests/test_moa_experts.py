@@ -96,7 +96,9 @@ def test_molora_matches_formula_fp32_rtol1e_5(kind):
     site = randomize(LoRALinear(lin, cfg, mixture="molora"))
     z = torch.randn(N, IN)
     thr = None if kind != "adamole" else z @ site.router.threshold.weight.T + site.router.threshold.bias
-    p = mixture_weights(z @ site.router.proj.weight.T, kind, 2, thr)
+    logits = z @ site.router.proj.weight.T + (0 if site.router.proj.bias is None else site.router.proj.bias)
+    assert (site.router.proj.bias is not None) == (kind != "soft")  # top-k/AdaMoLE routers have a bias
+    p = mixture_weights(logits, kind, 2, thr)
     delta = sum(p[:, i:i + 1] * (z @ site.lora_A[i].T @ site.lora_B[i].T) for i in range(e)) * (6 / r)
     close(site(z), z @ lin.weight.T + delta)
 
@@ -110,7 +112,8 @@ def test_hydralora_matches_formula_fp32_rtol1e_5(kind):
     assert site.lora_A.shape == (r, IN) and site.lora_B.shape == (e, OUT, r)
     z = torch.randn(N, IN)
     thr = None if kind != "adamole" else z @ site.router.threshold.weight.T + site.router.threshold.bias
-    p = mixture_weights(z @ site.router.proj.weight.T, kind, 2, thr)
+    logits = z @ site.router.proj.weight.T + (0 if site.router.proj.bias is None else site.router.proj.bias)
+    p = mixture_weights(logits, kind, 2, thr)
     delta = sum(p[:, i:i + 1] * (z @ site.lora_A.T @ site.lora_B[i].T) for i in range(e))
     close(site(z), z @ lin.weight.T + delta)
 
@@ -148,7 +151,8 @@ def test_fresh_parallel_adapter_is_below_1e_6_of_input_scale():
 
 
 def prompt_reference(x, q, wk, wv, pe, route_w=None):
-    """Per head, per prompt set: softmax(q . k_p / sqrt(hd)) over the prompt positions, times gate."""
+    """Per head: one softmax(q . k_p / sqrt(hd)) over all E*L prompt positions, each set's part weighed
+    by the prompt router, times gate."""
     bsz, heads, seqlen, hd = q.shape
     kv = pe.n_kv_heads
     vec = pe.vectors.reshape(pe.n_experts, pe.prompt_len, -1)
@@ -157,10 +161,12 @@ def prompt_reference(x, q, wk, wv, pe, route_w=None):
     out = torch.zeros(bsz, seqlen, heads, hd)
     for h in range(heads):
         g = h // (heads // kv)  # the kv head that query head h shares (GQA)
+        ks = [(vec[e] @ wk.T).view(-1, kv, hd)[:, g] for e in range(pe.n_experts)]  # each (L, hd)
+        scores = torch.cat([q[:, h] @ k.T / math.sqrt(hd) for k in ks], -1)  # (B, T, E*L)
+        joint = scores.softmax(-1).split(pe.prompt_len, -1)  # one softmax over all sets, split per set
         for e in range(pe.n_experts):
-            k = (vec[e] @ wk.T).view(-1, kv, hd)[:, g]  # (L, hd)
             v = (vec[e] @ wv.T).view(-1, kv, hd)[:, g]
-            att = torch.softmax(q[:, h] @ k.T / math.sqrt(hd), dim=-1) @ v  # (B, T, hd)
+            att = joint[e] @ v  # (B, T, hd)
             m = mix[..., e:e + 1] if pe.n_experts > 1 else 1.0
             out[:, :, h] += m * att * pe.gate[0, h, 0, 0]
     out = out.reshape(bsz, seqlen, heads * hd)

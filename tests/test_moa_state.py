@@ -190,11 +190,11 @@ def test_load_balance_loss_matches_formula_and_ignores_pads_rel1e_6():
     aux = collect_aux_loss(model)
     assert collect_aux_loss(model).item() == 0.0  # handed out once
     z = captured["z"][mask]  # real tokens only
-    p = (z @ site.router.proj.weight.T).softmax(-1)  # (n, E)
+    p = (z @ site.router.proj.weight.T + site.router.proj.bias).softmax(-1)  # (n, E)
     f = torch.zeros(4)
     for row in p:
         for e in row.topk(2).indices:
-            f[e] += 0.5 / len(p)
+            f[e] += 1.0 / len(p)  # every one of the k selections counts (sum f = k), as the paper's code
     assert rel(aux, 0.5 * 4 * (f * p.mean(0)).sum()) <= 1e-6
     model(toks[:1])  # the unpadded first row alone gives its own (different) value; now pads vs none:
     alone = collect_aux_loss(model)

@@ -88,13 +88,15 @@ class MoAConfig:
     type_router: str = _flag("soft", "per-block type router: soft | sparse | instance | unipeft | none")
     expert_router: str = _flag("soft", "router of the mixtures with E > 1: soft | topk | adamole")
     top_k: int = _flag(2, "experts kept per token by --expert_router topk")
+    noisy_router: bool = _flag(False, "topk/adamole: in training add N(0,1) * softplus(Linear(z)) to the expert "
+                                      "router logits (a trainable noise layer; no noise in eval mode)")
     max_threshold: float = _flag(0.5, "sparse: threshold = sigmoid(Linear(x)) * max_threshold (or the constant)")
     const_threshold: bool = _flag(False, "sparse: the constant threshold max_threshold instead of a learned one")
     threshold_ste: bool = _flag(False, "sparse, learned threshold: straight-through gradient (off = the paper's code)")
     lb_loss_coeff: float = _flag(0.0, "load-balance loss of the mixtures with E > 1 (0 in the paper's runs)")
 
     def __post_init__(self) -> None:
-        for flag in ("hydra_moe", "p_adapter_hydra", "const_threshold", "threshold_ste"):
+        for flag in ("hydra_moe", "p_adapter_hydra", "const_threshold", "threshold_ste", "noisy_router"):
             setattr(self, flag, _as_bool(flag, getattr(self, flag)))
         for flag in ("lora_layers", "p_adapter_layers", "prompt_layers"):
             parse_spans(flag, getattr(self, flag))
@@ -129,6 +131,9 @@ class MoAConfig:
             raise ValueError(f"--expert_router: expected one of {EXPERT_ROUTERS}, got {self.expert_router!r}")
         if self.expert_router == "topk" and self.expert_num > 1 and self.top_k > self.expert_num:
             raise ValueError(f"--top_k: {self.top_k} exceeds --expert_num {self.expert_num}")
+        if self.noisy_router and self.expert_router not in ("topk", "adamole"):
+            raise ValueError(f"--noisy_router: only for --expert_router topk or adamole, got --expert_router "
+                             f"{self.expert_router}")
 
     # ---- derived views ------------------------------------------------------------------------
     @property
@@ -159,8 +164,14 @@ class MoAConfig:
 
     # ---- adapter_params.json --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every flag (JSON-serialisable)."""
-        return dataclasses.asdict(self)
+        """Plain dict of every flag (JSON-serialisable). Flags added after files were first written
+        (`noisy_router`) are left out at their default, so such files stay as they were and code that
+        predates the flag still reads them; `from_dict` restores the default."""
+        params = dataclasses.asdict(self)
+        for flag, default in _LATER_FLAGS.items():
+            if params[flag] == default:
+                del params[flag]
+        return params
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "MoAConfig":
@@ -180,6 +191,10 @@ class MoAConfig:
         """The adapter flags of `adapter_params.json` (a training `max_seq_len` there is not a flag:
         see `parse_adapter_params`)."""
         return parse_adapter_params(read_json(path, "adapter params file"), path)[0]
+
+
+# Flags newer than the first adapter files, with the default that leaves them out of `to_dict`.
+_LATER_FLAGS = {"noisy_router": False}
 
 
 def parse_adapter_params(params: Any, path: str | os.PathLike) -> tuple[MoAConfig, Optional[int]]:

@@ -61,7 +61,8 @@ class LoRALinear(nn.Module):
     """Replaces a frozen `nn.Linear`, keeping its `weight` (the same tensor, under the same key).
 
     mixture 'lora': `lora_A (r, in)`, `lora_B (out, r)`; adds `B A z * alpha / r`.
-    mixture 'molora': `lora_A (E, r, in)`, `lora_B (E, out, r)`, `router` (Linear(in, E), no bias);
+    mixture 'molora': `lora_A (E, r, in)`, `lora_B (E, out, r)`, `router` (Linear(in, E); a bias only
+        for --expert_router topk/adamole);
         adds `sum_e p_e B_e A_e z * alpha / r`.
     mixture 'hydra': one `lora_A (r, in)`, `lora_B (E, out, r)`, `router`; adds `sum_e p_e B_e A z * alpha / r`.
     Init: A Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default), B zero.
@@ -183,7 +184,8 @@ class PromptExpert(nn.Module):
     """`prompt_len` learned vectors per layer, read through the frozen wk, wv (no RoPE) as extra
     keys/values; the RoPE'd query attends to them with a softmax over the prompt positions only,
     times a per-head `gate (1, n_heads, 1, 1)` (zero init). E > 1: `vectors (E, L, dim)` and the
-    per-token mixture `router` (Linear(dim, E) with bias, on the attention-normed x).
+    per-token mixture `router` (Linear(dim, E) with bias, on the attention-normed x): one softmax
+    jointly over all E*L positions, `a_{e,l}`, then `sum_e r_e sum_l a_{e,l} v_{e,l}`.
     Init: vectors N(0, 1) (an embedding's default, the scale of a normed activation); gate zero.
     """
 
@@ -225,7 +227,10 @@ class PromptExpert(nn.Module):
         k = k.repeat_interleave(self.n_heads // kv, dim=1)
         v = v.repeat_interleave(self.n_heads // kv, dim=1)
         scores = torch.einsum("bhtd,ehld->bhtel", q.to(dtype), k) / math.sqrt(hd)
-        out = torch.einsum("bhtel,ehld->bthed", scores.softmax(-1), v)  # (B, T, H, E, hd)
+        # One softmax jointly over all E*L prompt positions (as the paper's code), then each set's
+        # share is weighed by the prompt router.
+        att = scores.flatten(-2).softmax(-1).view_as(scores)
+        out = torch.einsum("bhtel,ehld->bthed", att, v)  # (B, T, H, E, hd)
         route = current_route(self.slot)
         if self.router is not None:
             row_mask = None if route is None or route.token_mask is None else route.token_mask.reshape(-1)

@@ -85,11 +85,15 @@ def masked_mean(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Te
 class ExpertRouter(nn.Module):
     """Weights (N, E) over the E experts of one homogeneous mixture, from its input z (N, in).
 
-    `soft`: softmax(Linear(z)). `topk`: the top-k softmax weights, renormalised. `adamole`:
-    relu(p - sigmoid(Linear(z)) / E), renormalised. With `lb_loss_coeff > 0`, each training
-    forward adds `lb_loss_coeff * E * sum_i f_i P_i` (over real rows; f_i = share of rows whose
-    top-k, k = 1 unless `topk`, contains expert i, divided by k; P_i = mean softmax weight) to the
-    running model forward's terms (`collecting_aux_losses`), which `collect_aux_loss` hands out.
+    Logits `l = proj(z)` (`proj` has a bias for `topk` and `adamole`, zero-initialised, and where the
+    caller asks for one); with `--noisy_router True` (topk/adamole), in training only,
+    `l += N(0, 1) * softplus(noise(z))` (`noise` a trainable Linear(in, E); the draw comes from torch's
+    global RNG, so a resume that restores the RNG state draws the same noise). `p = softmax(l)`.
+    `soft`: p. `topk`: the top-k entries of p, renormalised. `adamole`: `a = p - tau`,
+    `tau = sigmoid(threshold(z)) / E`; the entries with `a >= 0` keep `a`, renormalised.
+    With `lb_loss_coeff > 0`, each training forward adds `lb_loss_coeff * E * sum_i f_i P_i` over the
+    real rows (pads never count; see `balance_loss`) to the running model forward's terms
+    (`collecting_aux_losses`), which `collect_aux_loss` hands out.
     """
 
     def __init__(self, in_dim: int, n_experts: int, cfg: MoAConfig, bias: bool,
@@ -99,12 +103,15 @@ class ExpertRouter(nn.Module):
         self.kind = cfg.expert_router
         self.top_k = min(cfg.top_k, n_experts)
         self.lb_loss_coeff = cfg.lb_loss_coeff
-        self.proj = nn.Linear(in_dim, n_experts, bias=bias, device=device, dtype=dtype)
-        self.threshold = (nn.Linear(in_dim, 1, device=device, dtype=dtype) if self.kind == "adamole" else None)
+        kw = dict(device=device, dtype=dtype)
+        self.proj = nn.Linear(in_dim, n_experts, bias=bias or self.kind in ("topk", "adamole"), **kw)
+        self.threshold = nn.Linear(in_dim, 1, **kw) if self.kind == "adamole" else None
+        self.noise = (nn.Linear(in_dim, n_experts, **kw)
+                      if cfg.noisy_router and self.kind in ("topk", "adamole") else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for lin in (self.proj, self.threshold):
+        for lin in (self.proj, self.threshold, self.noise):
             if lin is not None:
                 lin.reset_parameters()
                 if lin.bias is not None:
@@ -112,18 +119,23 @@ class ExpertRouter(nn.Module):
 
     def forward(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z (N, in) -> weights (N, E) in z's dtype; row_mask (N,) bool marks real rows (None = all)."""
-        p = F.softmax(self.proj(z), dim=-1)
+        logits = self.proj(z)
+        if self.noise is not None and self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(z))
+        p = F.softmax(logits, dim=-1)
+        adapted = None
         if self.kind == "topk":
             top, idx = p.topk(self.top_k, dim=-1)
             w = torch.zeros_like(p).scatter(-1, idx, top / top.sum(-1, keepdim=True))
         elif self.kind == "adamole":
-            tau = torch.sigmoid(self.threshold(z)) / self.n_experts  # (N, 1), below 1/E <= max p
-            w = F.relu(p - tau)
+            tau = torch.sigmoid(self.threshold(z)) / self.n_experts  # (N, 1), at most 1/E <= max p
+            adapted = p - tau
+            w = adapted * (adapted >= 0)
             w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         else:
             w = p
         if self.lb_loss_coeff > 0 and torch.is_grad_enabled():
-            aux = self._balance(p, row_mask)
+            aux = balance_loss(p, self.kind, self.top_k, row_mask, adapted)
             # Checkpointing's recomputation must save what the forward saved, so it computes the term
             # too, but only the forward's term is handed out.
             terms = _AUX_TERMS.get()
@@ -131,14 +143,30 @@ class ExpertRouter(nn.Module):
                 terms.append(self.lb_loss_coeff * aux)
         return w
 
-    def _balance(self, p: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        k = self.top_k if self.kind == "topk" else 1
-        chosen = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0 / k)  # (N, E)
-        real = torch.ones_like(p[:, 0]) if row_mask is None else row_mask.to(p.dtype)
-        n = real.sum().clamp_min(1.0)
-        f = (chosen.detach() * real[:, None]).sum(0) / n  # (E,) share of routed rows
-        mean_p = (p * real[:, None]).sum(0) / n  # (E,)
-        return self.n_experts * (f * mean_p).sum()
+
+def balance_loss(p: torch.Tensor, kind: str, top_k: int = 1, row_mask: Optional[torch.Tensor] = None,
+                 adapted: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`E * sum_i f_i P_i` over the real rows (row_mask (N,) bool; None = all) of softmax weights p (N, E).
+
+    topk: f_i = (number of (row, slot) top-k selections of expert i) / N (so sum f = k), P_i = mean p_i.
+    adamole (`adapted` = p - tau, (N, E)): f_i = share of rows with adapted_i >= 0, P_i = mean adapted_i
+    (it can be negative, so the term also trains the threshold layer).
+    soft: f_i = share of rows whose largest weight is expert i, P_i = mean p_i.
+    f is a count (no gradient); N counts real rows only.
+    """
+    n_experts = p.shape[-1]
+    real = torch.ones_like(p[:, 0]) if row_mask is None else row_mask.to(p.dtype)  # (N,)
+    n = real.sum().clamp_min(1.0)
+    if kind == "adamole":
+        if adapted is None:
+            raise ValueError("balance_loss: adamole needs the thresholded weights p - tau")
+        chosen, weight = (adapted >= 0).to(p.dtype), adapted
+    else:
+        k = top_k if kind == "topk" else 1
+        chosen, weight = torch.zeros_like(p).scatter(-1, p.topk(k, dim=-1).indices, 1.0), p
+    f = (chosen.detach() * real[:, None]).sum(0) / n  # (E,)
+    mean_w = (weight * real[:, None]).sum(0) / n  # (E,)
+    return n_experts * (f * mean_w).sum()
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
@@ -164,8 +192,8 @@ class BlockRouter(nn.Module):
     soft/sparse/instance: `w = sigmoid(proj(x))` (`--swi_x 0`) or `sigmoid(w2(SiLU(w1 x) * w3 x))`
     with hidden width `swi_x * n_types` (biases zero-initialised). sparse adds the threshold
     `t = sigmoid(threshold(x)) * max_threshold` (or the constant `max_threshold`); a token runs a
-    type iff `w > t` (strict, so `t = 0` keeps every nonzero weight and `t = 1` keeps none), keeping
-    its weight `w`. instance: the router reads the mean of x over each row's real tokens. unipeft:
+    type iff `w >= t` (as the paper's code, torch.ge: `t = 0` keeps every type, `t = 1` only a
+    saturated weight), keeping its weight `w`. instance: the router reads the mean of x over each row's real tokens. unipeft:
     three per-sequence gates `sigmoid(Linear(dim, 1)(mean x))` named 'lora', 'prompt', 'p_adapter'.
     none: every site at weight 1.
     """
@@ -257,7 +285,7 @@ class BlockRouter(nn.Module):
             t = torch.full_like(w[..., :1], self.max_threshold)
         else:
             t = torch.sigmoid(self.threshold(x)) * self.max_threshold  # (B, T, 1)
-        keep = w > t  # (B, T, n)
+        keep = w >= t  # (B, T, n); ties kept, as the paper's code (torch.ge)
         if token_mask is not None:
             keep = keep & token_mask[..., None]
         g = w * keep
