@@ -39,7 +39,9 @@ def logits(adapter: Path | None, tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["soft_moa", "sparse_moa", "train"])
 def test_legacy_adapters_load_and_give_the_same_logits_rel1em6(expected, name):
-    key = "trained" if name == "train" else name
+    # soft_moa mixes two prompt sets: since the baselines follow the official code (one softmax over all
+    # E*L prompt positions, not one per set) its logits are those stored at that change (README there).
+    key = {"train": "trained", "soft_moa": "soft_moa_joint_prompt"}.get(name, name)
     out = logits(LEGACY / name / "adapter.pth", expected["tokens"])
     assert rel(out, expected[key]) <= 1e-6
     assert rel(logits(None, expected["tokens"]), expected["bare"]) <= 1e-6

@@ -144,7 +144,12 @@ def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model_dir, tm
         for name in MATH_SETS:
             assert float(r[f"{name}_mean"]) == pytest.approx(100 * score[name])
     md = (out / "math_smoke_results.md").read_text()
-    assert md.splitlines()[0].startswith("| method | AddSub |") and "| lora |" in md and "| p_adapter |" in md
+    lines = md.splitlines()
+    assert lines[0] == "accuracy, % (mean ± sd over seeds)" and lines[2].startswith("| method | AddSub |")
+    assert "held-out loss, nats per reference token (mean ± sd over seeds)" in lines  # --loss_rows 2
+    assert md.count("| lora |") == 2 and md.count("| p_adapter |") == 2
+    for r in table:
+        assert float(r["loss_average_mean"]) > 0
 
     again = run(cmd)  # resumable: finished runs are skipped
     assert again.stdout.count("finished, skipped") == 2
