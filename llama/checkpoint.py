@@ -23,8 +23,10 @@ from typing import Mapping, Optional
 
 import torch
 
+from llama import hf
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import SentencePiece, load_tokenizer
+from llama.torchfile import load_torch_file
 
 # How Meta's model parallelism splits each weight (fairscale layers in Meta's reference model):
 # ColumnParallelLinear splits output rows (dim 0), RowParallelLinear and ParallelEmbedding split
@@ -46,8 +48,10 @@ def load_params(model_dir: str | os.PathLike) -> dict:
     """The raw dict of `model_dir/params.json`.
 
     Raises FileNotFoundError (naming the path) when it is missing, ValueError when it is not a
-    JSON object.
+    JSON object. A Hugging Face folder (`hf.is_hf_dir`): the same keys derived from its config.json.
     """
+    if hf.is_hf_dir(model_dir):
+        return hf.load_hf_params(model_dir)
     path = Path(model_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no params.json (a base-model directory holds params.json, "
@@ -99,17 +103,30 @@ def _merge_dim(key: str) -> Optional[int]:
     raise ValueError(f"don't know how Meta's model parallelism splits {key!r}: cannot merge shards")
 
 
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One `consolidated.NN.pth`, memory-mapped: a ValueError naming the shard when it is damaged (e.g.
+    truncated), not a torch file, a pickle of other objects, or not a dict of tensors keyed by name."""
+    sd = load_torch_file(path, "checkpoint shard", mmap=True)
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path}: not a checkpoint shard (expected a dict of tensors keyed by Meta's "
+                         f"parameter names, got {type(sd).__name__})")
+    return sd
+
+
 def load_state_dict(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Meta's state dict of `model_dir`, model-parallel shards merged, each tensor in `dtype` on `device`.
 
     The shards are memory-mapped; tensors are converted one at a time, so the peak extra memory is
     one tensor (plus the result). With a single shard already in `dtype` on the CPU the returned
-    tensors stay backed by the (copy-on-write) mapping of the file.
+    tensors stay backed by the (copy-on-write) mapping of the file. A Hugging Face folder: its
+    safetensors tensors under Meta's names and rotary layout (`hf.load_hf_state_dict`).
     """
+    if hf.is_hf_dir(model_dir):
+        return hf.load_hf_state_dict(model_dir, dtype=dtype, device=device)
     model_dir = Path(model_dir)
     paths = shard_paths(model_dir)
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+    shards = [load_shard(p) for p in paths]
     keys = list(shards[0])
     for p, sd in zip(paths[1:], shards[1:]):
         if set(sd) != set(keys):
@@ -153,10 +170,14 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
     (LLaMA-2) is taken from the tokenizer, and a sentencepiece model without `rope_theta` gets
     LLaMA-2's 10000. Errors name the file: missing params.json / shard -> FileNotFoundError;
     unknown or missing params key, missing or unexpected weights, wrong shapes -> ValueError.
+    A Hugging Face folder (config.json, safetensors, tokenizer.json) loads through `hf.load_hf_model`.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory not found")
+    if hf.is_hf_dir(model_dir):
+        return hf.load_hf_model(model_dir, dtype=dtype, device=device, max_seq_len=max_seq_len,
+                                attn_impl=attn_impl)
     params = load_params(model_dir)
     params_path = model_dir / "params.json"
     tok_path = model_dir / "tokenizer.model"
@@ -197,6 +218,14 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
                              f"{tuple(expected[key].shape)}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval(), tokenizer
+
+
+def stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype in which a base-model directory (Meta or Hugging Face) stores its floating-point weights."""
+    if hf.is_hf_dir(model_dir):
+        return hf.stored_dtype(model_dir)
+    sd = torch.load(shard_paths(model_dir)[0], map_location="cpu", mmap=True, weights_only=True)
+    return next(t.dtype for t in sd.values() if t.is_floating_point())
 
 
 def save_model_dir(out_dir: str | os.PathLike, params: Mapping, state_dict: Mapping[str, torch.Tensor],

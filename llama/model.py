@@ -12,12 +12,48 @@ import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+
+def _is_int(v: object, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_positive(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# What each params.json key (and run-time size) must hold: (description, test). JSON strings such as
+# "2" or "1e-5" are refused here rather than failing (or computing nonsense) later.
+_PARAM_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "dim": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "n_layers": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "n_heads": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "vocab_size": ("an integer >= 1 (-1: from the tokenizer)", lambda v: _is_int(v, 1) or v == -1),
+    "n_kv_heads": ("an integer >= 1 or null", lambda v: v is None or _is_int(v, 1)),
+    "multiple_of": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "ffn_dim_multiplier": ("a number > 0 or null", lambda v: v is None or _is_positive(v)),
+    "norm_eps": ("a number > 0", _is_positive),
+    "rope_theta": ("a number > 0", _is_positive),
+    "use_scaled_rope": ("true or false", lambda v: isinstance(v, bool)),
+    "rope_scaling_factor": ("a number > 0", _is_positive),
+    "max_seq_len": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "attn_impl": ("'sdpa' or 'flash_attn'", lambda v: v in ("sdpa", "flash_attn")),
+}
+
+
+def check_params(params: dict) -> None:
+    """A ValueError naming the first key whose value has the wrong type or range, its value and what
+    it should be (`n_layers: expected an integer >= 1, got '2' (str)`)."""
+    for key, value in params.items():
+        what, ok = _PARAM_RULES[key]
+        if not ok(value):
+            raise ValueError(f"{key}: expected {what}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(kw_only=True)
@@ -37,14 +73,15 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0  # LLaMA-3.1's 8; LLaMA-3.2 1B/3B use 32 (with use_scaled_rope)
     max_seq_len: int = 2048
     attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional package, causal unpadded calls only)
 
     @classmethod
     def from_params(cls, **params) -> "ModelArgs":
         """`ModelArgs(**params)` for the keys of a params.json (plus the run-time sizes), checked
-        first: an unknown or missing key is a ValueError naming it (the constructor's TypeError
-        would not say which keys params.json may hold)."""
+        first: an unknown or missing key, or a value of the wrong type or range (`check_params`), is a
+        ValueError naming it (the constructor's TypeError would not say which keys params.json may hold)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - set(fields))
         if unknown:
@@ -53,6 +90,7 @@ class ModelArgs:
                    if n not in params and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ValueError(f"ModelArgs: missing required key(s) {missing}")
+        check_params(params)
         return cls(**params)
 
     def __post_init__(self) -> None:
@@ -120,15 +158,15 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
     """Rotary inverse frequencies (head_dim/2,), fp32, with LLaMA-3.1 scaling when `use_scaled_rope`.
 
-    LLaMA-3.1 scaling (factor 8, low-frequency factor 1, high-frequency factor 4, original
-    context 8192): wavelengths shorter than 8192/4 are kept, longer than 8192/1 divided by 8,
-    and those between interpolated smoothly.
+    LLaMA-3.1 scaling (factor `rope_scaling_factor`, 8 for 3.1 and 32 for 3.2 1B/3B, low-frequency
+    factor 1, high-frequency factor 4, original context 8192): wavelengths shorter than 8192/4 are
+    kept, longer than 8192/1 divided by the factor, and those between interpolated smoothly.
     """
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32)[: hd // 2] / hd))
     if not args.use_scaled_rope:
         return inv_freq
-    factor, low_ff, high_ff, old_ctx = 8.0, 1.0, 4.0, 8192.0
+    factor, low_ff, high_ff, old_ctx = args.rope_scaling_factor, 1.0, 4.0, 8192.0
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_ctx / wavelen - low_ff) / (high_ff - low_ff)
     interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq

@@ -41,24 +41,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def load_tensors(path: str | os.PathLike, what: str = "tensor file", mmap: bool = False) -> Any:
-    """`torch.load(path, map_location="cpu", weights_only=True)`; a file torch cannot read (truncated,
-    not a torch file, a pickle of anything but tensors and plain containers) is a one-line ValueError
-    naming the file. torch's own message, which suggests `weights_only=False`, is never passed on:
-    loading arbitrary pickles runs arbitrary code."""
-    import pickle
+    """`torch.load(path, map_location="cpu", weights_only=True)` with one-line errors naming the file
+    (llama.torchfile.load_torch_file: truncated, not a torch file, a pickle of anything but tensors and
+    plain containers). torch's own message, which suggests `weights_only=False`, is never passed on."""
+    from llama.torchfile import load_torch_file
 
-    import torch
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such {what}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()
-        unsafe = next((line for line in detail if "GLOBAL" in line or "Unsupported global" in line), None)
-        reason = "it holds objects other than tensors and plain containers" + (
-            f" ({unsafe.strip()[:160]})" if unsafe else "")
-        raise ValueError(f"{path}: cannot read this {what}: {reason}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{path}: cannot read this {what}: damaged or not a torch file ({first})") from None
+    return load_torch_file(path, what, mmap)

@@ -3,6 +3,7 @@ after it and compute what that code computed: two adapters, a training checkpoin
 extract), a task registry and its selector. References: the logits and probabilities stored then."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 import extract_adapter_from_checkpoint
 from llama.checkpoint import load_model
-from moa.files.adapters import load_trained_adapter
+from moa.files.adapters import file_sha256, load_trained_adapter
 from moa.tasks.embedding import embed_rows
 from moa.tasks.registry import load_registry
 from moa.tasks.selector import load_selector
@@ -55,7 +56,9 @@ def test_legacy_training_checkpoint_loads_and_extracts_the_same_adapter_exact(ex
     fresh = torch.load(tmp_path / "adapter.pth", weights_only=True)
     legacy = torch.load(LEGACY / "train" / "adapter.pth", weights_only=True)
     assert fresh.keys() == legacy.keys() and all(torch.equal(fresh[k], legacy[k]) for k in fresh)
-    assert (tmp_path / "adapter_params.json").read_text() == (LEGACY / "train" / "adapter_params.json").read_text()
+    written = json.loads((tmp_path / "adapter_params.json").read_text())
+    assert written.pop("files") == {"adapter.pth": file_sha256(tmp_path / "adapter.pth")}  # the pair's manifest
+    assert written == json.loads((LEGACY / "train" / "adapter_params.json").read_text())
 
 
 def test_legacy_registry_and_selector_load_and_route_the_same_rel1em6(expected):

@@ -7,22 +7,29 @@ wrote it) and, when training also changed base tensors (--w_bias True), `base_tr
     save_adapter(model, path) / load_adapter(model, path)      a model's adapters <-> files
     load_trained_adapter(model, path, base_dir)  what example.py loads: adapters + base_trained.pth
 
+All-or-none on disk: adapter_params.json records the SHA-256 of every tensor file written with it
+(`"files": {"adapter.pth": HEX, ...}`) and is renamed into place first, so a write killed between
+the renames leaves a pair whose hashes disagree, which reading refuses. Files of older code (no
+`"files"`) load unchecked.
+
 Strict: a key missing or left over, or a shape that does not fit the base, is a `ValueError` that
 says which file, which tensor and why.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from moa.checks import load_tensors, read_json
 from moa.files.atomic import atomic_write_files, write_json
-from moa.method.config import MoAConfig, parse_adapter_params
+from moa.method.config import WRITE_MANIFEST, MoAConfig, parse_adapter_params
 from moa.method.inject import adapter_names, attach_adapters, moa_config
 from moa.method.state import adapter_state_dict, load_adapter_state_dict
 
@@ -63,8 +70,15 @@ def read_adapter_params(path: str | os.PathLike) -> tuple[MoAConfig, Optional[in
     return parse_adapter_params(read_json(path, "adapter params file"), path)
 
 
+def _is_training_checkpoint(obj: object) -> bool:
+    return isinstance(obj, dict) and {"model", "optimizer", "adapter_params"} <= set(obj)
+
+
 def _tensor_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     state = load_tensors(path, what)
+    if _is_training_checkpoint(state):
+        raise ValueError(f"{path}: this is a training checkpoint of main_finetune.py, not an {what}; write its "
+                         f"adapter with: python extract_adapter_from_checkpoint.py --checkpoint {path}")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ValueError(f"{path}: expected a dict of {what.replace(' file', '')} tensors keyed by name, "
@@ -72,17 +86,44 @@ def _tensor_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_write(params_path: Path, manifest: object) -> None:
+    """A ValueError unless every file `manifest` names exists beside `params_path` with the hash recorded
+    there (written together with it). No manifest: files of older code, unchecked."""
+    if manifest is None:
+        return
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{params_path}: {WRITE_MANIFEST!r} must map file names to SHA-256 hashes")
+    for name, digest in sorted(manifest.items()):
+        file = params_path.parent / str(name)
+        if not file.is_file() or file_sha256(file) != digest:
+            why = "missing" if not file.is_file() else "its content hash differs from the one recorded there"
+            raise ValueError(f"{file} and {params_path} are from different writes ({name} {why}): write the "
+                             "adapter again (python extract_adapter_from_checkpoint.py --checkpoint PATH)")
+
+
 def read_adapter_files(path: str | os.PathLike) -> AdapterFiles:
     """Read adapter.pth (a file or its folder), the adapter_params.json beside it and base_trained.pth
-    when present. Tensors stay as saved (dtype), on the CPU."""
+    when present, after checking that they come from one write (`check_same_write`). Tensors stay as
+    saved (dtype), on the CPU."""
     file = adapter_file(path)
     params = file.parent / ADAPTER_PARAMS
+    state = _tensor_dict(file, "adapter file")
     if not params.is_file():
         raise FileNotFoundError(f"{file}: no {ADAPTER_PARAMS} beside it (extract_adapter_from_checkpoint.py "
                                 "writes both; it holds the flags that rebuild the adapters)")
-    cfg, max_seq_len = read_adapter_params(params)
-    state = _tensor_dict(file, "adapter file")
+    raw = read_json(params, "adapter params file")
+    cfg, max_seq_len = parse_adapter_params(raw, params)
     base = file.parent / BASE_TRAINED
+    check_same_write(params, raw.get(WRITE_MANIFEST))
     base_trained = _tensor_dict(base, "base_trained file") if base.is_file() else {}
     return AdapterFiles(file, cfg, state, max_seq_len, base_trained)
 
@@ -97,15 +138,33 @@ def write_adapter_files(path: str | os.PathLike, cfg: MoAConfig, state: dict[str
     if path.is_dir() or path.suffix != ".pth":
         path = path / ADAPTER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    params = cfg.to_dict() | ({} if max_seq_len is None else {"max_seq_len": int(max_seq_len)})
-    writers = {str(path): lambda tmp: torch.save(tensors, tmp),
-               str(path.parent / ADAPTER_PARAMS): lambda tmp: write_json(params, tmp)}
+    blobs = {path.name: _serialized(state)}
     if base_trained:
-        base = {k: v.detach().cpu().contiguous() for k, v in base_trained.items()}
-        writers[str(path.parent / BASE_TRAINED)] = lambda tmp: torch.save(base, tmp)
+        blobs[BASE_TRAINED] = _serialized(base_trained)
+    params = cfg.to_dict() | ({} if max_seq_len is None else {"max_seq_len": int(max_seq_len)})
+    params[WRITE_MANIFEST] = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
+    # adapter_params.json first: a kill after any rename leaves hashes that the tensor files do not match
+    writers = {str(path.parent / ADAPTER_PARAMS): lambda tmp: write_json(params, tmp)}
+    writers.update({str(path.parent / name): _bytes_writer(blob) for name, blob in blobs.items()})
+    stale = path.parent / BASE_TRAINED
+    if not base_trained and stale.is_file():  # an earlier write's, whose manifest lists it: never left beside ours
+        stale.unlink()
     atomic_write_files(writers)
     return path
+
+
+def _serialized(state: dict[str, torch.Tensor]) -> bytes:
+    """`torch.save` of `state` (detached, on the CPU, contiguous) as bytes."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
+    return buffer.getvalue()
+
+
+def _bytes_writer(blob: bytes) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+    return write
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -176,24 +235,43 @@ def load_trained_adapter(model: nn.Module, adapter_path: str | os.PathLike,
     try:
         attach_adapters(model, files.cfg)
     except ValueError as e:
-        raise ValueError(f"{params_path}: {e}: the adapter was trained on a different base model than "
-                         f"--ckpt_dir {base}") from None
+        raise ValueError(f"{params_path}: {e}: these flags do not fit the base model --ckpt_dir {base} (an "
+                         f"adapter for another base, or a damaged {ADAPTER_PARAMS})") from None
     params_now = dict(model.named_parameters())
     wrong = [(k, tuple(files.state[k].shape), tuple(params_now[k].shape)) for k in adapter_names(model)
              if k in files.state and files.state[k].shape != params_now[k].shape]
     if wrong:
-        key, got, want = wrong[0]
-        more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
-        raise ValueError(f"--adapter_path {path}: adapter tensor {key} has shape {got}, but the base model "
-                         f"--ckpt_dir {base} needs {want}{more}: the adapter was trained on a different "
-                         f"base model; pass the base it was trained on")
+        raise ValueError(_shape_mismatch(model, files.cfg, path, params_path, base, wrong))
     try:
         load_adapter_state_dict(model, files.state)
     except ValueError as e:
-        raise ValueError(f"--adapter_path {path}: {e} (adapter.pth does not match the {ADAPTER_PARAMS} "
-                         "beside it)") from None
+        raise ValueError(f"--adapter_path {path}: {e} ({path} does not match the flags of {params_path})") from None
     _copy_base_trained(model, files.base_trained, path.parent / BASE_TRAINED, base)
     return LoadedAdapter(files.max_seq_len, sorted(files.base_trained))
+
+
+def _base_sizes(model: nn.Module) -> set[int]:
+    """The sizes an adapter tensor takes from its base: widths of the projections and heads."""
+    a = model.args
+    return {a.dim, a.n_heads, a.head_dim, a.n_kv_heads * a.head_dim, a.ffn_hidden_dim, a.vocab_size}
+
+
+def _shape_mismatch(model: nn.Module, cfg: MoAConfig, path: Path, params_path: Path, base: str,
+                    wrong: list[tuple[str, tuple, tuple]]) -> str:
+    """Why adapter tensors have other shapes than the adapters attached from `cfg` on this base: a
+    differing size that is a base width means another base; one that is an adapter flag's value means
+    adapter_params.json and adapter.pth disagree (naming the flag)."""
+    key, got, want = wrong[0]
+    more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+    sizes = {w for g, w in zip(got, want) if g != w} if len(got) == len(want) else set(want)
+    if sizes and sizes <= _base_sizes(model):
+        return (f"--adapter_path {path}: adapter tensor {key} has shape {got}, but the base model --ckpt_dir "
+                f"{base} needs {want}{more}: the adapter was trained on a different base model; pass the base "
+                f"it was trained on")
+    flags = [f"{k} {v}" for k, v in cfg.to_dict().items()
+             if isinstance(v, int) and not isinstance(v, bool) and v in sizes] or ["its flags"]
+    return (f"{path} and {params_path} disagree: adapter tensor {key} has shape {got}, but {', '.join(flags)} "
+            f"in {params_path.name} needs {want}{more}")
 
 
 def _copy_base_trained(model: nn.Module, state: dict[str, torch.Tensor], path: Path, base: str) -> None:

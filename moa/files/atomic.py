@@ -7,25 +7,111 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from typing import Any, Callable
+
+
+# Our temporaries: `.NAME.HOST-PID-XXXXXXXX.tmp` (mkstemp's 8 random characters); earlier code wrote
+# `.NAME.XXXXXXXX.tmp`. A temporary left by a killed writer is removed by the next write to NAME: on
+# this host when its pid is no longer running, otherwise (another host, or the older names) once it has
+# not been touched for STALE_AFTER_S.
+_HOST = re.sub(r"\W", "_", socket.gethostname()) or "host"
+STALE_AFTER_S = 3600.0
+
+
+def _temp_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(name)}\.(?:(\w+)-(\d+)-)?[a-z0-9_]{{8}}\.tmp$")
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _is_stale(match: re.Match[str], path: str) -> bool:
+    """Whether the temporary `path` (its name matched by `_temp_pattern`) belongs to a dead writer."""
+    host, pid = match.group(1), match.group(2)
+    if host == _HOST and pid is not None:
+        return not _pid_running(int(pid))
+    return time.time() - os.stat(path).st_mtime > STALE_AFTER_S
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove the temporaries that interrupted atomic writes of `path` left in its folder (our names
+    only, dead writers only, see `_temp_pattern`); returns the paths removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern, removed = _temp_pattern(name), []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry)
+        tmp = os.path.join(folder, entry)
+        try:
+            if match and _is_stale(match, tmp):
+                os.unlink(tmp)
+                removed.append(tmp)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_temporary(path: str) -> str:
+    """A new empty temporary for `path` in its folder, named as `_temp_pattern` expects."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.{_HOST}-{os.getpid()}-", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def _finish_temporary(tmp: str, mode: int) -> None:
+    """Give a written temporary the mode a plain `open` would have (mkstemp makes it 0600) and flush it
+    to disk, so that the rename publishes complete content."""
+    os.chmod(tmp, mode)
+    _fsync(tmp)
 
 
 def atomic_write_files(writers: dict[str, Callable[[str], None]]) -> None:
     """Write several files all-or-none: `writers` maps each final path to a function that writes a
-    given temporary path (in the same folder); every file is written to its temporary name first, and
-    only when all are complete are they renamed into place. On any error the temporaries are removed
-    and no final path is touched."""
+    given temporary path (in the same folder); every file is written to its temporary name first
+    (mode 0666 less the umask, fsynced), and only when all are complete are they renamed into place
+    (in order; the folders are fsynced after). On any error the temporaries are removed and no final
+    path is touched. Stale temporaries of earlier, killed writes of these paths are removed first."""
     temps: dict[str, str] = {}
+    mode = 0o666 & ~_umask()
     try:
         for path, write in writers.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-            os.close(fd)
-            temps[path] = tmp
-            write(tmp)
+            remove_stale_temporaries(path)
+            temps[path] = _new_temporary(path)
+            write(temps[path])
+            _finish_temporary(temps[path], mode)
         for path in writers:
             os.replace(temps.pop(path), path)
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in writers}:
+            _fsync(folder, directory=True)
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):

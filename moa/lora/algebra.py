@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths
+from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths, stored_dtype
 from llama.model import ModelArgs
 from moa.files.atomic import atomic_write_files, write_json
 from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
@@ -110,7 +110,7 @@ def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch
         raise ValueError(f"{file}: {file.parent / BASE_TRAINED} beside it holds base tensors that training also "
                          "changed (--w_bias True); a LoRA cannot carry them, so this adapter can only be merged "
                          "into its base (lora_tools merge)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_adapter_files(file).state
     expected = {f"{s}.lora_{m}" for s in lora_sites(cfg) for m in "AB"}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -133,8 +133,7 @@ def lora_delta(cfg: MoAConfig, state: dict[str, torch.Tensor], site: str) -> tor
 # ---- merge into a base-model directory ------------------------------------------------------------
 
 def _stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
-    sd = torch.load(shard_paths(model_dir)[0], map_location="cpu", mmap=True, weights_only=True)
-    return next(t.dtype for t in sd.values() if t.is_floating_point())
+    return stored_dtype(model_dir)
 
 
 def _extra_files(model_dir: str | os.PathLike) -> dict[str, bytes]:
@@ -158,7 +157,17 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
     check_plain_lora(adapter_config(file), str(file))
     if Path(out_dir).exists():  # checked before the (long) load and merge, again when renaming into place
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another output directory")
-    model, _ = load_model(base_dir, dtype=_stored_dtype(base_dir))
+    state, _, _ = merged_base(base_dir, file)
+    return save_model_dir(out_dir, load_params(base_dir), state, files=_extra_files(base_dir))
+
+
+def merged_base(base_dir: str | os.PathLike, adapter: str | os.PathLike):
+    """(state, model, tokenizer): the base model of `base_dir` (Meta or Hugging Face folder) in its
+    stored dtype with a plain LoRA folded in; `state` holds the base's tensors only (Meta names), the
+    merged ones updated. Not a plain LoRA, or made for another base: `ValueError` saying why."""
+    file = adapter_file(adapter)
+    check_plain_lora(adapter_config(file), str(file))
+    model, tokenizer = load_model(base_dir, dtype=_stored_dtype(base_dir))
     base_keys = list(model.state_dict())
     try:
         load_trained_adapter(model, file, base_dir)  # strict keys and shapes, + base_trained.pth
@@ -166,8 +175,7 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
         raise ValueError(f"{file} does not fit the base model {base_dir}: {e}") from None
     merge_lora(model)
     merged = model.state_dict()
-    state = {k: merged[k].contiguous() for k in base_keys}  # the base's tensors only, merged ones updated
-    return save_model_dir(out_dir, load_params(base_dir), state, files=_extra_files(base_dir))
+    return {k: merged[k].contiguous() for k in base_keys}, model, tokenizer
 
 
 # ---- extraction by truncated SVD ------------------------------------------------------------------

@@ -197,6 +197,10 @@ class MoAConfig:
 _LATER_FLAGS = {"noisy_router": False}
 
 
+# The key of adapter_params.json that records the content hash of each file written with it.
+WRITE_MANIFEST = "files"
+
+
 def parse_adapter_params(params: Any, path: str | os.PathLike) -> tuple[MoAConfig, Optional[int]]:
     """The parsed content of an `adapter_params.json` -> (the adapter flags, the training `max_seq_len`
     or None); a ValueError naming `path` when it is not an object of known flags.
@@ -206,6 +210,7 @@ def parse_adapter_params(params: Any, path: str | os.PathLike) -> tuple[MoAConfi
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a JSON object of adapter flags")
     params = dict(params)
+    params.pop(WRITE_MANIFEST, None)  # a record of the write (moa.files.adapters), not a flag
     max_seq_len = params.pop("max_seq_len", None)
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                     or max_seq_len < 2):
