@@ -1,4 +1,5 @@
-"""Tokenizers: LLaMA-3 (tiktoken BPE ranks + chat format), LLaMA-2 (sentencepiece), one loader.
+"""Tokenizers: LLaMA-3 (tiktoken BPE ranks + chat format), LLaMA-2 (sentencepiece), Hugging Face
+`tokenizer.json` (the `tokenizers` library), one loader.
 
 `load_tokenizer(path)` reads `tokenizer.model` and picks the class by the file's content, not
 its name. A tiktoken model may carry a `tokenizer_config.json` beside it (DESIGN 3b) that
@@ -83,11 +84,53 @@ def _check_messages(messages: list[dict]) -> None:
                 raise ValueError(f"format_dialog: message {i} needs a string '{key}', got {message!r}")
 
 
-class Tiktoken:
+class SpecialTokenChat:
+    """The "llama3" and "chatml" chat formats of a tokenizer that has `special_tokens` (name -> id),
+    `chat_template` (one of CHAT_TEMPLATES' names) and `encode(text, bos, eos)`."""
+
+    special_tokens: dict[str, int]
+    chat_template: Optional[str]
+
+    def format_dialog(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat, `messages` = [{"role": ..., "content": ...}, ...], in the
+        tokenizer's template ("llama3" or "chatml"), ending with the assistant's header when
+        `add_generation_prompt`. Text parts are encoded as plain text.
+        """
+        _check_messages(messages)
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"format_dialog: this tokenizer has no supported chat template "
+                             f"(got {self.chat_template!r}; supported: {sorted(CHAT_TEMPLATES)})")
+        sp = self.special_tokens
+        if self.chat_template == "chatml":
+            ids: list[int] = []
+            for m in messages:
+                ids += [sp["<|im_start|>"]] + self.encode(f"{m['role']}\n{m['content']}", False, False)
+                ids += [sp["<|im_end|>"]] + self.encode("\n", False, False)
+            if add_generation_prompt:
+                ids += [sp["<|im_start|>"]] + self.encode("assistant\n", False, False)
+            return ids
+        ids = [sp["<|begin_of_text|>"]]
+        for m in messages:
+            ids += self._llama3_header(m["role"]) + self.encode(m["content"].strip(), False, False)
+            ids.append(sp["<|eot_id|>"])
+        if add_generation_prompt:
+            ids += self._llama3_header("assistant")
+        return ids
+
+    def _llama3_header(self, role: str) -> list[int]:
+        # Meta encodes the role, "\n\n" and the stripped content as separate calls.
+        sp = self.special_tokens
+        return ([sp["<|start_header_id|>"]] + self.encode(role, False, False) + [sp["<|end_header_id|>"]]
+                + self.encode("\n\n", False, False))
+
+
+class Tiktoken(SpecialTokenChat):
     """A tiktoken BPE tokenizer: Meta's LLaMA-3 by default, anything else via `TokenizerConfig`."""
 
     def __init__(self, ranks: dict[bytes, int], config: TokenizerConfig, name: str = "tokenizer") -> None:
         """`ranks`: bytes -> rank, as in `tokenizer.model`; `config` must be validated already."""
+        self.ranks = ranks
+        self.config = config
         specials = config.special_tokens
         if specials is None:  # Meta's 256, after the highest rank
             specials = llama3_special_tokens(max(ranks.values()) + 1)
@@ -115,35 +158,6 @@ class Tiktoken:
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special ids become their names, broken UTF-8 becomes U+FFFD."""
         return self.model.decode(list(ids))
-
-    def format_dialog(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat, `messages` = [{"role": ..., "content": ...}, ...], in the
-        tokenizer's template ("llama3" or "chatml"), ending with the assistant's header when
-        `add_generation_prompt`. Text parts are encoded as plain text.
-        """
-        _check_messages(messages)
-        sp = self.special_tokens
-        if self.chat_template == "chatml":
-            ids: list[int] = []
-            for m in messages:
-                ids += [sp["<|im_start|>"]] + self.encode(f"{m['role']}\n{m['content']}", False, False)
-                ids += [sp["<|im_end|>"]] + self.encode("\n", False, False)
-            if add_generation_prompt:
-                ids += [sp["<|im_start|>"]] + self.encode("assistant\n", False, False)
-            return ids
-        ids = [sp["<|begin_of_text|>"]]
-        for m in messages:
-            ids += self._llama3_header(m["role"]) + self.encode(m["content"].strip(), False, False)
-            ids.append(sp["<|eot_id|>"])
-        if add_generation_prompt:
-            ids += self._llama3_header("assistant")
-        return ids
-
-    def _llama3_header(self, role: str) -> list[int]:
-        # Meta encodes the role, "\n\n" and the stripped content as separate calls.
-        sp = self.special_tokens
-        return ([sp["<|start_header_id|>"]] + self.encode(role, False, False) + [sp["<|end_header_id|>"]]
-                + self.encode("\n\n", False, False))
 
 
 class SentencePiece:
@@ -197,7 +211,120 @@ class SentencePiece:
         return ids
 
 
-Tokenizer = Union[Tiktoken, SentencePiece]
+class HFTokenizer(SpecialTokenChat):
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library), with BOS, EOS, stop tokens and
+    chat format from the folder's `tokenizer_config.json` / `generation_config.json`.
+
+    BOS: the token the file's post-processor puts before a text (LLaMA-3: `<|begin_of_text|>`;
+    SmolLM2 and Qwen3 add none, so `bos_id` is None). EOS: `eos_token` of tokenizer_config.json,
+    else the first `eos_token_id` of generation_config.json. Stop tokens: EOS, then every
+    `eos_token_id` of generation_config.json. Chat format: "llama3" or "chatml", whichever control
+    tokens the folder's jinja `chat_template` writes (None when it writes neither).
+    """
+
+    def __init__(self, backend, tokenizer_config: dict, generation_config: dict, where: str) -> None:
+        """backend: a `tokenizers.Tokenizer`; the two dicts: the folder's JSON files ({} if absent);
+        where: the folder, for errors."""
+        self.model = backend
+        self.model.encode_special_tokens = True  # "<|im_end|>" typed in text stays plain text
+        self.special_tokens = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        self.n_words: int = backend.get_vocab_size(with_added_tokens=True)
+        leading = _bos_of_post_processor(backend)
+        self.bos_id: Optional[int] = leading[0] if leading else None
+        self.eos_id: int = self._eos(tokenizer_config, generation_config, where)
+        stops = [self.eos_id] + _id_list(generation_config.get("eos_token_id"))
+        self.stop_tokens: list[int] = list(dict.fromkeys(stops))
+        self.chat_template = _chat_format(tokenizer_config.get("chat_template"), self.special_tokens)
+
+    def _eos(self, tokenizer_config: dict, generation_config: dict, where: str) -> int:
+        name = _token_content(tokenizer_config.get("eos_token"))
+        if name is not None:
+            idx = self.model.token_to_id(name)
+            if idx is None:
+                raise ValueError(f"{where}/tokenizer_config.json: field 'eos_token' is {name!r}, which is not "
+                                 "a token of tokenizer.json")
+            return idx
+        ids = _id_list(generation_config.get("eos_token_id"))
+        if not ids:
+            raise ValueError(f"{where}: no EOS token: neither tokenizer_config.json field 'eos_token' nor "
+                             "generation_config.json field 'eos_token_id'")
+        return ids[0]
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        """Token ids of `text` (special-token text stays plain text), with BOS/EOS if asked."""
+        ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
+        ids += self.model.encode(text, add_special_tokens=False).ids
+        return ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; special ids become their names."""
+        return self.model.decode(list(ids), skip_special_tokens=False)
+
+
+def _token_content(value: object) -> Optional[str]:
+    """A tokenizer_config.json token field: "<|x|>" or {"content": "<|x|>", ...} -> "<|x|>"; None if unset."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _id_list(value: object) -> list[int]:
+    """generation_config.json `eos_token_id`: an int, a list of ints or null -> a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _bos_of_post_processor(backend) -> list[int]:
+    """Ids the post-processor of `backend` puts before a text when special tokens are added."""
+    probe = "a"
+    plain = backend.encode(probe, add_special_tokens=False).ids
+    full = backend.encode(probe, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _chat_format(template: object, specials: dict[str, int]) -> Optional[str]:
+    """The name in CHAT_TEMPLATES whose control tokens the jinja `template` writes and the vocabulary has."""
+    usable = [name for name, marks in CHAT_TEMPLATES.items() if all(m in specials for m in marks)]
+    text = template if isinstance(template, str) else ""
+    written = [name for name in usable if CHAT_TEMPLATES[name][-1] in text]
+    return (written or usable or [None])[0]
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in `path` ({} when the file is absent); ValueError naming the file otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def load_hf_tokenizer(model_dir: Union[str, os.PathLike]) -> HFTokenizer:
+    """The `HFTokenizer` of a Hugging Face model folder (`tokenizer.json`, optional
+    `tokenizer_config.json` and `generation_config.json`)."""
+    import tokenizers
+
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+        raise ValueError(f"{path}: not a tokenizers file ({str(e)[:160]})") from None
+    return HFTokenizer(backend, _read_json_object(model_dir / "tokenizer_config.json"),
+                       _read_json_object(model_dir / "generation_config.json"), str(model_dir))
+
+
+Tokenizer = Union[Tiktoken, SentencePiece, HFTokenizer]
 
 
 def _split_for_tiktoken(text: str) -> Iterator[str]:
@@ -308,9 +435,13 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
 
     Tiktoken BPE ranks (ASCII lines "base64token rank") -> `Tiktoken`, configured by a
     `tokenizer_config.json` beside the file if there is one; a sentencepiece protobuf ->
-    `SentencePiece`. Raises `FileNotFoundError` naming a missing file and `ValueError` naming the
+    `SentencePiece`. A directory with a Hugging Face `tokenizer.json` and no `tokenizer.model` ->
+    `HFTokenizer`. Raises `FileNotFoundError` naming a missing file and `ValueError` naming the
     file (and key) for anything malformed.
     """
+    if Path(path).is_dir() and not (Path(path) / "tokenizer.model").exists() \
+            and (Path(path) / "tokenizer.json").is_file():
+        return load_hf_tokenizer(path)
     model_path = Path(path) / "tokenizer.model" if Path(path).is_dir() else Path(path)
     if not model_path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {model_path}")
