@@ -32,14 +32,15 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
 
 # transformers' LLaMA names -> Meta's, per layer and global.
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
     "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                  "lm_head.weight": "output.weight"}
@@ -132,8 +133,9 @@ def _rope_params(config: Mapping, where: str) -> dict:
 def params_from_config(config: Mapping, where: str) -> dict:
     """Meta's params.json keys of a transformers `config.json` dict (`where`: its path, for errors).
 
-    LLaMA architecture only (SmolLM2 is one): model_type 'llama', SiLU, no biases, head_dim =
-    hidden_size / num_attention_heads. Anything else: ValueError naming the file and the field.
+    model_type 'llama' (LLaMA-3 / 3.1 / 3.2, SmolLM2): SiLU, no biases, head_dim = hidden_size /
+    num_attention_heads. 'qwen3' (dense Qwen3): the same plus `qk_norm` and its own `head_dim`, no
+    sliding window. Anything else: ValueError naming the file and the field.
     """
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -142,9 +144,14 @@ def params_from_config(config: Mapping, where: str) -> dict:
     _require(config, "attention_bias", False, where, "no biases in the attention projections")
     _require(config, "mlp_bias", False, where, "no biases in the MLP")
     dim, n_heads = int(_field(config, "hidden_size", where)), int(_field(config, "num_attention_heads", where))
-    _require(config, "head_dim", dim // n_heads, where, "head_dim = hidden_size / num_attention_heads")
+    qwen3 = {}
+    if model_type == "qwen3":
+        _require(config, "use_sliding_window", False, where, "full attention in every layer")
+        qwen3 = {"qk_norm": True, "attn_head_dim": int(config.get("head_dim") or dim // n_heads)}
+    else:
+        _require(config, "head_dim", dim // n_heads, where, "head_dim = hidden_size / num_attention_heads")
     multiple_of, ffn_mult = ffn_params(dim, int(_field(config, "intermediate_size", where)))
-    return {
+    return {**qwen3,
         "dim": dim,
         "n_layers": int(_field(config, "num_hidden_layers", where)),
         "n_heads": n_heads,
@@ -232,7 +239,10 @@ def _hf_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
 
 
 def _to_meta_layout(key: str, t: torch.Tensor, params: Mapping) -> torch.Tensor:
-    """Undo transformers' rotary row permutation of wq / wk; other tensors unchanged."""
+    """Undo transformers' rotary row permutation of wq / wk (and of the per-head q/k norm weights,
+    which scale the same head dims); other tensors unchanged."""
+    if key.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        return half_split_to_interleaved(t, 1)
     if key.endswith("attention.wq.weight"):
         return half_split_to_interleaved(t, params["n_heads"])
     if key.endswith("attention.wk.weight"):
@@ -345,7 +355,9 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], args: ModelArgs, tie: bool)
     for key, t in sd.items():
         if tie and key == "output.weight":
             continue
-        if key.endswith("attention.wq.weight"):
+        if key.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+            t = interleaved_to_half_split(t, 1)
+        elif key.endswith("attention.wq.weight"):
             t = interleaved_to_half_split(t, args.n_heads)
         elif key.endswith("attention.wk.weight"):
             t = interleaved_to_half_split(t, args.n_kv_heads)
@@ -359,7 +371,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def hf_config(args: ModelArgs, *, tie: bool, context: int, dtype: torch.dtype,
               bos_id: Optional[int], eos_ids: list[int]) -> dict:
-    """A transformers `config.json` dict for `args` (LlamaForCausalLM)."""
+    """A transformers `config.json` dict for `args` (LlamaForCausalLM; Qwen3ForCausalLM with `qk_norm`)."""
     rope_scaling = None
     if args.use_scaled_rope:
         rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor, **_LLAMA3_ROPE_FIXED}
@@ -373,7 +385,15 @@ def hf_config(args: ModelArgs, *, tie: bool, context: int, dtype: torch.dtype,
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
         "pretraining_tp": 1, "use_cache": True, "bos_token_id": bos_id,
         "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids, "torch_dtype": _dtype_name(dtype),
+        **(_qwen3_config(args) if args.qk_norm else {}),
     }
+
+
+def _qwen3_config(args: ModelArgs) -> dict:
+    """The config.json keys that make a Qwen3ForCausalLM of `args` (full attention in every layer)."""
+    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": args.n_layers,
+            "layer_types": ["full_attention"] * args.n_layers}
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)

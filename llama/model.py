@@ -42,6 +42,8 @@ _PARAM_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "rope_theta": ("a number > 0", _is_positive),
     "use_scaled_rope": ("true or false", lambda v: isinstance(v, bool)),
     "rope_scaling_factor": ("a number > 0", _is_positive),
+    "attn_head_dim": ("an even integer >= 2 or null", lambda v: v is None or (_is_int(v, 2) and v % 2 == 0)),
+    "qk_norm": ("true or false", lambda v: isinstance(v, bool)),
     "max_seq_len": ("an integer >= 1", lambda v: _is_int(v, 1)),
     "attn_impl": ("'sdpa' or 'flash_attn'", lambda v: v in ("sdpa", "flash_attn")),
 }
@@ -74,6 +76,8 @@ class ModelArgs:
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
     rope_scaling_factor: float = 8.0  # LLaMA-3.1's 8; LLaMA-3.2 1B/3B use 32 (with use_scaled_rope)
+    attn_head_dim: Optional[int] = None  # per-head width when not dim / n_heads (Qwen3: 128 at any dim)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (weights (head_dim,)) before RoPE
     max_seq_len: int = 2048
     attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional package, causal unpadded calls only)
 
@@ -99,7 +103,7 @@ class ModelArgs:
         if self.vocab_size <= 0:
             raise ValueError(f"ModelArgs: vocab_size must be positive, got {self.vocab_size} "
                              "(LLaMA-2 params.json stores -1: set it from the tokenizer)")
-        if self.dim % self.n_heads:
+        if self.attn_head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelArgs: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
@@ -108,7 +112,8 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        """Width of one attention head: `attn_head_dim`, or dim / n_heads (LLaMA)."""
+        return self.attn_head_dim if self.attn_head_dim is not None else self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -241,6 +246,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Qwen3's per-head RMSNorm of q and k, before RoPE (None for LLaMA).
+        self.q_norm = RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=args.norm_eps) if args.qk_norm else None
         self.cache: Optional[KVCache] = None
 
     def qkv(self, x: torch.Tensor, meta: ForwardMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,6 +257,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary_emb(q, meta.cos, meta.sin).transpose(1, 2)
         k = apply_rotary_emb(k, meta.cos, meta.sin).transpose(1, 2)
         v = v.transpose(1, 2)

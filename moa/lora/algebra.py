@@ -81,7 +81,7 @@ def lora_sites(cfg: MoAConfig) -> list[str]:
 
 def site_shape(args: ModelArgs, site: str) -> tuple[int, int]:
     """(out, in) of the frozen weight at module path `site` in a model with `args`."""
-    hd = args.dim // args.n_heads
+    hd = args.head_dim
     shapes = {"wq": (args.n_heads * hd, args.dim), "wk": (args.n_kv_heads * hd, args.dim),
               "wv": (args.n_kv_heads * hd, args.dim), "wo": (args.dim, args.n_heads * hd),
               "w1": (args.ffn_hidden_dim, args.dim), "w3": (args.ffn_hidden_dim, args.dim),
