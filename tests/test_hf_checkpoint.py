@@ -258,3 +258,27 @@ def test_smollm2_through_export_and_back(smollm2_dir, tmp_path):
     chat = [{"role": "user", "content": "Hi"}]
     assert back_tok.format_dialog(chat) == tok.format_dialog(chat) == \
         ref_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_command_lines_export_and_extract_on_hf_folders(tmp_path, capsys):
+    from scripts import export_hf as export_cli
+    from scripts import lora_tools
+
+    base = write_hf_llama(tmp_path / "base")
+    tuned_state = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned_state["model.layers.1.self_attn.v_proj.weight"] += 0.1
+    write_hf_llama(tmp_path / "tuned", state=tuned_state)
+    lora_tools.main(["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "1",
+                     "--targets", "V", "--out", str(tmp_path / "lora" / "adapter.pth")])
+    assert "kept energy" in capsys.readouterr().out
+    export_cli.main(["--ckpt_dir", str(tmp_path / "base"), "--adapter_path", str(tmp_path / "lora" / "adapter.pth"),
+                     "--out", str(tmp_path / "merged"), "--max_shard_size", "1MB"])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", dtype=torch.float32).eval()
+    x = tokens()
+    assert rel(hf_logits(merged, x), hf_logits(tuned, x)) <= 1e-5
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main(["--ckpt_dir", str(tmp_path / "base"), "--out", str(tmp_path / "merged")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
+    assert err.startswith("export_hf: error:") and "already exists" in err
