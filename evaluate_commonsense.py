@@ -8,9 +8,11 @@ prediction file and appends one line to `DIR/acc_score.jsonl` (rules in moa/eval
 """
 import argparse
 
+from moa.cli import one_line_errors
 from moa.eval.scoring import COMMONSENSE_SETS, run_scoring_cli
 
 
+@one_line_errors("evaluate_commonsense.py", status=1)
 def main() -> None:
     """Parse the flags, then score and print (moa.eval.scoring.run_scoring_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,7 +17,8 @@ import argparse
 import os
 import sys
 
-from moa.cli import str2bool
+from moa.checks import check_writable
+from moa.cli import one_line_errors, str2bool
 
 PROG = "evaluate_loss.py"
 
@@ -66,8 +67,10 @@ def parse_args(argv: list[str] | None = None):
         p.error(str(e))
 
 
+@one_line_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    check_writable("save_path", cfg.save_path)  # and loss_score.jsonl beside it; before any model is loaded
     from moa.eval.loss import evaluate_loss, format_summary
 
     try:

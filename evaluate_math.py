@@ -7,9 +7,11 @@ line to `DIR/acc_score.jsonl` (DESIGN §3 "scores", §3a; the rules live in moa/
 """
 import argparse
 
+from moa.cli import one_line_errors
 from moa.eval.scoring import MATH_SETS, run_scoring_cli
 
 
+@one_line_errors("evaluate_math.py", status=1)
 def main() -> None:
     """Parse the flags, then score and print (moa.eval.scoring.run_scoring_cli)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

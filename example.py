@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from moa.cli import str2bool
+from moa.checks import check_writable
+from moa.cli import one_line_errors, str2bool
 from moa.infer.generate import InferenceConfig, format_summary, run_inference
 
 
@@ -63,8 +64,10 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
         p.error(str(e))
 
 
+@one_line_errors("example.py", status=1)
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    check_writable("save_path", cfg.save_path)  # before any model is loaded
     try:
         summary = run_inference(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from moa.checks import check_writable
+from moa.cli import one_line_errors
 from moa.files.adapters import ADAPTER_FILE, ADAPTER_PARAMS, BASE_TRAINED, write_adapter_files
 from moa.method.config import MoAConfig
 from moa.train.checkpointing import load_training_checkpoint
@@ -26,8 +28,9 @@ def extract(checkpoint: str) -> dict[str, str]:
     FileNotFoundError / ValueError (naming the file) when it is missing or not a checkpoint
     written by main_finetune.py.
     """
-    ckpt = load_training_checkpoint(checkpoint)
     folder = Path(checkpoint).resolve().parent
+    check_writable("checkpoint", folder, folder=True)  # the adapter files go beside it
+    ckpt = load_training_checkpoint(checkpoint)
     cfg = MoAConfig.from_dict(dict(ckpt["adapter_params"]))
     path = write_adapter_files(folder / ADAPTER_FILE, cfg, dict(ckpt["model"]), int(ckpt["args"]["max_seq_len"]),
                                dict(ckpt["base_trained"]))
@@ -37,6 +40,7 @@ def extract(checkpoint: str) -> dict[str, str]:
     return written
 
 
+@one_line_errors("extract_adapter_from_checkpoint.py")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write adapter.pth + adapter_params.json from a checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint-{epoch}.pth written by main_finetune.py")

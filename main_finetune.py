@@ -19,7 +19,8 @@ import sys
 import torch
 
 from moa import MoAConfig
-from moa.cli import bool_or_auto, str2bool
+from moa.checks import check_writable
+from moa.cli import bool_or_auto, one_line_errors, str2bool
 from moa.train.trainer import TrainConfig, finetune
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "commonsense/*/test.json) whose questions are left out of training")
     flag_bool("keep_test_overlap", False, "keep training rows that repeat a test-set question")
     io.add_argument("--resume", default="", help="continue from this checkpoint-{epoch}.pth")
+    flag_bool("overwrite", False, "replace another run's checkpoint-*.pth and log.txt in --output_dir (without it, "
+              "a folder holding them is refused unless --resume with the same settings)")
     io.add_argument("--log_every", type=int, default=10, help="optimizer steps between log.txt lines")
 
     tr = p.add_argument_group("training")
@@ -76,11 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors("main_finetune.py")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = vars(args)
     moa_names = {f.name for f in dataclasses.fields(MoAConfig)}
     try:
+        check_writable("output_dir", args.output_dir, folder=True)  # before the model and a whole epoch
         if values["bf16"] == "auto":
             from moa.infer.dtype import resolve_dtype
 

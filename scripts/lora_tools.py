@@ -21,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.checkpoint import load_params  # noqa: E402
+from moa.checks import check_writable  # noqa: E402
+from moa.cli import one_line_errors  # noqa: E402
 from moa.files.adapters import write_adapter_files  # noqa: E402
 from moa.lora.algebra import (ExtractReport, extract_lora_svd, kept_energy, merge_into_base,  # noqa: E402
                               read_plain_lora)
@@ -66,6 +68,7 @@ def energy_tables(report: ExtractReport, rank: int, ranks: list[int]) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors("lora_tools", status=1)
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,9 +110,16 @@ def main(argv: list[str] | None = None) -> None:
 
     args = p.parse_args(argv)
     try:
+        check_writable("out", args.out, folder=_out_is_folder(args.command, args.out))
         run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         p.exit(1, f"lora_tools {args.command}: error: {err}\n")
+
+
+def _out_is_folder(command: str, out: str) -> bool:
+    """Whether `--out` of `command` names a folder: a model or PEFT folder, or an adapter path that
+    write_adapter_files puts `adapter.pth` inside (a folder, or a name without `.pth`)."""
+    return command in ("merge", "export-peft") or Path(out).is_dir() or Path(out).suffix != ".pth"
 
 
 def run(args: argparse.Namespace) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moa.checks import check_writable  # noqa: E402
+from moa.cli import one_line_errors  # noqa: E402
 from moa.tasks.registry import Registry, add_task, balance_tasks, delete_task, load_registry, task_row_counts  # noqa: E402
 
 
@@ -29,6 +31,7 @@ def format_registry(reg: Registry) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors("registry.py")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--registry", required=True, help="registry JSON (list: also a domain/task/ tree)")
     a = p.parse_args(argv)
     try:
+        if a.command != "list":
+            check_writable("registry", a.registry)
         if a.command == "add":
             reg = add_task(a.registry, a.domain, a.task, a.adapter, a.data)
         elif a.command == "delete":

@@ -274,7 +274,8 @@ def test_evaluate_math_cli_hand_scored_files_tol1e12(tmp_path):
     assert len(lines) == 1
     record = json.loads(lines[0])
     assert list(record) == ["AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP",
-                            "average", "strict", "missing", "predict_file"]
+                            "average", "strict", "missing", "malformed", "predict_file"]
+    assert record["malformed"] == 2  # line 4 of the given file, line 1 of MultiArith's
     for name, acc in _EXPECTED.items():
         assert record[name] == pytest.approx(acc, abs=1e-12)
         assert record["strict"][name] == pytest.approx(_EXPECTED_STRICT[name], abs=1e-12)

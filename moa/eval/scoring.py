@@ -26,6 +26,7 @@ from moa.eval.rules import (COMMONSENSE_SETS, COMMONSENSE_WORDS, MATH_SETS, OPTI
                             TOLERANCE, Benchmark, Mode, Rule, extract_letter, extract_number, extract_strict_letter,
                             extract_strict_number, extract_word, number_is_correct, parse_number_answer, rule_for,
                             score_generation)
+from moa.checks import check_writable
 from moa.files.atomic import atomic_write_text
 
 SUMMARY_FILE = "acc_score.jsonl"
@@ -196,11 +197,13 @@ def _accuracies(sets: Sequence[str], scores: dict[str, SetScore],
 
 def summary_record(predict_file: Path, sets: Sequence[str], scores: dict[str, SetScore],
                    missing: Sequence[str], strict: bool) -> dict:
-    """The `acc_score.jsonl` line: per-set accuracies, average, ["strict"], missing, predict_file."""
+    """The `acc_score.jsonl` line: per-set accuracies, average, ["strict"], missing, malformed (lines
+    counted wrong, all sets), predict_file."""
     record: dict = _accuracies(sets, scores, lambda s: s.accuracy)
     if strict:
         record["strict"] = _accuracies(sets, scores, lambda s: s.strict_accuracy)
     record["missing"] = list(missing)
+    record["malformed"] = sum(s.malformed for s in scores.values())
     record["predict_file"] = str(predict_file)
     return record
 
@@ -211,7 +214,8 @@ def score_benchmark(predict_file: str | os.PathLike, benchmark: Benchmark,
 
     Writes `<file>_scored.jsonl` beside every scored file (overwritten) and appends one
     line to `acc_score.jsonl` in the file's directory. A bad `--predict_file` (no such
-    file, a scored file, a name without a set name) is a FileNotFoundError / ValueError.
+    file, a scored file, a name without a set name, a file without prediction lines, a folder this
+    user cannot write) is a FileNotFoundError / ValueError; then nothing is written.
     """
     path = Path(predict_file)
     if not path.is_file():
@@ -231,6 +235,7 @@ def score_benchmark(predict_file: str | os.PathLike, benchmark: Benchmark,
     if strict and benchmark != "math":
         raise ValueError("--mode strict: only the math benchmark has a strict reading")
     siblings = find_siblings(path, required + optional)
+    check_writable("predict_file", path.parent, folder=True)  # the scored files and acc_score.jsonl go there
     scores: dict[str, SetScore] = {}
     missing: dict[str, str] = {}
     for name, sibling in siblings.items():
@@ -243,6 +248,8 @@ def score_benchmark(predict_file: str | os.PathLike, benchmark: Benchmark,
             missing[name] = f"empty file {sibling}"
             continue
         scores[name] = score
+    if any(siblings[name] == path for name in missing):
+        raise ValueError(f"--predict_file {path}: no prediction lines (an empty file); nothing scored")
     sets = required + tuple(s for s in optional if s in scores)
     for score in scores.values():
         write_jsonl_atomic(scored_path(score.path), score.scored_rows)
@@ -293,3 +300,7 @@ def run_scoring_cli(prog: str, predict_file: str, benchmark: Benchmark, mode: Mo
     for problem in report.problems:
         print(problem, file=sys.stderr)
     print(format_report(report))
+    malformed = report.summary["malformed"]
+    if malformed:
+        print(f"{prog}: warning: {malformed} malformed prediction line(s) counted wrong (listed above; "
+              f"\"malformed\" in {report.predict_file.parent / SUMMARY_FILE})", file=sys.stderr)
