@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
-from moa.checks import check_int
+from moa.checks import check_int, require_rows
 from moa.files.adapters import load_trained_adapter
 from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
 from moa.infer.predictions import count_lines, merge_partials, partial_files, partial_header, partial_path, read_partials
@@ -202,7 +202,7 @@ def evaluate_loss(cfg: LossConfig) -> LossSummary:
 
 def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSummary:
     save = Path(cfg.save_path)
-    rows = load_rows(cfg.data_path)
+    rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
     check_outputs(rows, cfg.data_path)
     if on_rank0(lambda: _complete_already(cfg, save, rows), rank, world):
         summary = on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True), rank, world)

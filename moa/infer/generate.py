@@ -48,7 +48,7 @@ from tqdm import tqdm
 from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import Transformer
-from moa.checks import check_int
+from moa.checks import check_int, require_rows
 from moa.files.adapters import LoadedAdapter, load_trained_adapter
 from moa.infer.dtype import resolve_dtype
 from moa.infer.predictions import (count_lines, merge_partials, partial_files, partial_header, partial_path,
@@ -298,7 +298,7 @@ def _auto_dtype(device: str) -> str:
 def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceSummary:
     dtype_name = cfg.dtype if cfg.dtype != "auto" else on_rank0(lambda: _auto_dtype(device), rank, world)
     save = Path(cfg.save_path)
-    rows = load_rows(cfg.data_path)
+    rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
     if on_rank0(lambda: _complete_already(cfg, save, rows), rank, world):
         return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
 
