@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from llama.checkpoint import load_model  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
+from moa.files.lock import OutputLock  # noqa: E402
 from moa.tasks.registry import load_registry  # noqa: E402
 from moa.tasks.selector import METRICS, SELECTOR_KINDS, save_selector, train_on_registry  # noqa: E402
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embed_batch_size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    lock = OutputLock(a.out)  # held until the selector file is written
     try:
+        lock.acquire()
         reg = load_registry(a.adapter_registry)
         model, tokenizer = load_model(a.ckpt_dir, device=a.device)
         sel = train_on_registry(model, tokenizer, reg, a.kind, a.rows_per_task, a.heldout_per_task,
@@ -65,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                                 lr=a.lr, metric=a.metric, n_clusters=a.n_clusters, temperature=a.temperature,
                                 standardize=a.standardize, seed=a.seed)
     except (FileNotFoundError, ValueError) as e:
+        lock.release()
         print(f"train_selector.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_report(sel.report))
-    print(f"wrote {save_selector(sel, a.out)}")
+    try:
+        print(format_report(sel.report))
+        print(f"wrote {save_selector(sel, a.out)}")
+    finally:
+        lock.release()
     return 0
 
 

@@ -40,7 +40,9 @@ from llama.model import Transformer
 from moa.checks import check_int, require_rows
 from moa.files.adapters import load_trained_adapter
 from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
-from moa.infer.predictions import count_lines, merge_partials, partial_files, partial_header, partial_path, read_partials
+from moa.files.lock import OutputLock
+from moa.files.settings import adapter_identity, data_identity, jsonable, model_identity
+from moa.infer.predictions import complete_already, merge_partials, partial_header, partial_path, read_partials
 from moa.train.data import IGNORE_INDEX, Example, InstructionDataset, collate, load_rows, tokenize_rows
 from moa.train.distributed import init_distributed, on_rank0
 from moa.train.loss import label_cross_entropy
@@ -193,9 +195,12 @@ def evaluate_loss(cfg: LossConfig) -> LossSummary:
     returns the same summary. User mistakes raise ValueError / FileNotFoundError naming flag, file or row."""
     own_group = not dist.is_initialized()
     env = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lock = OutputLock(cfg.save_path)  # held by rank 0, the writer of the file, for the whole run
     try:
+        on_rank0(lock.acquire, env.rank, env.world_size)
         return _run(cfg, env.rank, env.world_size, env.device)
     finally:
+        lock.release()
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -204,12 +209,12 @@ def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSu
     save = Path(cfg.save_path)
     rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
     check_outputs(rows, cfg.data_path)
-    if on_rank0(lambda: _complete_already(cfg, save, rows), rank, world):
-        summary = on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True), rank, world)
-        return summary
-
     dtype, report = on_rank0(lambda: resolve_dtype(cfg.dtype, device), rank, world)  # every rank: one choice
     dtype_name = str(dtype).removeprefix("torch.")
+    settings = on_rank0(lambda: _settings(cfg, dtype_name), rank, world)
+    if on_rank0(lambda: complete_already(save, settings, len(rows), cfg.overwrite, "evaluate_loss.py"), rank, world):
+        return on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True), rank, world)
+
     model, tokenizer = load_model(cfg.ckpt_dir, dtype=dtype, device=device)
     if cfg.adapter_path:
         load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir)
@@ -221,8 +226,7 @@ def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSu
                          "(0 = the context)")
     max_seq_len = cfg.max_seq_len or context
 
-    settings = _settings(cfg, max_seq_len, dtype_name)
-    done = set(on_rank0(lambda: _finished_rows(cfg, save, settings, rows), rank, world))
+    done = set(on_rank0(lambda: sorted(read_partials(save, settings, rows, repair=True)), rank, world))
     pending = [i for i in range(len(rows)) if i not in done]
     items = loss_examples(tokenizer, rows, pending, max_seq_len, cfg.data_path)
     items.sort(key=lambda it: (-len(it[1].tokens), it[0]))
@@ -290,36 +294,12 @@ def _append_score(summary: LossSummary) -> None:
         os.fsync(f.fileno())
 
 
-def _complete_already(cfg: LossConfig, save: Path, rows: list[dict]) -> bool:
-    """True when `save` already holds a line for every row (and --overwrite is off); creates its folder."""
-    if save.is_dir():
-        raise ValueError(f"--save_path {save} is a directory; expected a .jsonl file name")
-    save.parent.mkdir(parents=True, exist_ok=True)
-    if not save.exists() or cfg.overwrite:
-        return False
-    n = count_lines(save)
-    if n != len(rows):
-        raise ValueError(f"--save_path {save} exists with {n} lines but --data_path {cfg.data_path} has "
-                         f"{len(rows)} rows; rerun with --overwrite True to redo it")
-    return True
-
-
-def _settings(cfg: LossConfig, max_seq_len: int, dtype_name: str) -> dict[str, Any]:
-    """What shapes the per-row numbers: a partial file written with other values cannot be resumed."""
-    settings = {"kind": "loss", "data_path": os.path.abspath(cfg.data_path), "ckpt_dir": os.path.abspath(cfg.ckpt_dir),
-                "adapter_path": os.path.abspath(cfg.adapter_path) if cfg.adapter_path else None,
-                "max_seq_len": max_seq_len, "dtype": dtype_name}
-    return json.loads(json.dumps(settings))
-
-
-def _finished_rows(cfg: LossConfig, save: Path, settings: dict[str, Any], rows: list[dict]) -> list[int]:
-    """Rows an interrupted run with the same settings already scored (none with --overwrite, whose
-    partial files are removed)."""
-    if cfg.overwrite:
-        for path in partial_files(save):
-            path.unlink()
-        return []
-    return sorted(read_partials(save, settings, rows, repair=True))
+def _settings(cfg: LossConfig, dtype_name: str) -> dict[str, Any]:
+    """What decides the per-row numbers, recorded in the partial files' header and the loss file's
+    sidecar: --max_seq_len as given, the dtype, and the identity of the model, adapter and data files."""
+    settings = {"kind": "loss", **data_identity(cfg.data_path), **model_identity(cfg.ckpt_dir),
+                **adapter_identity(cfg.adapter_path), "max_seq_len": cfg.max_seq_len or 0, "dtype": dtype_name}
+    return jsonable(settings)
 
 
 def _gather(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:

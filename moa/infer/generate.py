@@ -51,8 +51,10 @@ from llama.model import Transformer
 from moa.checks import check_int, require_rows
 from moa.files.adapters import LoadedAdapter, load_trained_adapter
 from moa.infer.dtype import resolve_dtype
-from moa.infer.predictions import (count_lines, merge_partials, partial_files, partial_header, partial_path,
-                                   prediction_record, read_partials)
+from moa.files.lock import OutputLock
+from moa.files.settings import adapter_identity, data_identity, file_identity, jsonable, model_identity
+from moa.infer.predictions import (complete_already, merge_partials, partial_header, partial_path, prediction_record,
+                                   read_partials)
 from moa.tasks.routing import RoutingPlan, check_routing_flags, plan_task_routing
 from moa.train.data import build_prompt, load_rows
 from moa.train.distributed import init_distributed, on_rank0
@@ -281,9 +283,12 @@ def run_inference(cfg: InferenceConfig) -> InferenceSummary:
     """
     own_group = not dist.is_initialized()
     env = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lock = OutputLock(cfg.save_path)  # held by rank 0, the writer of the file, for the whole run
     try:
+        on_rank0(lock.acquire, env.rank, env.world_size)
         return _run(cfg, env.rank, env.world_size, str(env.device))
     finally:
+        lock.release()
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -299,7 +304,8 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     dtype_name = cfg.dtype if cfg.dtype != "auto" else on_rank0(lambda: _auto_dtype(device), rank, world)
     save = Path(cfg.save_path)
     rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
-    if on_rank0(lambda: _complete_already(cfg, save, rows), rank, world):
+    settings = on_rank0(lambda: _settings(cfg, dtype_name), rank, world)
+    if on_rank0(lambda: complete_already(save, settings, len(rows), cfg.overwrite, "example.py"), rank, world):
         return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
 
     model, tokenizer = load_model(cfg.ckpt_dir, dtype=_DTYPES[dtype_name], device=device)
@@ -312,8 +318,7 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, loaded.max_seq_len, context)
     model.eval()
 
-    settings = _settings(cfg, max_seq_len, dtype_name)
-    done = set(on_rank0(lambda: _finished_rows(cfg, save, settings, rows), rank, world))
+    done = set(on_rank0(lambda: sorted(read_partials(save, settings, rows, repair=True)), rank, world))
     pending = [i for i in range(len(rows)) if i not in done]
     prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
     prompts.sort(key=lambda p: (-len(p.tokens), p.index))
@@ -339,44 +344,22 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
         max_seq_len_source=source, base_trained=len(loaded.base_trained), **counts)
 
 
-def _complete_already(cfg: InferenceConfig, save: Path, rows: list[dict]) -> bool:
-    """True when `save` already holds a prediction for every row (and --overwrite is off); creates
-    its folder otherwise."""
-    if save.is_dir():
-        raise ValueError(f"--save_path {save} is a directory; expected a .jsonl file name")
-    save.parent.mkdir(parents=True, exist_ok=True)
-    if not save.exists() or cfg.overwrite:
-        return False
-    n = count_lines(save)
-    if n != len(rows):
-        raise ValueError(f"--save_path {save} exists with {n} lines but --data_path {cfg.data_path} has "
-                         f"{len(rows)} rows; rerun with --overwrite True to redo it")
-    return True
-
-
-def _settings(cfg: InferenceConfig, max_seq_len: int, dtype_name: str) -> dict[str, Any]:
-    """What shapes the predictions: a partial file written with other values cannot be resumed."""
-    settings = {
-        "data_path": os.path.abspath(cfg.data_path), "ckpt_dir": os.path.abspath(cfg.ckpt_dir),
-        "adapter_path": os.path.abspath(cfg.adapter_path) if cfg.adapter_path else None,
-        "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": max_seq_len,
+def _settings(cfg: InferenceConfig, dtype_name: str) -> dict[str, Any]:
+    """What decides the predictions, recorded in the partial files' header and in the prediction
+    file's sidecar: the flags as given (--max_seq_len too: its default follows from the adapter, whose
+    content is recorded), and the identity of the model, adapter, data (and routing) files."""
+    settings: dict[str, Any] = {
+        **data_identity(cfg.data_path), **model_identity(cfg.ckpt_dir), **adapter_identity(cfg.adapter_path),
+        "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": cfg.max_seq_len,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
     }
     if cfg.adapter_registry:
         settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
-                        selector=os.path.abspath(cfg.selector), fusion=cfg.fusion,
-                        top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
-    return json.loads(json.dumps(settings))  # the form it takes after a round trip through the file
-
-
-def _finished_rows(cfg: InferenceConfig, save: Path, settings: dict[str, Any], rows: list[dict]) -> list[int]:
-    """The rows an interrupted run with the same settings already wrote (none with --overwrite,
-    whose partial files are removed)."""
-    if cfg.overwrite:
-        for path in partial_files(save):
-            path.unlink()
-        return []
-    return sorted(read_partials(save, settings, rows, repair=True))
+                        registry_file=file_identity(cfg.adapter_registry),
+                        selector=os.path.abspath(cfg.selector) if cfg.selector else None,
+                        selector_file=file_identity(cfg.selector) if cfg.selector else None,
+                        fusion=cfg.fusion, top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
+    return jsonable(settings)
 
 
 def _gather(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:

@@ -20,10 +20,11 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from moa.files.adapters import ADAPTER_FILE, adapter_file
 from moa.files.atomic import atomic_write_json
+from moa.files.lock import OutputLock
 from moa.train.data import load_rows
 
 TREE_DATA_FILE = "train.json"
@@ -183,6 +184,22 @@ def _load_or_empty(path: Path) -> Registry:
     return load_registry(path) if path.exists() else Registry([], path)
 
 
+Edit = TypeVar("Edit", bound=Callable[..., "Registry"])
+
+
+def _one_writer(edit: Edit) -> Edit:
+    """Run a read-modify-write of the registry file (its first argument) under the file's lock, so
+    that two edits at once never lose one another's change (the second stops at once)."""
+
+    def locked(path: str | os.PathLike, *args: Any) -> Registry:
+        with OutputLock(_editable(path)):
+            return edit(path, *args)
+
+    locked.__doc__, locked.__name__ = edit.__doc__, edit.__name__
+    return locked  # type: ignore[return-value]
+
+
+@_one_writer
 def add_task(path: str | os.PathLike, domain: str, task: str, adapter: str | os.PathLike,
              data: str | os.PathLike) -> Registry:
     """Add `domain/task` to the JSON registry `path` (created when missing) and save it.
@@ -200,6 +217,7 @@ def add_task(path: str | os.PathLike, domain: str, task: str, adapter: str | os.
     return load_registry(path)
 
 
+@_one_writer
 def delete_task(path: str | os.PathLike, task: str) -> Registry:
     """Remove `task` from the JSON registry `path` and save it (`ValueError` when it is not there)."""
     path = _editable(path)
@@ -215,6 +233,7 @@ def task_row_counts(reg: Registry) -> dict[str, int]:
     return {e.task: len(load_rows(e.data)) for e in reg.entries}
 
 
+@_one_writer
 def balance_tasks(path: str | os.PathLike, n_train: Optional[int] = None) -> Registry:
     """Set every task's `n_train` to `n_train` (default: the smallest task's row count) and save, so
     that the selector trains on the same number of rows per task. A task with fewer rows than

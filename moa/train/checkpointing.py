@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from moa.checks import load_tensors
 from moa.files.atomic import atomic_write_files
 from moa.method.config import MoAConfig
+from moa.train.run_dir import check_resume_args
 from moa.train.schedule import WarmupCosine
 from moa.method.state import adapter_state_dict, load_adapter_state_dict
 
@@ -139,13 +140,16 @@ def save_training_checkpoint(path: str, model: nn.Module, base_trained: list[str
 
 def resume_training(path: str, model: nn.Module, base_trained: list[str], optimizer: torch.optim.Optimizer,
                     schedule: WarmupCosine, moa_cfg: MoAConfig, rank: int, world_size: int,
-                    say: Callable[[str], None] = print) -> tuple[int, int]:
+                    say: Callable[[str], None] = print, args: Optional[dict[str, Any]] = None) -> tuple[int, int]:
     """Load a checkpoint into the model's adapters (and --w_bias tensors), the optimizer, the schedule
     and this rank's RNGs; returns (first epoch to run, optimizer steps taken).
 
-    ValueError (naming --resume) when its adapter flags or --w_bias differ from the current run's.
+    ValueError (naming --resume) when its adapter flags or --w_bias differ from the current run's, or
+    (given this command's `args`) any flag that decides the results (`run_dir.RESULT_FLAGS`).
     """
     ckpt = load_training_checkpoint(path)
+    if args is not None:
+        check_resume_args(path, ckpt["args"], args)
     if ckpt["adapter_params"] != moa_cfg.to_dict():
         diff = sorted(k for k, v in moa_cfg.to_dict().items() if ckpt["adapter_params"].get(k) != v)
         raise ValueError(f"--resume {path}: its adapter flags differ from this command's: {diff}")

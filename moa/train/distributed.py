@@ -71,7 +71,8 @@ def on_rank0(fn: Callable[[], T], rank: int, world: int) -> T:
         try:
             box[0] = ("ok", fn())
         except Exception as e:
-            box[0] = ("error", type(e).__name__, str(e))
+            kind = next((k.__name__ for k in (FileNotFoundError, ValueError) if isinstance(e, k)), type(e).__name__)
+            box[0] = ("error", kind, str(e))
             dist.broadcast_object_list(box, src=0)
             raise
     dist.broadcast_object_list(box, src=0)

@@ -35,9 +35,11 @@ from moa.checks import check_int, check_number
 from moa.method.config import MoAConfig
 from moa.method.inject import MoABlock, adapter_names, attach_adapters
 from moa.train.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
+from moa.files.lock import OutputLock
+from moa.train.run_dir import LOCK_FILE, claim_output_dir, train_settings, trim_log
 from moa.train.data import InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
 # The loss and the process-group names are also importable from here, where they used to live.
-from moa.train.distributed import DistEnv, init_distributed, wrap_ddp  # noqa: F401
+from moa.train.distributed import DistEnv, init_distributed, on_rank0, wrap_ddp  # noqa: F401
 from moa.train.loss import LOGITS_CHUNK_ELEMENTS, CausalLMLoss, count_labels, label_cross_entropy  # noqa: F401
 from moa.train.schedule import WarmupCosine, make_adamw, scaled_lr
 
@@ -73,6 +75,7 @@ class TrainConfig:
     num_workers: int = 2
     resume: str = ""
     log_every: int = 10
+    overwrite: bool = False  # replace another run's files in output_dir (moa/train/run_dir.py)
 
     def __post_init__(self) -> None:
         for flag, low in (("max_seq_len", 2), ("max_batch_size", 1), ("batch_size", 1), ("accum_iter", 1),
@@ -178,9 +181,14 @@ def finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any]) -> dict
     if cfg.resume and not os.path.isfile(cfg.resume):
         raise FileNotFoundError(f"--resume {cfg.resume}: checkpoint file not found")
     env = init_distributed(cfg.device)
+    lock = OutputLock(cfg.output_dir, os.path.join(cfg.output_dir, LOCK_FILE))  # rank 0's, for the whole run
     try:
+        settings = train_settings(args, moa_cfg.to_dict(), env.world_size)
+        on_rank0(lambda: claim_output_dir(lock, cfg.output_dir, settings, cfg.resume, cfg.overwrite),
+                 env.rank, env.world_size)
         return _finetune(cfg, moa_cfg, args, rows, env)
     finally:
+        lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -206,11 +214,11 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
     seed_everything(cfg.seed + env.rank)
     model, tokenizer, base_trained = _build_model(cfg, moa_cfg, env, say)
     sampler, loader = _make_loader(rows, tokenizer, cfg, env, say)
-    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say)
+    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say, args)
     _report(model, cfg, env, len(sampler.dataset), run.peak_lr, -(-len(loader) // cfg.accum_iter), say)
 
     if env.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        trim_log(cfg.output_dir, run.step)  # a resumed run never repeats the steps after its checkpoint
     module = wrap_ddp(CausalLMLoss(model), env, moa_cfg.has_unused_params)
     summary: dict[str, Any] = {"epochs": [], "last_loss": float("nan"), "steps": run.step}
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -341,7 +349,7 @@ def _make_loader(rows: list[dict], tokenizer: Tokenizer, cfg: TrainConfig, env: 
 
 
 def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_trained: list[str],
-              batches_per_epoch: int, env: DistEnv, say: Say) -> _Run:
+              batches_per_epoch: int, env: DistEnv, say: Say, args: dict[str, Any]) -> _Run:
     """AdamW and its schedule at --start_epoch, or where the --resume checkpoint left off."""
     peak_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, env.world_size, cfg.lr)
     optimizer = make_adamw(model, peak_lr, cfg.weight_decay)
@@ -350,7 +358,7 @@ def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_tra
     start_epoch, step = cfg.start_epoch, cfg.start_epoch * steps_per_epoch
     if cfg.resume:
         start_epoch, step = resume_training(cfg.resume, model, base_trained, optimizer, schedule, moa_cfg,
-                                            env.rank, env.world_size, say)
+                                            env.rank, env.world_size, say, args)
     if start_epoch >= cfg.epochs:
         raise ValueError(f"--epochs {cfg.epochs}: training would start at epoch {start_epoch}, nothing to do")
     return _Run(optimizer, schedule, peak_lr, base_trained, start_epoch, step,
