@@ -282,3 +282,40 @@ def test_command_lines_export_and_extract_on_hf_folders(tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
     assert err.startswith("export_hf: error:") and "already exists" in err
+
+
+def test_llama3_tiktoken_converts_to_an_equal_tokenizer_json(tmp_path):
+    """Meta's LLaMA-3 ranks (llama-models wheel) -> tokenizer.json: the same ids as tiktoken through our
+    HFTokenizer and transformers' AutoTokenizer (BOS from the post-processor, chat template, stop tokens)."""
+    import importlib.util
+
+    from llama.hf import converted_tokenizer_files
+
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llama-models wheel not installed: it ships Meta's LLaMA-3 tokenizer.model")
+    meta = load_tokenizer(Path(list(spec.submodule_search_locations)[0]) / "llama3")
+    for name, content in converted_tokenizer_files(meta, 128256, 131072).items():
+        (tmp_path / name).write_text(content)
+    ours, ref = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = TEXTS + ["I'M here, they'RE there!!\r\n\r\n   1234567 tokens", "\u00c9t\u00e9 \U0001f600 x  \n\t y"]
+    for text in texts:
+        ids = meta.encode(text, bos=True, eos=False)
+        assert ours.encode(text, bos=True, eos=False) == ids, text
+        assert ref(text)["input_ids"] == ids, text
+        assert ours.decode(ids[1:]) == text
+    assert (ours.bos_id, ours.eos_id, set(ours.stop_tokens)) == (128000, meta.eos_id, set(meta.stop_tokens))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}]
+    assert ours.format_dialog(chat) == meta.format_dialog(chat) == \
+        ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_lora_merge_into_an_hf_base_points_to_export_hf(tmp_path):
+    from moa.lora.algebra import merge_into_base
+
+    write_hf_llama(tmp_path / "base")
+    model, _ = load_model(tmp_path / "base")
+    attach_adapters(model, MoAConfig(lora_layers="0-2", lora_rank=2, lora_targets="Q", type_router="none"))
+    save_adapter(model, tmp_path / "lora" / "adapter.pth")
+    with pytest.raises(ValueError, match=r"Hugging Face folder: merge into it with scripts/export_hf\.py"):
+        merge_into_base(tmp_path / "base", tmp_path / "lora" / "adapter.pth", tmp_path / "out")

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths, stored_dtype
+from llama.hf import is_hf_dir
 from llama.model import ModelArgs
 from moa.files.atomic import atomic_write_files, write_json
 from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
@@ -155,6 +156,9 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
     """
     file = adapter_file(adapter)
     check_plain_lora(adapter_config(file), str(file))
+    if is_hf_dir(base_dir):
+        raise ValueError(f"{base_dir} is a Hugging Face folder: merge into it with scripts/export_hf.py "
+                         "--ckpt_dir BASE --adapter_path ADAPTER --out DIR (writes a Hugging Face folder)")
     if Path(out_dir).exists():  # checked before the (long) load and merge, again when renaming into place
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another output directory")
     state, _, _ = merged_base(base_dir, file)
