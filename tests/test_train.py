@@ -28,6 +28,7 @@ import extract_adapter_from_checkpoint  # noqa: E402
 import main_finetune  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from moa import MoAConfig, adapter_state_dict, attach_adapters, load_adapter_state_dict  # noqa: E402
+from moa.files.adapters import file_sha256  # noqa: E402
 from moa.train.data import Example, InstructionDataset, collate  # noqa: E402
 from moa.train.schedule import WarmupCosine, param_groups, scaled_lr  # noqa: E402
 from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward, wrap_ddp  # noqa: E402
@@ -212,6 +213,7 @@ def test_seed_command_trains_bf16_with_meta_tokenizer_loss_down_files_and_extrac
     assert extract_adapter_from_checkpoint.main(["--checkpoint", str(out / "checkpoint-1.pth")]) == 0
     adapter = torch.load(out / "adapter.pth", weights_only=True)
     params = json.loads((out / "adapter_params.json").read_text())
+    assert params.pop("files") == {"adapter.pth": file_sha256(out / "adapter.pth")}  # the pair's manifest
     assert params.pop("max_seq_len") == 300 and MoAConfig(**params) == cfg
     load_adapter_state_dict(model, adapter)  # strict: exactly the adapters
     for name, t in adapter.items():
@@ -243,7 +245,7 @@ def test_extract_is_all_or_none_when_a_write_fails(tiny_model_dir, tmp_path, mon
     import moa.files.adapters
     monkeypatch.setattr(moa.files.adapters, "write_json", disk_full)
     assert extract_adapter_from_checkpoint.main(["--checkpoint", str(out / "checkpoint-0.pth")]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-0.pth", "log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-0.pth", "log.txt", "train_settings.json"]
 
 
 # ---- resume ---------------------------------------------------------------------------------------------

@@ -235,8 +235,8 @@ def load_trained_adapter(model: nn.Module, adapter_path: str | os.PathLike,
     try:
         attach_adapters(model, files.cfg)
     except ValueError as e:
-        raise ValueError(f"{params_path}: {e}: these flags do not fit the base model --ckpt_dir {base} (an "
-                         f"adapter for another base, or a damaged {ADAPTER_PARAMS})") from None
+        raise ValueError(f"{params_path}: {e}: the adapter was trained on a different base model than "
+                         f"--ckpt_dir {base}, or this {ADAPTER_PARAMS} was changed") from None
     params_now = dict(model.named_parameters())
     wrong = [(k, tuple(files.state[k].shape), tuple(params_now[k].shape)) for k in adapter_names(model)
              if k in files.state and files.state[k].shape != params_now[k].shape]
@@ -259,19 +259,21 @@ def _base_sizes(model: nn.Module) -> set[int]:
 def _shape_mismatch(model: nn.Module, cfg: MoAConfig, path: Path, params_path: Path, base: str,
                     wrong: list[tuple[str, tuple, tuple]]) -> str:
     """Why adapter tensors have other shapes than the adapters attached from `cfg` on this base: a
-    differing size that is a base width means another base; one that is an adapter flag's value means
-    adapter_params.json and adapter.pth disagree (naming the flag)."""
+    needed size that is an adapter flag's value means adapter_params.json and adapter.pth disagree
+    (naming the flag); one that is a width of the base means another base; both are said when a size
+    is both."""
     key, got, want = wrong[0]
     more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
     sizes = {w for g, w in zip(got, want) if g != w} if len(got) == len(want) else set(want)
-    if sizes and sizes <= _base_sizes(model):
-        return (f"--adapter_path {path}: adapter tensor {key} has shape {got}, but the base model --ckpt_dir "
-                f"{base} needs {want}{more}: the adapter was trained on a different base model; pass the base "
-                f"it was trained on")
-    flags = [f"{k} {v}" for k, v in cfg.to_dict().items()
-             if isinstance(v, int) and not isinstance(v, bool) and v in sizes] or ["its flags"]
-    return (f"{path} and {params_path} disagree: adapter tensor {key} has shape {got}, but {', '.join(flags)} "
-            f"in {params_path.name} needs {want}{more}")
+    flags = [f"{k} {v}" for k, v in cfg.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)
+             and v in sizes]
+    other_base = sizes <= _base_sizes(model)
+    head = f"--adapter_path {path}: adapter tensor {key} has shape {got}, but "
+    if not flags:
+        return (head + f"the base model --ckpt_dir {base} needs {want}{more}: the adapter was trained on a "
+                "different base model; pass the base it was trained on")
+    return (head + f"{', '.join(flags)} in {params_path} needs {want}{more}: {path.name} and {params_path.name} "
+            "disagree" + (f" (or the adapter was trained on another base than --ckpt_dir {base})" if other_base else ""))
 
 
 def _copy_base_trained(model: nn.Module, state: dict[str, torch.Tensor], path: Path, base: str) -> None:
