@@ -78,6 +78,8 @@ def official_site(sd: dict, g: torch.Generator, p: str, site: str, kind: str, e:
         else:
             _put(sd, f"{q}.router", _lin(g, e, din, 0.5))
             _put(sd, f"{q}.threshold_fn", _lin(g, 1, din, 0.5))
+            if noisy:
+                _put(sd, f"{q}.noise_linear", _lin(g, e, din, 0.5))
 
 
 def official_prompt(sd: dict, g: torch.Generator, p: str, e: int) -> None:
@@ -279,6 +281,7 @@ CASES = {
     "topk": dict(lora=BOTH, kind="topk", E=4, top_k=2),
     "topk_noisy": dict(lora={0: ("Q", "V"), 1: ("Q", "V")}, kind="topk", E=3, top_k=2, noisy=True),
     "adamole": dict(lora=BOTH, kind="adamole", E=3),
+    "adamole_noisy": dict(lora={0: ("Q", "DOWN"), 1: ("Q", "DOWN")}, kind="adamole", E=3, noisy=True),
     "prompt": dict(prompt=(0, 1)),
     "prompt_mixture": dict(prompt=(0, 1), E=2),
     "p_adapter": dict(p_adapter=(0, 1)),
@@ -289,7 +292,8 @@ CASES = {
     "soft_moa_swiglu": dict(lora={0: ALL_SITES, 1: ALL_SITES}, prompt=(0, 1), p_adapter=(0, 1), router="soft",
                             swi_x=2),
     "sparse_moa": dict(lora=BOTH, prompt=(0, 1), p_adapter=(0, 1), router="sparse", swi_x=2, max_threshold=0.5),
-    "unipeft": dict(lora={0: ("Q", "V"), 1: ("Q", "V")}, prompt=(0, 1), p_adapter=(0, 1), router="unipeft"),
+    # block 1 has LoRA only: the official still keeps its prompt_gate, which nothing reads
+    "unipeft": dict(lora={0: ("Q", "V"), 1: ("Q", "V")}, prompt=(0,), p_adapter=(0,), router="unipeft"),
 }
 for _case in CASES.values():
     _case.setdefault("alpha", 16.0)
@@ -401,6 +405,25 @@ def test_flags_that_do_not_fit_name_the_tensors(tmp_path):
         import_official(tmp_path / "adapter.pth", tmp_path / "out", flags="--lora_targets Q,V,FFN_DOWN",
                         log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_torch_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("not a checkpoint")
+    with pytest.raises(FormatError, match=r"notes\.pth: not a torch checkpoint file"):
+        import_official(path, tmp_path / "out", log=lambda s: None)
+
+
+def test_noise_layers_are_converted_and_the_instance_note_is_given(tmp_path):
+    torch.save(build_official(CASES["adamole_noisy"]), tmp_path / "a.pth")
+    import_official(tmp_path / "a.pth", tmp_path / "out", flags="--lora_alpha 16", log=lambda s: None)
+    cfg = MoAConfig.from_json(str(tmp_path / "out" / "adapter_params.json"))
+    assert cfg.noisy_router and cfg.expert_router == "adamole"
+    assert "layers.0.attention.wq.router.noise.weight" in torch.load(tmp_path / "out" / "adapter.pth", weights_only=True)
+    torch.save(build_official(CASES["soft_moa_linear"]), tmp_path / "s.pth")
+    notes: list[str] = []
+    import_official(tmp_path / "s.pth", tmp_path / "out2", flags="--lora_alpha 16", log=notes.append)
+    assert any("--type_router instance" in n for n in notes)
 
 
 def test_pickle_of_another_class_is_refused_without_weights_only_false_hint(tmp_path):

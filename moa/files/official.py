@@ -87,9 +87,11 @@ def load_official(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[d
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        raise FormatError(f"{path}: holds a Python object of class {found.group(1) if found else '(unknown)'}; an "
-                          "official checkpoint holds only tensors, plain containers and the run's "
-                          "argparse.Namespace, and nothing else is unpickled") from None
+        if found is None:
+            raise FormatError(f"{path}: not a torch checkpoint file (torch.load cannot read it)") from None
+        raise FormatError(f"{path}: holds a Python object of class {found.group(1)}; an official checkpoint "
+                          "holds only tensors, plain containers and the run's argparse.Namespace, and nothing "
+                          "else is unpickled") from None
     if isinstance(obj, dict) and "adapter_params" in obj:
         raise FormatError(f"{path}: a checkpoint of this project's main_finetune.py, not of the official code: "
                           "extract it with extract_adapter_from_checkpoint.py --checkpoint PATH")
@@ -254,6 +256,9 @@ def build_config(blocks: dict[int, Block], args: Optional[dict[str, Any]],
                "max_threshold": params["type_router"] == "sparse"}
     notes = [f"--{n} {MoAConfig.__dataclass_fields__[n].default} (our default: neither the tensors, the run's "
              "args nor --flags say)" for n in _DEFAULTED if n not in params and matters[n]]
+    if params["type_router"] == "soft" and "type_router" not in flags:
+        notes.append("--type_router soft (a run of the official LLaMA3_soft_moa_instance folder has the same "
+                     "tensors: import it with --flags \"--type_router instance\")")
     return MoAConfig(**params), notes
 
 
@@ -334,6 +339,10 @@ class _Source:
         if all(t is not None for t in ts):
             self.out[key] = torch.stack(ts)
 
+    def drop(self, i: int, prefix: str) -> None:
+        """Mark the official tensors `layers.i.prefix*` as knowingly not converted."""
+        self.used.update((i, n) for n in self.blocks.get(i, {}) if n.startswith(prefix))
+
     def left_over(self) -> list[str]:
         return sorted(f"layers.{i}.{n}" for i, b in self.blocks.items() for n in b
                       if (i, n) not in self.used and not n.startswith("adapter_noise_linear."))
@@ -398,6 +407,9 @@ def _type_router(src: _Source, i: int, router: torch.nn.Module) -> None:
         for group in router.gates:
             for p in ("weight", "bias"):
                 src.put(f"{q}gates.{group}.{p}", i, f"{'lora' if group == 'lora' else 'prompt'}_gate.{p}")
+        for gate, groups in (("lora_gate", {"lora"}), ("prompt_gate", {"prompt", "p_adapter"})):
+            if not groups & set(router.gates):  # the official keeps both gates; a block without those types
+                src.drop(i, gate + ".")       # never reads this one
         return
     order = [s for s in OFFICIAL_TYPE_ORDER if s in router.slots]
     perm = torch.tensor([order.index(s) for s in router.slots])  # our row j <- official row perm[j]
