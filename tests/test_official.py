@@ -13,7 +13,6 @@ import math
 import pathlib
 import subprocess
 import sys
-from typing import Optional
 
 import pytest
 import torch
@@ -175,7 +174,8 @@ def lora_delta(off: dict, q: str, z: torch.Tensor, case: dict) -> torch.Tensor:
     w = expert_weights(off, q, z, case)
     out = 0
     for j in range(e):
-        a = {"molora": f"{q}.lora_A_l.{j}.weight", "hydra": f"{q}.lora_A.weight"}.get(kind, f"{q}.experts.{j}.lora_A.weight")
+        a = {"molora": f"{q}.lora_A_l.{j}.weight", "hydra": f"{q}.lora_A.weight"}.get(
+            kind, f"{q}.experts.{j}.lora_A.weight")
         b = f"{q}.lora_B_l.{j}.weight" if kind in ("molora", "hydra") else f"{q}.experts.{j}.lora_B.weight"
         out = out + w[..., j:j + 1] * (z @ off[a].T @ off[b].T)
     return out * scale
@@ -419,7 +419,8 @@ def test_noise_layers_are_converted_and_the_instance_note_is_given(tmp_path):
     import_official(tmp_path / "a.pth", tmp_path / "out", flags="--lora_alpha 16", log=lambda s: None)
     cfg = MoAConfig.from_json(str(tmp_path / "out" / "adapter_params.json"))
     assert cfg.noisy_router and cfg.expert_router == "adamole"
-    assert "layers.0.attention.wq.router.noise.weight" in torch.load(tmp_path / "out" / "adapter.pth", weights_only=True)
+    converted = torch.load(tmp_path / "out" / "adapter.pth", weights_only=True)
+    assert "layers.0.attention.wq.router.noise.weight" in converted
     torch.save(build_official(CASES["soft_moa_linear"]), tmp_path / "s.pth")
     notes: list[str] = []
     import_official(tmp_path / "s.pth", tmp_path / "out2", flags="--lora_alpha 16", log=notes.append)
