@@ -395,6 +395,24 @@ def test_one_of_ours_says_use_load_adapter(tmp_path):
     save_adapter(model, tmp_path / "ours" / "adapter.pth")
     with pytest.raises(FormatError, match=r"already in this project's format .*moa\.load_adapter"):
         import_official(tmp_path / "ours" / "adapter.pth", tmp_path / "out", log=lambda s: None)
+    ckpt = tmp_path / "checkpoint-0.pth"
+    torch.save({"model": {}, "optimizer": {}, "adapter_params": {"lora_layers": "0-2"}}, ckpt)
+    with pytest.raises(FormatError, match=r"this project's main_finetune\.py.*extract_adapter_from_checkpoint"):
+        import_official(ckpt, tmp_path / "out", log=lambda s: None)
+
+
+def test_checkpoint_is_read_mapped_and_weights_only(tmp_path, monkeypatch):
+    calls: list[dict] = []
+    real = torch.load
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    torch.save({"model": build_official(CASES["lora"]), "args": run_args(CASES["lora"])}, tmp_path / "c.pth")
+    import_official(tmp_path / "c.pth", tmp_path / "out", log=lambda s: None)
+    assert calls[0]["weights_only"] is True and calls[0]["mmap"] is True
 
 
 def test_flags_that_do_not_fit_name_the_tensors(tmp_path):

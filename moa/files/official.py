@@ -91,7 +91,8 @@ def load_official(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[d
             raise FormatError(f"{path}: not a torch checkpoint file (torch.load cannot read it)") from None
         raise FormatError(f"{path}: holds a Python object of class {found.group(1)}; an official checkpoint "
                           "holds only tensors, plain containers and the run's argparse.Namespace, and nothing "
-                          "else is unpickled") from None
+                          "else is unpickled; convert the adapter tensors alone (the official extract script's "
+                          "adapter.pth) with --flags") from None
     if isinstance(obj, dict) and "adapter_params" in obj:
         raise FormatError(f"{path}: a checkpoint of this project's main_finetune.py, not of the official code: "
                           "extract it with extract_adapter_from_checkpoint.py --checkpoint PATH")
