@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -26,7 +25,7 @@ import torch
 from llama import hf
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import SentencePiece, load_tokenizer
-from llama.torchfile import load_torch_file
+from llama.torchfile import load_torch_file, new_temp_dir
 
 # How Meta's model parallelism splits each weight (fairscale layers in Meta's reference model):
 # ColumnParallelLinear splits output rows (dim 0), RowParallelLinear and ParallelEmbedding split
@@ -254,7 +253,7 @@ def save_model_dir(out_dir: str | os.PathLike, params: Mapping, state_dict: Mapp
         parent = parent.parent
     for d in reversed(created):
         d.mkdir()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = new_temp_dir(out_dir)
     try:
         (tmp / "params.json").write_text(json.dumps(dict(params), indent=2) + "\n")
         torch.save(dict(state_dict), tmp / "consolidated.00.pth")

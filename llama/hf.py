@@ -19,13 +19,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 import torch
 
 from llama.model import ModelArgs, Transformer
+from llama.torchfile import new_temp_dir
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -457,7 +457,7 @@ def save_hf_dir(out_dir: str | os.PathLike, config: Mapping, tensors: Mapping[st
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = new_temp_dir(out_dir)
     try:
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2) + "\n")
         _write_weights(tmp, tensors, max_bytes)

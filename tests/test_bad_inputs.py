@@ -248,7 +248,7 @@ def test_crafted_pickles_in_adapter_and_selector_files_are_one_line(tiny_model_d
 
 # ---- 8: file modes, fsync'd renames, the adapter pair all-or-none ------------------------------------------
 
-def test_written_files_honour_the_umask(adapter, tmp_path):
+def test_written_files_honour_the_umask(tiny_model_dir, adapter, tmp_path):
     before = os.umask(0o002)
     try:
         atomic_write_text(tmp_path / "t.txt", "x")
@@ -260,6 +260,11 @@ def test_written_files_honour_the_umask(adapter, tmp_path):
                "--out", out, umask=0o022)
     assert proc.returncode == 0, proc.stderr
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.parent.iterdir()} == {0o644}
+    merged = tmp_path / "merged"
+    proc = run("scripts/lora_tools.py", "merge", "--base", tiny_model_dir, "--adapter", adapter, "--out", merged,
+               umask=0o027)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o750  # a model folder: mkdir's mode, not mkdtemp's 0700
 
 
 _KILL_AT_SECOND_RENAME = """

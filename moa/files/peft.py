@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama.model import ModelArgs
+from llama.torchfile import new_temp_dir
 from moa.lora.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape
 from moa.files.adapters import write_adapter_files
 from moa.method.config import LORA_TARGETS, MoAConfig
@@ -118,7 +118,7 @@ def export_peft(adapter: str | os.PathLike, out_dir: str | os.PathLike, base_par
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: remove it or choose another output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = new_temp_dir(out_dir)
     try:
         save_file(to_peft_state(cfg, state, args), str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
