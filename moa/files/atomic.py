@@ -5,6 +5,7 @@ Pure Python (no torch), so that scoring and table tools can use it anywhere.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -75,6 +76,9 @@ def _fsync(path: str, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not directory or e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise  # some file systems (network, FUSE) cannot fsync a folder: the rename still happened
     finally:
         os.close(fd)
 
