@@ -35,15 +35,24 @@ class _Evil:
         return (os.system, ("echo should never run",))
 
 
-def run(script: str, *args: object, umask: int | None = None) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` from the repository root, one thread."""
+def start(script: str, *args: object, umask: int | None = None) -> subprocess.Popen:
+    """Start `python SCRIPT ARGS` from the repository root, one thread."""
     def set_umask() -> None:
         if umask is not None:
             os.umask(umask)
 
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          preexec_fn=set_umask)
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=set_umask,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(script: str, *args: object, umask: int | None = None) -> subprocess.CompletedProcess:
+    return finish(start(script, *args, umask=umask))
 
 
 def one_line_error(proc: subprocess.CompletedProcess, status: int, *names: object) -> str:
@@ -119,16 +128,21 @@ def test_outputs_under_a_file_are_refused_before_loading(tiny_model_dir, data, a
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     t0 = time.perf_counter()
-    one_line_error(generate(tiny_model_dir, data, afile / "pred.jsonl"), 1, "--save_path", afile)
-    one_line_error(run("evaluate_loss.py", "--ckpt_dir", tiny_model_dir, "--data_path", data, "--save_path",
-                       afile / "loss.jsonl"), 2, "--save_path", afile)
-    one_line_error(run("main_finetune.py", "--llama_path", tiny_model_dir, "--data_path", data,
-                       "--output_dir", afile / "out"), 2, "--output_dir", afile)
-    one_line_error(run("scripts/lora_tools.py", "combine", "--adapters", adapter, "--weights", 1, "--method", "cat",
-                       "--out", afile / "c" / "adapter.pth"), 1, "--out", afile)
-    one_line_error(run("scripts/registry.py", "add", "--registry", afile / "reg.json", "--domain", "d", "--task",
-                       "t", "--adapter", adapter, "--data", data), 2, "--registry", afile)
-    one_line_error(run("scripts/import_gguf.py", "--out", afile / "m"), 1, "--out", afile)
+    cases = [  # started together: each is mostly the interpreter's start-up
+        (start("example.py", "--ckpt_dir", tiny_model_dir, "--data_path", data, "--save_path", afile / "pred.jsonl"),
+         1, "--save_path"),
+        (start("evaluate_loss.py", "--ckpt_dir", tiny_model_dir, "--data_path", data, "--save_path",
+               afile / "loss.jsonl"), 2, "--save_path"),
+        (start("main_finetune.py", "--llama_path", tiny_model_dir, "--data_path", data, "--output_dir",
+               afile / "out"), 2, "--output_dir"),
+        (start("scripts/lora_tools.py", "combine", "--adapters", adapter, "--weights", 1, "--method", "cat",
+               "--out", afile / "c" / "adapter.pth"), 1, "--out"),
+        (start("scripts/registry.py", "add", "--registry", afile / "reg.json", "--domain", "d", "--task", "t",
+               "--adapter", adapter, "--data", data), 2, "--registry"),
+        (start("scripts/import_gguf.py", "--out", afile / "m"), 1, "--out"),
+    ]
+    for proc, status, flag in cases:
+        one_line_error(finish(proc), status, flag, afile, "is a file, not a folder")
     print(f"six refusals in {time.perf_counter() - t0:.1f} s")
     assert afile.read_text() == "not a folder"
 
