@@ -167,7 +167,7 @@ def test_training_output_dir_guard_resume_trims_log_overwrite_replaces(tiny_dir,
     assert proc.returncode != 0 and "checkpoint-0.pth, checkpoint-1.pth" in proc.stderr and "--resume" in proc.stderr
     proc = run(train_cmd(tiny_dir, data, out, "--seed", "1", "--resume", str(out / "checkpoint-0.pth")))
     assert proc.returncode != 0 and "seed 0 -> 1" in proc.stderr
-    with OutputLock(out, out / "train.lock"):
+    with OutputLock(out):
         proc = run(train_cmd(tiny_dir, data, out, "--resume", str(out / "checkpoint-0.pth")))
     assert proc.returncode != 0 and f"another run (pid {os.getpid()}) is writing {out}" in proc.stderr
     assert run(train_cmd(tiny_dir, data, out, "--resume", str(out / "checkpoint-0.pth"))).returncode == 0

@@ -1,10 +1,11 @@
 """The training output folder (--output_dir): one run at a time, and never another run's files.
 
-- `train.lock` inside it: an exclusive lock (moa/files/lock.py) held by rank 0 for the whole run; a
-  second training into the same folder stops at once ("another run (pid N) is writing OUT").
+- `OUT.lock` beside it: an exclusive lock (moa/files/lock.py) taken by rank 0 before the model loads
+  and held for the whole run; a second training into the same folder stops at once ("another run
+  (pid N) is writing OUT").
 - `train_settings.json`: the settings that decide the results (the flags below with absolute paths,
   the content identity of the training data and the base model, the adapter flags, the world size),
-  written when a run claims the folder. A run into a folder that holds `checkpoint-*.pth` or
+  written when the folder is created (after every input has been checked). A run into a folder that holds `checkpoint-*.pth` or
   `log.txt` proceeds only when the folder's settings equal its own and, when checkpoints exist, it
   resumes (--resume); `--overwrite True` deletes the old run's files and starts over. A folder with
   such files but no settings file (another program's run, or an older version's) is refused unless
@@ -27,21 +28,20 @@ from moa.files.settings import data_identity, jsonable, model_identity, settings
 
 SETTINGS_FILE = "train_settings.json"
 LOG_FILE = "log.txt"
-LOCK_FILE = "train.lock"
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d+\.pth")
 # Flags that decide the trained adapters (besides the adapter flags), compared on --resume too.
 RESULT_FLAGS = ("keep_test_overlap", "max_seq_len", "batch_size", "accum_iter", "epochs", "warmup_epochs", "blr",
                 "lr", "min_lr", "weight_decay", "w_bias", "bf16", "seed")
 
 
-def train_settings(args: dict[str, Any], adapter_params: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """What decides a training run's results: RESULT_FLAGS from `args` (the command line as a dict),
+def train_settings(flags: dict[str, Any], adapter_params: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """What decides a training run's results: RESULT_FLAGS from `flags` (the training flags as a dict),
     the base model and data (paths and content identity), the test-overlap root, the adapter flags
     and the number of processes."""
-    settings = {k: args.get(k) for k in RESULT_FLAGS}
-    settings.update(llama_path=os.path.abspath(args["llama_path"]), **data_identity(args["data_path"]),
-                    model_files=model_identity(args["llama_path"])["model_files"],
-                    data_root=os.path.abspath(args["data_root"]), adapter_params=adapter_params,
+    settings = {k: flags.get(k) for k in RESULT_FLAGS}
+    settings.update(llama_path=os.path.abspath(flags["llama_path"]), **data_identity(flags["data_path"]),
+                    model_files=model_identity(flags["llama_path"])["model_files"],
+                    data_root=os.path.abspath(flags["data_root"]), adapter_params=adapter_params,
                     world_size=world_size)
     return jsonable(settings)
 
@@ -100,15 +100,21 @@ def check_folder(output_dir: str, settings: dict[str, Any], resume: str) -> None
 
 def claim_output_dir(lock: OutputLock, output_dir: str, settings: dict[str, Any], resume: str,
                      overwrite: bool) -> None:
-    """Create `output_dir`, take its lock (kept until `lock.release()`), check that this run may write
-    there (or, with `overwrite`, delete the old run's files) and record its settings."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Take the lock of `output_dir` (kept until `lock.release()`) and, unless `overwrite`, check that
+    this run may write there. Creates nothing but the lock file."""
     lock.acquire()
-    if overwrite:
-        _remove_run(output_dir)
-    else:
+    if not overwrite:
         check_folder(output_dir, settings, resume)
+
+
+def record_run(output_dir: str, settings: dict[str, Any], overwrite: bool, step: int) -> None:
+    """Once every input has been checked: delete an old run's files (`overwrite`), create the folder,
+    record this run's settings and cut log.txt to the records up to `step` (where training starts)."""
+    if overwrite and os.path.isdir(output_dir):
+        _remove_run(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
     atomic_write_json(os.path.join(output_dir, SETTINGS_FILE), settings)
+    trim_log(output_dir, step)
 
 
 def check_resume_args(path: str, saved: dict[str, Any], args: dict[str, Any]) -> None:

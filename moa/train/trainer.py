@@ -10,6 +10,7 @@ micro-batches and processes. Logits exist only at label positions, a chunk of ro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -36,7 +37,7 @@ from moa.method.config import MoAConfig
 from moa.method.inject import MoABlock, adapter_names, attach_adapters
 from moa.train.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
 from moa.files.lock import OutputLock
-from moa.train.run_dir import LOCK_FILE, claim_output_dir, train_settings, trim_log
+from moa.train.run_dir import claim_output_dir, record_run, train_settings
 from moa.train.data import InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
 # The loss and the process-group names are also importable from here, where they used to live.
 from moa.train.distributed import DistEnv, init_distributed, on_rank0, wrap_ddp  # noqa: F401
@@ -181,12 +182,12 @@ def finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any]) -> dict
     if cfg.resume and not os.path.isfile(cfg.resume):
         raise FileNotFoundError(f"--resume {cfg.resume}: checkpoint file not found")
     env = init_distributed(cfg.device)
-    lock = OutputLock(cfg.output_dir, os.path.join(cfg.output_dir, LOCK_FILE))  # rank 0's, for the whole run
+    lock = OutputLock(cfg.output_dir)  # rank 0's, for the whole run
     try:
-        settings = train_settings(args, moa_cfg.to_dict(), env.world_size)
+        settings = train_settings(dataclasses.asdict(cfg), moa_cfg.to_dict(), env.world_size)
         on_rank0(lambda: claim_output_dir(lock, cfg.output_dir, settings, cfg.resume, cfg.overwrite),
                  env.rank, env.world_size)
-        return _finetune(cfg, moa_cfg, args, rows, env)
+        return _finetune(cfg, moa_cfg, args, rows, env, settings)
     finally:
         lock.release()
         if dist.is_initialized():
@@ -208,17 +209,17 @@ class _Run:
 
 
 def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: list[dict],
-              env: DistEnv) -> dict[str, Any]:
+              env: DistEnv, settings: dict[str, Any]) -> dict[str, Any]:
     say: Say = print if env.is_main else (lambda *a, **k: None)
     rows = _drop_test_overlap(rows, cfg, say)
     seed_everything(cfg.seed + env.rank)
     model, tokenizer, base_trained = _build_model(cfg, moa_cfg, env, say)
     sampler, loader = _make_loader(rows, tokenizer, cfg, env, say)
-    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say, args)
+    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say, dataclasses.asdict(cfg))
     _report(model, cfg, env, len(sampler.dataset), run.peak_lr, -(-len(loader) // cfg.accum_iter), say)
 
     if env.is_main:
-        trim_log(cfg.output_dir, run.step)  # a resumed run never repeats the steps after its checkpoint
+        record_run(cfg.output_dir, settings, cfg.overwrite, run.step)  # log.txt: no step twice after a resume
     module = wrap_ddp(CausalLMLoss(model), env, moa_cfg.has_unused_params)
     summary: dict[str, Any] = {"epochs": [], "last_loss": float("nan"), "steps": run.step}
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -349,7 +350,7 @@ def _make_loader(rows: list[dict], tokenizer: Tokenizer, cfg: TrainConfig, env: 
 
 
 def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_trained: list[str],
-              batches_per_epoch: int, env: DistEnv, say: Say, args: dict[str, Any]) -> _Run:
+              batches_per_epoch: int, env: DistEnv, say: Say, flags: dict[str, Any]) -> _Run:
     """AdamW and its schedule at --start_epoch, or where the --resume checkpoint left off."""
     peak_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, env.world_size, cfg.lr)
     optimizer = make_adamw(model, peak_lr, cfg.weight_decay)
@@ -358,7 +359,7 @@ def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_tra
     start_epoch, step = cfg.start_epoch, cfg.start_epoch * steps_per_epoch
     if cfg.resume:
         start_epoch, step = resume_training(cfg.resume, model, base_trained, optimizer, schedule, moa_cfg,
-                                            env.rank, env.world_size, say, args)
+                                            env.rank, env.world_size, say, flags)
     if start_epoch >= cfg.epochs:
         raise ValueError(f"--epochs {cfg.epochs}: training would start at epoch {start_epoch}, nothing to do")
     return _Run(optimizer, schedule, peak_lr, base_trained, start_epoch, step,
