@@ -324,3 +324,11 @@ def test_tensors_of_another_write_are_refused_and_older_pairs_without_hashes_loa
     params.pop("files")
     params_path.write_text(json.dumps(params))
     assert read_adapter_files(adapter).state.keys() == read_adapter_files(other).state.keys()
+
+
+def test_every_model_args_field_has_a_params_rule():
+    import dataclasses
+
+    from llama.model import _PARAM_RULES, ModelArgs
+
+    assert {f.name for f in dataclasses.fields(ModelArgs)} == set(_PARAM_RULES)
