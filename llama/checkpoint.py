@@ -223,7 +223,7 @@ def stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
     """The dtype in which a base-model directory (Meta or Hugging Face) stores its floating-point weights."""
     if hf.is_hf_dir(model_dir):
         return hf.stored_dtype(model_dir)
-    sd = torch.load(shard_paths(model_dir)[0], map_location="cpu", mmap=True, weights_only=True)
+    sd = load_shard(shard_paths(model_dir)[0])
     return next(t.dtype for t in sd.values() if t.is_floating_point())
 
 
