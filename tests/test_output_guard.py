@@ -190,3 +190,11 @@ def test_registry_edit_while_another_holds_it_stops_at_once(tmp_path):
                     "--task", "t", "--adapter", str(tmp_path / "a.pth"), "--data", str(tmp_path / "d.json")])
     assert proc.returncode != 0 and f"another run (pid {os.getpid()}) is writing {registry}" in proc.stderr
     assert not registry.exists()
+
+
+def test_train_selector_while_another_writes_its_file_stops_at_once(tmp_path):
+    out = tmp_path / "selector.pt"
+    with OutputLock(out):
+        proc = run([sys.executable, "scripts/train_selector.py", "--adapter_registry", str(tmp_path / "none.json"),
+                    "--ckpt_dir", str(tmp_path), "--out", str(out)])
+    assert proc.returncode != 0 and f"another run (pid {os.getpid()}) is writing {out}" in proc.stderr

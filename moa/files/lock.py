@@ -46,7 +46,7 @@ class OutputLock:
         self.path = os.fspath(path) if path is not None else lock_path(output)
         self.fd: Optional[int] = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> None:
         """Take the lock, or raise OutputLocked naming the holder's pid and the output."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         while self.fd is None:
@@ -63,7 +63,6 @@ class OutputLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
             self.fd = fd
-        return self
 
     def release(self) -> None:
         """Remove the lock file and let go of the lock (nothing when not held)."""
@@ -75,7 +74,8 @@ class OutputLock:
         self.fd = None
 
     def __enter__(self) -> "OutputLock":
-        return self.acquire()
+        self.acquire()
+        return self
 
     def __exit__(self, kind: Optional[type], value: Optional[BaseException], tb: Optional[TracebackType]) -> None:
         self.release()

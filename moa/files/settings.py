@@ -81,8 +81,21 @@ def jsonable(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys ({"a": {"b": 1}} -> {"a.b": 1})."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """"key old -> new" for every key whose value differs between two settings dicts (sorted)."""
+    """"key old -> new" for every (dotted, for nested dicts) key whose value differs between two
+    settings dicts, sorted."""
+    old, new = flatten(old), flatten(new)
     keys = sorted(set(old) | set(new))
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
