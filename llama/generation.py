@@ -33,8 +33,13 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
     return idx.gather(-1, choice).squeeze(-1)
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Run the left-padded prompts (B, T) through the model into the cache; logits (B, vocab) of the last slot."""
+# Decode steps between two checks of "every row has stopped" (each check waits for the device).
+DONE_CHECK_EVERY = 8
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Run the left-padded prompts (B, T) through the model into the cache; logits (B, vocab) of the last slot.
+    token_mask (B, T) bool, True at real tokens; None when no row is padded (decode then needs no mask)."""
     h = model.hidden_states(tokens, 0, token_mask)[:, -1]
     return model.output(h).float()
 
@@ -104,16 +109,15 @@ def generate(
 def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float,
                    top_p: float, stop_tokens: list[int], generator: Optional[torch.Generator],
                    callback: Optional[Callable[[int, torch.Tensor], None]]) -> tuple[torch.Tensor, int]:
-    """Prefill then decode into the model's (fitting) KV cache -> (new tokens (B, max_gen_len), steps run)."""
+    """Prefill then decode into the model's (fitting) KV cache -> (new tokens (B, max_gen_len), steps run).
+
+    Whether every row has stopped is read back every `DONE_CHECK_EVERY` steps only (no host sync in
+    between), so up to that many steps may run past the last stop; `generate` cuts them off."""
     bsz, max_prompt = len(prompt_tokens), max(map(len, prompt_tokens))
     device = model.tok_embeddings.weight.device
     model.cache_valid.zero_()
 
-    tokens = torch.zeros(bsz, max_prompt, dtype=torch.long, device=device)
-    token_mask = torch.zeros(bsz, max_prompt, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompt_tokens):
-        tokens[i, max_prompt - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-        token_mask[i, max_prompt - len(p):] = True
+    tokens, token_mask = _left_padded(prompt_tokens, device)
 
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
@@ -127,7 +131,20 @@ def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_l
         if callback is not None:
             callback(step, next_token)
         done |= torch.isin(next_token, stop)
-        if bool(done.all()) or step + 1 == max_gen_len:
+        if step + 1 == max_gen_len or ((step + 1) % DONE_CHECK_EVERY == 0 and bool(done.all())):
             break
         logits = decode_one(model, next_token, max_prompt + step)
     return out, n_steps
+
+
+def _left_padded(prompt_tokens: list[list[int]], device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Prompts -> tokens (B, T_max) int64 left-padded with 0, and the (B, T_max) bool mask of real
+    tokens (None when every prompt has T_max tokens)."""
+    bsz, max_prompt = len(prompt_tokens), max(map(len, prompt_tokens))
+    tokens = torch.zeros(bsz, max_prompt, dtype=torch.long, device=device)
+    token_mask = torch.zeros(bsz, max_prompt, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompt_tokens):
+        tokens[i, max_prompt - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        token_mask[i, max_prompt - len(p):] = True
+    padded = any(len(p) < max_prompt for p in prompt_tokens)
+    return tokens, token_mask if padded else None

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -82,7 +85,7 @@ class ModelArgs:
     attn_head_dim: Optional[int] = None  # per-head width when not dim / n_heads (Qwen3: 128 at any dim)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (weights (head_dim,)) before RoPE
     max_seq_len: int = 2048
-    attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional package, causal unpadded calls only)
+    attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional; padded batches use its varlen kernel)
 
     @classmethod
     def from_params(cls, **params) -> "ModelArgs":
@@ -204,6 +207,8 @@ class ForwardMeta:
         attention over this chunk (no cache, no padding).
     token_mask: (B, T) bool, True at real tokens; None when every token is real.
     start_pos: the KV-cache slot of the chunk's first token.
+    is_causal: with attn_mask None, whether attention is causal (False for a one-token decode step
+        that reads every cached slot).
     """
 
     start_pos: int
@@ -211,6 +216,60 @@ class ForwardMeta:
     sin: torch.Tensor
     attn_mask: Optional[torch.Tensor]
     token_mask: Optional[torch.Tensor]
+    is_causal: bool = True
+    _varlen: Optional["VarlenIndex"] = None
+
+    def varlen_index(self) -> "VarlenIndex":
+        """Where the real tokens of this padded chunk sit (computed once per forward, on first use)."""
+        if self._varlen is None:
+            self._varlen = varlen_index(self.token_mask)
+        return self._varlen
+
+
+@dataclass
+class VarlenIndex:
+    """The real tokens of a padded batch packed row after row, as flash-attn's varlen kernels read them.
+
+    indices: (N,) int64 flat positions in the B*T slots of the N real tokens, in row-major order.
+    cu_seqlens: (B+1,) int32 cumulative real-token counts: row b is packed[cu_seqlens[b]:cu_seqlens[b+1]].
+    max_seqlen: the largest real-token count of a row (a host int).
+    """
+
+    indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def varlen_index(token_mask: torch.Tensor) -> VarlenIndex:
+    """token_mask (B, T) bool, True at real tokens -> their `VarlenIndex` (one host sync: max_seqlen)."""
+    seqlens = token_mask.sum(1, dtype=torch.int32)  # (B,)
+    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+    indices = token_mask.reshape(-1).nonzero().squeeze(1)
+    return VarlenIndex(indices, cu_seqlens, int(seqlens.max()))
+
+
+def pack_rows(x: torch.Tensor, idx: VarlenIndex) -> torch.Tensor:
+    """x (B, T, ...) -> (N, ...): the real tokens only, row after row."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, idx.indices)
+
+
+def unpack_rows(packed: torch.Tensor, idx: VarlenIndex, bsz: int, seqlen: int) -> torch.Tensor:
+    """packed (N, ...) -> (B, T, ...), zeros at the pad slots (inverse of `pack_rows`)."""
+    out = packed.new_zeros(bsz * seqlen, *packed.shape[1:])
+    return out.index_copy(0, idx.indices, packed).view(bsz, seqlen, *packed.shape[1:])
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attn_module():
+    """The flash_attn package when it can be imported (one already in `sys.modules` counts), else None."""
+    module = sys.modules.get("flash_attn")
+    if module is None and _flash_attn_installed():
+        import flash_attn as module  # optional dependency, imported only when asked for
+    return module
 
 
 class KVCache(nn.Module):
@@ -271,16 +330,28 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         """Softmax attention of q (B, H, T, hd) over k, v (B, KV, S, hd) -> (B, T, H*hd)."""
-        if self.attn_impl == "flash_attn" and meta.attn_mask is None:
-            from flash_attn import flash_attn_func  # optional dependency, imported only when asked for
-
-            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        flash = flash_attn_module() if self.attn_impl == "flash_attn" else None
+        if flash is not None and meta.attn_mask is None and meta.is_causal:
+            out = flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        elif flash is not None and self.cache is None and meta.token_mask is not None:
+            return self._flash_varlen(flash, q, k, v, meta)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=meta.attn_mask, is_causal=meta.attn_mask is None,
+                q, k, v, attn_mask=meta.attn_mask, is_causal=meta.attn_mask is None and meta.is_causal,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             ).transpose(1, 2)
         return out.flatten(2)
+
+    def _flash_varlen(self, flash, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      meta: ForwardMeta) -> torch.Tensor:
+        """Causal attention of a padded batch without a cache through flash-attn's varlen kernel:
+        q (B, H, T, hd), k, v (B, KV, T, hd) -> (B, T, H*hd), zeros at the pad slots."""
+        idx = meta.varlen_index()
+        bsz, _, seqlen, _ = q.shape
+        pq, pk, pv = (pack_rows(t.transpose(1, 2), idx) for t in (q, k, v))  # (N, H|KV, hd)
+        out = flash.flash_attn_varlen_func(pq, pk, pv, idx.cu_seqlens, idx.cu_seqlens, idx.max_seqlen,
+                                           idx.max_seqlen, causal=True)
+        return unpack_rows(out, idx, bsz, seqlen).flatten(2)
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         q, k, v = self.qkv(x, meta)
@@ -325,6 +396,7 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # recompute each block in backward (training memory)
         self.cache_valid: Optional[torch.Tensor] = None  # (B, S) bool: which cache slots hold real tokens
         self._inv_freq: Optional[torch.Tensor] = None
+        self._cache_padded = True  # whether a cache slot before the newest may hold a pad (host flag)
 
     # ---- KV cache -------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
@@ -376,6 +448,10 @@ class Transformer(nn.Module):
             cache_bsz, cache_len = self.cache_valid.shape
             if bsz > cache_bsz or end > cache_len:
                 raise ValueError(f"batch {bsz} x {end} tokens does not fit the KV cache {cache_bsz} x {cache_len}")
+            if start_pos == 0 or token_mask is not None:
+                self._cache_padded = start_pos > 0 or token_mask is not None
+            if seqlen == 1 and token_mask is None:
+                return self._decode_meta(bsz, start_pos)
             valid = self.cache_valid[:bsz]
             valid[:, start_pos:end] = True if token_mask is None else token_mask
             # Position of each new token = number of real tokens before it in its row.
@@ -391,6 +467,22 @@ class Transformer(nn.Module):
 
         angles = positions[..., None].float() * self._inv_freq  # (B, T, hd/2)
         return ForwardMeta(start_pos, angles.cos(), angles.sin(), attn_mask, token_mask)
+
+    def _decode_meta(self, bsz: int, start_pos: int) -> ForwardMeta:
+        """The metadata of a one-token decode step at cache slot `start_pos`, rows all real: no mask
+        built. The token reads every slot up to itself that holds a real token, which is all of
+        them unless the prompts were padded (`_cache_padded`, a host flag set at prefill); its
+        position is the number of real tokens before it."""
+        valid = self.cache_valid[:bsz, :start_pos + 1]
+        valid[:, start_pos] = True
+        if self._cache_padded:
+            attn_mask = valid[:, None, None, :]  # (B, 1, 1, S): a view of the cache's own flags
+            positions = valid.sum(1, keepdim=True) - 1  # (B, 1)
+        else:
+            attn_mask = None
+            positions = torch.full((bsz, 1), start_pos, dtype=torch.long, device=valid.device)
+        angles = positions[..., None].float() * self._inv_freq  # (B, 1, hd/2)
+        return ForwardMeta(start_pos, angles.cos(), angles.sin(), attn_mask, None, is_causal=False)
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0,
                       token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

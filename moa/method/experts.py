@@ -45,11 +45,19 @@ def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Opt
     weight = row_mask = None
     if route is not None:
         if route.weight is not None:
-            weight = route.weight.expand(*lead, 1).reshape(-1, 1)  # (N, 1)
+            weight = route.weight
+            if weight.shape[:-1] != lead:
+                weight = weight.expand(*lead, 1)
+            weight = weight.reshape(-1, 1)  # (N, 1)
         if route.token_mask is not None:
             row_mask = route.token_mask.reshape(-1)
     delta = delta_fn(z.reshape(-1, z.shape[-1]), row_mask, weight)  # (N, d_out)
-    return out.add_(delta.view(out.shape).to(out.dtype))
+    return out.add_(_as_dtype(delta.view(out.shape), out.dtype))
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` (t itself when it already is: no dispatch on the decode path)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _uniform_(t: torch.Tensor, bound: float) -> None:
@@ -104,11 +112,11 @@ class LoRALinear(nn.Module):
     def delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z (n, in) -> LoRA output (n, out) in the adapter dtype, times weight (n, 1) if given."""
-        z = z.to(self.lora_A.dtype)
-        coef = self.scale if weight is None else weight.to(z.dtype) * self.scale  # scalar or (n, 1)
+        z = _as_dtype(z, self.lora_A.dtype)
+        coef = self.scale if weight is None else _as_dtype(weight, z.dtype) * self.scale  # scalar or (n, 1)
         if self.mixture == "lora":
             # Weight the rank-r intermediate, not the (n, out) result: r << out.
-            return (z @ self.lora_A.t() * coef) @ self.lora_B.t()
+            return F.linear(F.linear(z, self.lora_A) * coef, self.lora_B)
         p = self.router(z, row_mask) * coef  # (n, E)
         if self.mixture == "hydra":
             h = (z @ self.lora_A.t())[:, None, :]  # (n, 1, r), shared A
@@ -213,19 +221,39 @@ class PromptExpert(nn.Module):
         if self.router is not None:
             self.router.reset_parameters()
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, wk: nn.Module, wv: nn.Module) -> torch.Tensor:
-        """x (B, T, dim) attention input, q (B, H, T, hd) RoPE'd queries -> (B, T, H*hd) in q's dtype,
-        already multiplied by the gate and the route weight (add it before `wo`)."""
-        bsz, _, seqlen, hd = q.shape
+    def prompt_kv(self, wk: nn.Module, wv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt vectors through the frozen wk, wv -> keys, values (E, H, L, hd) in the adapter dtype."""
         e, plen, kv = self.n_experts, self.prompt_len, self.n_kv_heads
+        hd = wk.weight.shape[0] // kv  # the attention's head width
         dtype = self.vectors.dtype
         prompts = self.vectors.reshape(e * plen, self.dim).to(wk.weight.dtype)
         # The frozen projections only (a LoRA on wk/wv does not apply to the prompt).
         k = F.linear(prompts, wk.weight, wk.bias).to(dtype).view(e, plen, kv, hd).permute(0, 2, 1, 3)
         v = F.linear(prompts, wv.weight, wv.bias).to(dtype).view(e, plen, kv, hd).permute(0, 2, 1, 3)
         # (E, KV, L, hd) -> (E, H, L, hd): query head h reads kv head h // (H / KV), as SDPA's GQA.
-        k = k.repeat_interleave(self.n_heads // kv, dim=1)
-        v = v.repeat_interleave(self.n_heads // kv, dim=1)
+        return k.repeat_interleave(self.n_heads // kv, dim=1), v.repeat_interleave(self.n_heads // kv, dim=1)
+
+    def _cached_prompt_kv(self, wk: nn.Module, wv: nn.Module, cache: Optional[dict[str, torch.Tensor]],
+                          start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prompt_kv`, computed at prefill (start_pos 0) and kept in the KV cache's `extra` for the
+        decode steps of that generation (the adapters do not change within one)."""
+        if cache is None:
+            return self.prompt_kv(wk, wv)
+        if start_pos > 0 and "prompt_k" in cache:
+            return cache["prompt_k"], cache["prompt_v"]
+        k, v = self.prompt_kv(wk, wv)
+        cache["prompt_k"], cache["prompt_v"] = k.detach(), v.detach()
+        return k, v
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, wk: nn.Module, wv: nn.Module,
+                cache: Optional[dict[str, torch.Tensor]] = None, start_pos: int = 0) -> torch.Tensor:
+        """x (B, T, dim) attention input, q (B, H, T, hd) RoPE'd queries -> (B, T, H*hd) in q's dtype,
+        already multiplied by the gate and the route weight (add it before `wo`).
+        cache: the block's KV cache `extra` during generation (the prompt keys/values kept there)."""
+        bsz, _, seqlen, hd = q.shape
+        e = self.n_experts
+        dtype = self.vectors.dtype
+        k, v = self._cached_prompt_kv(wk, wv, cache, start_pos)
         scores = torch.einsum("bhtd,ehld->bhtel", q.to(dtype), k) / math.sqrt(hd)
         # One softmax jointly over all E*L prompt positions (as the paper's code), then each set's
         # share is weighed by the prompt router.

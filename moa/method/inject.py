@@ -32,7 +32,8 @@ class MoAAttention(Attention):
     def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         q, k, v = self.qkv(x, meta)
         out = self.attend(q, k, v, meta)  # (B, T, H*hd)
-        return self.wo(out + self.prompt(x, q, self.wk, self.wv))
+        extra = None if self.cache is None else self.cache.extra
+        return self.wo(out + self.prompt(x, q, self.wk, self.wv, extra, meta.start_pos))
 
 
 class MoAFeedForward(FeedForward):

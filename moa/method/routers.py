@@ -276,10 +276,15 @@ class BlockRouter(nn.Module):
         if self.mode == "soft":
             self._record(w, None, token_mask, x)
             return {s: Route(w[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
-        return self._sparse_routes(xr, w, token_mask)
+        return self._sparse_routes(xr, w, token_mask, dense=start_pos > 0 and x.shape[1] == 1)
 
-    def _sparse_routes(self, x: torch.Tensor, w: torch.Tensor,
-                       token_mask: Optional[torch.Tensor]) -> dict[str, Route]:
+    def _sparse_routes(self, x: torch.Tensor, w: torch.Tensor, token_mask: Optional[torch.Tensor],
+                       dense: bool = False) -> dict[str, Route]:
+        """Sparse MoA routes: kept (token, type) pairs run with weight w, the others not at all.
+
+        dense: a one-token decode step, where gathering the few kept tokens costs more than running
+        every type with weight 0 on the skipped ones (the same sums: w * 0 adds exactly 0) and the
+        selection sizes would need a host sync per step; every route is then dense and masked."""
         n = w.shape[-1]
         if self.threshold is None:
             t = torch.full_like(w[..., :1], self.max_threshold)
@@ -295,6 +300,8 @@ class BlockRouter(nn.Module):
             s = torch.sigmoid((w.detach() - t) / STE_TEMPERATURE)
             g = g * (1.0 + s - s.detach())
         self._record(w, keep, token_mask, x)
+        if dense:
+            return {s: Route(g[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
         routes = {}
         if PROMPT_SLOT in self.col:  # attention to the prompt cannot skip a token: dense, masked weight
             j = self.col[PROMPT_SLOT]

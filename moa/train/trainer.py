@@ -152,7 +152,7 @@ def _attn_impl(cfg: TrainConfig, device: torch.device, say) -> str:
     if reason:
         say(f"--flash_attention2 True: {reason}; falling back to PyTorch SDPA attention")
         return "sdpa"
-    say("--flash_attention2 True: flash-attn for batches without padding, SDPA with a mask for padded ones")
+    say("--flash_attention2 True: flash-attn (its varlen kernel for padded batches)")
     return "flash_attn"
 
 

@@ -1,0 +1,140 @@
+"""Decoding overhead: ms per new token where compute is negligible, so that what remains is the
+per-step dispatch that dominates decoding on a GPU (issue 18, item 2).
+
+A random model of 8 layers, dim 64, batch 1, a 16-token prompt, 64 new tokens (greedy), 1 thread:
+ours bare, ours Soft MoA (the seed command's 7 types), ours Sparse MoA, and transformers'
+`LlamaForCausalLM` (same weights) `generate`. Goals: Soft MoA <= 1.5x ours bare; ours bare below
+transformers'.
+
+    python benchmarks/bench_decode.py                         # this tree
+    python benchmarks/bench_decode.py --before /tmp/before    # also a copy of older llama/ and moa/,
+                                                              # timed in turns in the same run
+
+With `--before ROOT`, each round runs every configuration once under this tree and once under ROOT
+(a folder holding `llama/` and `moa/`), each in its own subprocess, so machine load hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+CONFIGS = ("ours bare", "ours Soft MoA", "ours Sparse MoA", "transformers bare")
+SMALL = dict(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256)
+
+
+def _build(config: str, device: str = "cpu"):
+    """A callable generating the new tokens of one configuration, fresh random weights (seed 0), on `device`."""
+    import torch
+
+    from llama.generation import generate
+    from llama.model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**SMALL)).eval()
+    prompt = [list(range(1, 17))]
+    if config == "transformers bare":
+        return _hf_generate(model, prompt, device)
+    if config != "ours bare":
+        from moa import MoAConfig, attach_adapters
+        from moa.method.inject import reset_adapter_parameters
+
+        span = f"0-{SMALL['n_layers']}"
+        flags = dict(lora_layers=span, lora_rank=8, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN",
+                     hydra_moe=True, p_adapter_layers=span, p_adapter_size=16, p_adapter_hydra=True, swi_x=4)
+        flags.update(dict(prompt_layers=span, prompt_len=10) if config == "ours Soft MoA"
+                     else dict(type_router="sparse", max_threshold=0.5))
+        attach_adapters(model, MoAConfig(**flags))
+        reset_adapter_parameters(model)
+        with torch.no_grad():  # non-zero adapters, so every expert and router really computes
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.02)
+        model.eval()
+    model.to(device)
+    return lambda: generate(model, prompt, NEW_TOKENS, stop_tokens=[])
+
+
+def _hf_generate(model, prompt, device: str):
+    """transformers' LlamaForCausalLM with `model`'s weights (tests/hf_reference.py's twin), greedy `generate`."""
+    import torch
+
+    sys.path.insert(0, str(HERE / "tests"))
+    from hf_reference import hf_twin
+
+    hf = hf_twin(model).eval().to(device)
+    ids = torch.tensor(prompt, device=device)
+
+    def run():
+        with torch.inference_mode():
+            return hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                               pad_token_id=0)
+    return run
+
+
+NEW_TOKENS = 64
+
+
+def measure(config: str, repeats: int, device: str = "cpu") -> float:
+    """Best-of-`repeats` ms per new token of one configuration, in this process (1 CPU thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    fn = _build(config, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best / NEW_TOKENS * 1e3
+
+
+def _child(root: Path, config: str, repeats: int, device: str) -> float:
+    """`measure` in a subprocess importing llama/ and moa/ from `root`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(HERE / 'benchmarks')!r}); "
+            f"import bench_decode as b; print(b.measure({config!r}, {repeats}, {device!r}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", type=Path, default=None, help="a folder with older llama/ and moa/ to compare")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="generations per measurement (best one kept)")
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    roots = {"after": HERE} if a.before is None else {"before": a.before.resolve(), "after": HERE}
+    times: dict[tuple[str, str], list[float]] = {(r, c): [] for r in roots for c in CONFIGS}
+    for _ in range(a.rounds):
+        for config in CONFIGS:
+            for name, root in roots.items():
+                times[(name, config)].append(_child(root, config, a.repeats, a.device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"decode ms/token: 8 layers, dim 64, batch 1, {NEW_TOKENS} new tokens, 1 CPU thread, {a.device}; "
+          f"median of {a.rounds} rounds (best of {a.repeats} each)\n")
+    print("| config | " + " | ".join(roots) + " |")
+    print("|---|" + "---|" * len(roots))
+    for config in CONFIGS:
+        print(f"| {config} | " + " | ".join(f"{med[(r, config)]:.2f}" for r in roots) + " |")
+    for r in roots:
+        bare = med[(r, "ours bare")]
+        print(f"\n{r}: Soft MoA / bare {med[(r, 'ours Soft MoA')] / bare:.2f}x (goal <= 1.5x), "
+              f"Sparse MoA / bare {med[(r, 'ours Sparse MoA')] / bare:.2f}x, "
+              f"bare / transformers {bare / med[(r, 'transformers bare')]:.2f}x (goal < 1)")
+    print("\n" + json.dumps({f"{r}|{c}": round(v, 3) for (r, c), v in med.items()}))
+
+
+if __name__ == "__main__":
+    main()
