@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="True: redo an existing loss file and discard partial files of an interrupted run")
     p.add_argument("--progress", type=str2bool, nargs="?", const=True, default=True, help="tqdm progress bar")
+    p.add_argument("--strip_answer_cue", type=str2bool, nargs="?", const=True, default=True,
+                   help="True: do not score the reference's leading whitespace and answer label ('\\nA: ', "
+                        "'\\nRationale: ', as the bundled math references start), so the loss measures the "
+                        "answer itself; False: score the output verbatim")
     return p
 
 

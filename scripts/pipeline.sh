@@ -97,7 +97,8 @@ elif old != now:
 
 # prepare_data SUBDIR TRAIN_FILE...: slices under $OUT/data: train.json ($TRAIN_ROWS rows of the
 # training files), $ds/test.json (the first $TEST_ROWS rows of each of $SETS, generated and scored)
-# and, with $LOSS_ROWS > 0, loss/$ds/test.json (the first $LOSS_ROWS rows, for the held-out loss);
+# and, with $LOSS_ROWS > 0, loss/$ds/test.json (the first $LOSS_ROWS rows that have a reference output,
+# for the held-out loss);
 # 0 rows means all.
 prepare_data() {
   local subdir=$1; shift
@@ -106,7 +107,7 @@ prepare_data() {
     python3 scripts/slice_data.py --rows "$TEST_ROWS" --out "$OUT/data/$ds/test.json" \
       "$DATA_ROOT/$subdir/$ds/test.json"
     if [ "${LOSS_ROWS:-0}" != 0 ]; then
-      python3 scripts/slice_data.py --rows "$LOSS_ROWS" --out "$OUT/data/loss/$ds/test.json" \
+      python3 scripts/slice_data.py --rows "$LOSS_ROWS" --with_output True --out "$OUT/data/loss/$ds/test.json" \
         "$DATA_ROOT/$subdir/$ds/test.json"
     fi
   done

@@ -5,7 +5,8 @@
 
 One source: its first N rows, in order (`--rows 0`: all). Several sources (a mixture, as the
 commonsense training set is): the rows of all of them shuffled with `--seed`, then the first N.
-The output is written atomically; an existing identical slice is left untouched.
+`--with_output True` (the held-out loss slices) keeps only rows whose reference `output` is not empty
+(gsm8k's test file has six without one). The output is written atomically; an existing identical slice is left untouched.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def slice_rows(sources: list[Path], rows: int, seed: int) -> list[dict]:
-    """The first `rows` rows of one source, or of all sources shuffled together (rows 0: all)."""
+def slice_rows(sources: list[Path], rows: int, seed: int, with_output: bool = False) -> list[dict]:
+    """The first `rows` rows of one source, or of all sources shuffled together (rows 0: all);
+    `with_output`: only rows with a non-empty string `output`."""
     data = [r for src in sources for r in read_rows(src)]
+    if with_output:
+        data = [r for r in data if isinstance(r.get("output"), str) and r["output"].strip()]
     if len(sources) > 1:
         random.Random(seed).shuffle(data)
     return data[:rows] if rows > 0 else data
@@ -55,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="the slice to write")
     p.add_argument("--rows", type=int, default=0, help="rows to keep (0: all)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed when mixing several sources")
+    p.add_argument("--with_output", choices=["True", "False"], default="False",
+                   help="True: keep only rows with a non-empty reference output (held-out loss slices)")
     a = p.parse_args(argv)
     if a.rows < 0:
         p.error(f"--rows: expected >= 0, got {a.rows}")
     try:
-        write_json_kept(a.out, slice_rows(a.sources, a.rows, a.seed))
+        write_json_kept(a.out, slice_rows(a.sources, a.rows, a.seed, a.with_output == "True"))
     except (FileNotFoundError, ValueError) as e:
         print(f"slice_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from tests.helpers import make_lora_adapter
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY_KEYS = {"set", "nll_per_token", "rows", "tokens", "adapter", "data_path", "save_path"}
+SUMMARY_KEYS = {"set", "nll_per_token", "rows", "tokens", "adapter", "data_path", "save_path", "reference"}
 
 
 def tiny_rows(n: int) -> list[dict]:
@@ -154,6 +154,7 @@ def test_summary_line_fields(tiny_model_dir, test_file, reference):
     s = score[0]
     assert set(s) == SUMMARY_KEYS
     assert s["set"] == "tinyset" and s["adapter"] is None and s["data_path"] == str(test_file)
+    assert s["reference"] == "answer"
     assert s["rows"] == len(lines) and s["tokens"] == sum(line["tokens"] for line in lines)
     want = sum(line["nll"] * line["tokens"] for line in lines) / s["tokens"]
     assert abs(s["nll_per_token"] - want) <= 1e-9 * want
@@ -312,3 +313,30 @@ def test_dtype_auto_follows_the_probe_and_bf16_stays_close_to_fp32(tiny_model_di
     assert summary.dtype == "bfloat16" and "100 GFLOP/s in fp32 and 400 GFLOP/s in bf16" in summary.dtype_report
     fp32 = read_jsonl(reference.parent / "loss_score.jsonl")[0]["nll_per_token"]
     assert abs(summary.nll_per_token - fp32) <= 0.02 * fp32  # bf16 weights: close, not equal
+
+
+@pytest.mark.parametrize("text,want", [("\nA: He needs 24 tiles.", "He needs 24 tiles."),
+                                       ("\nRationale: x = 2. The answer is (D).", "x = 2. The answer is (D)."),
+                                       (" of 5 apples", "of 5 apples"), ("A: A: twice", "A: twice"),
+                                       ("Area: 4", "Area: 4"), ("\nA:", "")])
+def test_strip_answer_cue_hand_examples(text, want):
+    assert loss_mod.strip_answer_cue(text) == want
+
+
+def test_answer_cue_not_scored_equals_the_bare_answer_scored_verbatim(tiny_model_dir, rows, tmp_path):
+    """A row '\\nA: ' + answer scores exactly as the answer alone (default), and verbatim as the hand
+    computation of the whole text (strip_answer_cue=False); a reference that is only a cue is an error."""
+    cued = [dict(r, output="\nA: " + r["output"]) for r in rows[:4]]
+    plain, with_cue = write_set(tmp_path / "p", rows[:4]), write_set(tmp_path / "c", cued)
+    a = read_jsonl(Path(run(tiny_model_dir, plain, tmp_path / "plain.jsonl").save_path))
+    b = read_jsonl(Path(run(tiny_model_dir, with_cue, tmp_path / "cued.jsonl").save_path))
+    assert [(x["nll"], x["tokens"]) for x in a] == [(x["nll"], x["tokens"]) for x in b]
+    verbatim = run(tiny_model_dir, with_cue, tmp_path / "verbatim.jsonl", strip_answer_cue=False)
+    model, tokenizer = load_model(tiny_model_dir)
+    for line, row in zip(read_jsonl(Path(verbatim.save_path)), cued):
+        nll, n = hand_nll(model, tokenizer, row)
+        assert line["tokens"] == n and abs(line["nll"] - nll) <= 1e-5 * nll
+    assert read_jsonl(tmp_path / "loss_score.jsonl")[-1]["reference"] == "verbatim"
+    only_cue = write_set(tmp_path / "o", [dict(rows[0], output="\nA: ")])
+    with pytest.raises(ValueError, match=r"row 0: field 'output' is empty"):
+        run(tiny_model_dir, only_cue, tmp_path / "o.jsonl")

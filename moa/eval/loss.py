@@ -7,6 +7,12 @@ its response tokens (EOS included) of -log p(token | everything before it), `tok
 The set's `nll_per_token` is the total NLL over the total tokens of all rows (a long answer weighs
 more than a short one, as in training).
 
+The answer cue: the bundled math references were written after a few-shot prompt's answer label, so
+each starts with a newline and `A: ` (AQuA: `Rationale: `); training rows answer directly. By default
+(`strip_answer_cue`) that leading whitespace and one leading cue of `ANSWER_CUES` are not scored, so
+the loss measures the answer itself rather than the label's format; `strip_answer_cue=False` scores
+the `output` verbatim. The choice is part of the recorded settings and of the summary line.
+
 Lengths: prompt + response are cut at `max_seq_len` (default: the model's context) by dropping the
 response's last tokens; only the kept ones are scored (`cut_tokens` in the row's line says how many
 were dropped). A row whose prompt alone leaves no room for one response token is an error naming it.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +55,8 @@ from moa.train.distributed import init_distributed, on_rank0
 from moa.train.loss import label_cross_entropy
 
 SCORE_FILE = "loss_score.jsonl"
+ANSWER_CUES = ("A:", "Rationale:")  # the answer labels the bundled math references start with
+_CUE = re.compile(r"^\s*(?:" + "|".join(re.escape(c) for c in ANSWER_CUES) + r")?\s*")
 
 
 @dataclass
@@ -64,6 +73,7 @@ class LossConfig:
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     overwrite: bool = False
     progress: bool = True
+    strip_answer_cue: bool = True  # score the reference without its leading whitespace and answer label
 
     def __post_init__(self) -> None:
         check_int("max_batch_size", self.max_batch_size, 1)
@@ -96,15 +106,23 @@ class LossSummary:
     world_size: int = 1
     left_alone: bool = False  # the file existed complete and was not redone
     score_file: str = ""
+    strip_answer_cue: bool = True
 
     def score_line(self) -> dict[str, Any]:
         return {"set": self.set, "nll_per_token": self.nll_per_token, "rows": self.rows, "tokens": self.tokens,
-                "adapter": self.adapter, "data_path": self.data_path, "save_path": self.save_path}
+                "adapter": self.adapter, "data_path": self.data_path, "save_path": self.save_path,
+                "reference": "answer" if self.strip_answer_cue else "verbatim"}
 
 
 def set_name(data_path: str | os.PathLike) -> str:
     """The test set's name: its file's folder (data/math/gsm8k/test.json -> gsm8k)."""
     return Path(os.path.abspath(data_path)).parent.name
+
+
+def strip_answer_cue(text: str) -> str:
+    """`text` without its leading whitespace and one leading answer label of `ANSWER_CUES`
+    ("\\nA: He needs 24 tiles..." -> "He needs 24 tiles...")."""
+    return _CUE.sub("", text, count=1)
 
 
 def check_outputs(rows: list[dict], path: str | os.PathLike) -> None:
@@ -209,6 +227,9 @@ def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSu
     save = Path(cfg.save_path)
     rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
     check_outputs(rows, cfg.data_path)
+    if cfg.strip_answer_cue:
+        rows = [dict(row, output=strip_answer_cue(row["output"])) for row in rows]
+        check_outputs(rows, cfg.data_path)  # a reference that is nothing but a cue
     dtype, report = on_rank0(lambda: resolve_dtype(cfg.dtype, device), rank, world)  # every rank: one choice
     dtype_name = str(dtype).removeprefix("torch.")
     settings = on_rank0(lambda: _settings(cfg, dtype_name), rank, world)
@@ -266,7 +287,8 @@ def _summarise(cfg: LossConfig, save: Path, rows: list[dict], left_alone: bool) 
     summary = LossSummary(set=set_name(cfg.data_path), nll_per_token=total_nll / total_tokens, rows=len(records),
                           tokens=total_tokens, adapter=cfg.adapter_path, data_path=cfg.data_path,
                           save_path=str(save), cut_rows=sum(1 for r in records if r.get("cut_tokens")),
-                          left_alone=left_alone, score_file=str(save.parent / SCORE_FILE))
+                          left_alone=left_alone, score_file=str(save.parent / SCORE_FILE),
+                          strip_answer_cue=cfg.strip_answer_cue)
     if left_alone and not _score_has(summary):
         _append_score(summary)
     return summary
@@ -298,7 +320,8 @@ def _settings(cfg: LossConfig, dtype_name: str) -> dict[str, Any]:
     """What decides the per-row numbers, recorded in the partial files' header and the loss file's
     sidecar: --max_seq_len as given, the dtype, and the identity of the model, adapter and data files."""
     settings = {"kind": "loss", **data_identity(cfg.data_path), **model_identity(cfg.ckpt_dir),
-                **adapter_identity(cfg.adapter_path), "max_seq_len": cfg.max_seq_len or 0, "dtype": dtype_name}
+                **adapter_identity(cfg.adapter_path), "max_seq_len": cfg.max_seq_len or 0, "dtype": dtype_name,
+                "strip_answer_cue": cfg.strip_answer_cue}
     return jsonable(settings)
 
 
