@@ -78,7 +78,6 @@ def test_breakdown_counts_weights_and_trainable_state_exactly() -> None:
         model = _model(False)
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert counter.at_peak[WEIGHTS] >= weights  # plus the non-persistent buffers, none here
     assert counter.at_peak[WEIGHTS] == weights + sum(b.numel() * b.element_size() for b in model.buffers())
     # fp32 parameter + gradient + AdamW's two moments, plus one step counter per parameter tensor
     n_tensors = sum(1 for p in model.parameters() if p.requires_grad)

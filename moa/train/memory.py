@@ -160,7 +160,7 @@ def measured_cpu_peak(step: Callable[[], Any], live_before: int) -> int:
     events.sort(key=lambda e: e.start_ns())
     running, peak = 0, 0
     for e in events:
-        if e.device_type() == torch.device("cpu").type or str(e.device_type()).endswith("CPU"):
+        if e.device_type() == torch.autograd.DeviceType.CPU:
             running += e.nbytes()
             peak = max(peak, running)
     return live_before + peak
