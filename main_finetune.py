@@ -44,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", default="", help="continue from this checkpoint-{epoch}.pth")
     flag_bool("overwrite", False, "replace another run's checkpoint-*.pth and log.txt in --output_dir (without it, "
               "a folder holding them is refused unless --resume with the same settings)")
-    flag_bool("overwrite", False, "replace another run's checkpoint-*.pth and log.txt in --output_dir (without it, "
-              "a folder holding them is refused unless --resume with the same settings)")
     io.add_argument("--log_every", type=int, default=10, help="optimizer steps between log.txt lines")
 
     tr = p.add_argument_group("training")
