@@ -12,7 +12,10 @@ whose `run_settings.json` records other settings). The table (OUT/{benchmark}_{s
 has, per method, the accuracy of every set and their average as mean ± sd over the seeds that
 finished, the held-out loss likewise (runs with `--loss_rows`), each method's paired difference to
 LoRA over the seeds both finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_{scale}_runs.csv
-has one row per run. Flags this script does not know go to the run script as they are (e.g.
+has one row per run, with the flags it ran with. `--tables DIR` writes the tables there instead (e.g.
+a committed `results/` folder): a run recorded in DIR's runs file with the same flags counts as
+finished even where its run folder is gone, so a reproduction longer than one machine's session
+resumes from the committed file on a fresh checkout. Flags this script does not know go to the run script as they are (e.g.
 `--train_rows 128 --max_gen_len 32 --nproc 2`), after and over the flags of `--scale`.
 """
 from __future__ import annotations
@@ -66,6 +69,7 @@ class RunResult:
     train_s: Optional[float]
     peak_mem_mb: Optional[float]
     out_dir: Path = field(default=Path())
+    flags: str = ""  # the run script's flags (reproduce.py's per-run flags excluded)
 
 
 def run_dir(out: Path, scale: str, benchmark: str, method: str, seed: int) -> Path:
@@ -113,6 +117,27 @@ def read_losses(path: Path, sets: Sequence[str]) -> dict[str, Optional[float]]:
                 record = json.loads(line)
                 found[record["set"]] = float(record["nll_per_token"])
     return {s: found.get(s) for s in sets}
+
+
+def _number(text: str, kind: type = float):
+    return None if text in ("", "None", "nan") else kind(float(text))
+
+
+def recorded_results(path: Path, sets: Sequence[str], flags: str) -> dict[tuple[str, int], RunResult]:
+    """{(method, seed): result} of the rows of a runs file (`write_tables`) that ran with `flags`."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    found = {}
+    for row in rows:
+        if row.get("flags", "") != flags:
+            continue
+        r = RunResult(row["method"], int(row["seed"]), {s: _number(row[s]) for s in sets}, _number(row["average"]),
+                      {s: _number(row[f"loss_{s}"]) for s in sets}, int(row["params"]), _number(row["train_s"]),
+                      _number(row["peak_mem_mb"]), Path(row["dir"]), flags)
+        found[(r.method, r.seed)] = r
+    return found
 
 
 def run_one(benchmark: str, method: str, seed: int, directory: Path, flags: Sequence[str]) -> None:
@@ -213,7 +238,8 @@ def write_tables(out: Path, name: str, results: Sequence[RunResult], sets: Seque
     atomic_write_text(out / f"{name}_results.md", table + "\n")
     atomic_write_text(out / f"{name}_results.csv", csv_text(rows))
     per_run = [{"method": r.method, "seed": r.seed, **{s: r.accuracy[s] for s in sets}, "average": r.average,
-                **{f"loss_{s}": r.loss[s] for s in sets}, "params": r.params, "train_s": r.train_s, "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir)}
+                **{f"loss_{s}": r.loss[s] for s in sets}, "params": r.params, "train_s": r.train_s,
+                "peak_mem_mb": r.peak_mem_mb, "dir": str(r.out_dir), "flags": r.flags}
                for r in results]
     atomic_write_text(out / f"{name}_runs.csv", csv_text(per_run))
     return table
@@ -227,6 +253,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke",
                    help="smoke: a few minutes per run on CPU; small: the run scripts' defaults; full: the paper")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "reproduce", help="output folder")
+    p.add_argument("--tables", type=Path, default=None,
+                   help="folder for the tables (default: --out); runs recorded in its runs file with the same "
+                        "flags are finished (a committed results/ folder resumes on a fresh checkout)")
     p.add_argument("--stop_on_error", action="store_true",
                    help="stop at the first failed run (default: report it and run the others)")
     args, passthrough = p.parse_known_args(argv)
@@ -248,16 +277,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     scale_flags = [x for k, v in SCALES[args.scale].items() if f"--{k}" not in passthrough for x in (f"--{k}", v)]
     flags = scale_flags + passthrough
+    tables = (args.tables or args.out).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    tables.mkdir(parents=True, exist_ok=True)
     failed = []
     for benchmark in benchmarks:
         sets = BENCHMARK_SETS[benchmark]
+        name = f"{benchmark}_{args.scale}"
+        recorded = recorded_results(tables / f"{name}_runs.csv", sets, " ".join(flags))
         results = []
         # Seed-major: every method's first seed comes first, so a table that is cut short still compares
         # all methods.
         for seed in seeds:
             for method in methods:
                 directory = run_dir(args.out, args.scale, benchmark, method, seed)
+                if (method, seed) in recorded and not (directory / SUMMARY_FILE).is_file():
+                    print(f"=== {benchmark} / {method} / seed {seed}: finished, skipped (recorded in "
+                          f"{tables / f'{name}_runs.csv'})")
+                    results.append(recorded[(method, seed)])
+                    write_tables(tables, name, results, sets)
+                    continue
                 if (directory / SUMMARY_FILE).is_file():
                     print(f"=== {benchmark} / {method} / seed {seed}: finished, skipped ({directory})")
                 else:
@@ -270,11 +309,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                             return 1
                         continue
                 results.append(read_result(directory, method, seed, sets))
+                results[-1].flags = " ".join(flags)
+                write_tables(tables, name, results, sets)  # after every run: a cut-off reproduction keeps it
         if results:
             results.sort(key=lambda r: (methods.index(r.method), seeds.index(r.seed)))
-            name = f"{benchmark}_{args.scale}"
-            print(f"\n{benchmark} ({args.scale}):\n" + write_tables(args.out, name, results, sets))
-            print(f"written: {args.out / f'{name}_results.md'}, .csv and {name}_runs.csv")
+            print(f"\n{benchmark} ({args.scale}):\n" + write_tables(tables, name, results, sets))
+            print(f"written: {tables / f'{name}_results.md'}, .csv and {name}_runs.csv")
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,11 @@ def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model_dir, tm
 
     again = run(cmd)  # resumable: finished runs are skipped
     assert again.stdout.count("finished, skipped") == 2
+    # a fresh checkout keeps only the committed runs file: its runs (same flags) are not redone
+    shutil.rmtree(out / "smoke")
+    fresh = run(cmd)
+    assert fresh.stdout.count("finished, skipped (recorded in") == 2
+    assert (out / "math_smoke_results.md").read_text() == md
 
 
 @pytest.mark.parametrize("type_router", ["soft", "sparse"])
