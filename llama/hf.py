@@ -12,6 +12,7 @@ transformers' layout is row 2i + j of Meta's. Shards are read one tensor at a ti
 Writing is the inverse: `save_hf_dir` writes a folder that transformers' `from_pretrained` loads.
 Tied embeddings: our model always has its own `output` weight; a tied folder fills it with the
 embedding tensor itself (shared, no copy), and the export ties when the two are equal.
+(Over 400 lines: reading and writing are one mapping, its two directions kept side by side.)
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
 """LLaMA-3/3.1 in one file, with Meta's parameter names so `consolidated.*.pth` loads as is.
+(Over 400 lines on purpose: the whole model reads top to bottom in one place, as nanoGPT's and
+Meta's reference `model.py` do.)
 
 Padding: every forward may take `token_mask` (B, T), True at real tokens. A row's real tokens get
 RoPE positions 0, 1, 2, ... counted over real tokens only, and attention never reads a padded

@@ -1,5 +1,6 @@
 """Tokenizers: LLaMA-3 (tiktoken BPE ranks + chat format), LLaMA-2 (sentencepiece), Hugging Face
-`tokenizer.json` (the `tokenizers` library), one loader.
+`tokenizer.json` (the `tokenizers` library), one loader. (Over 400 lines: the three families share
+the stop-token, special-token and config logic kept here once.)
 
 `load_tokenizer(path)` reads `tokenizer.model` and picks the class by the file's content, not
 its name. A tiktoken model may carry a `tokenizer_config.json` beside it (DESIGN 3b) that

@@ -100,7 +100,7 @@ def accuracy(task: str, records: list[dict]) -> float:
     return sum(score_generation(task, r["generate"], r["answer"])[1] for r in records) / len(records)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_dir", default=str(REPO / "models" / "smollm2"), help="base model (SmolLM2-135M import)")
     p.add_argument("--out", default=str(REPO / "runs" / "task_adapters_demo"))
@@ -122,37 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--math_gen_len", type=int, default=160, help="max_gen_len of GSM8K rows (commonsense: 16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    t_start = time.perf_counter()
+    return p.parse_args(argv)
 
-    # 1. three task LoRAs, and the registry (the selector reads each task's whole training file).
-    train_files = {t: Path(a.data_root) / spec[1] for t, spec in TASKS.items()}
-    all_train = {t: load_rows(f) for t, f in train_files.items()}
-    adapters = {t: train_task_lora(a, t, sample(all_train[t], a.train_rows, a.seed), out) for t in TASKS}
-    registry = save_registry(Registry([TaskEntry(TASKS[t][0], t, adapters[t].resolve(), train_files[t].resolve())
-                                       for t in TASKS]), out / "tasks.json")
 
-    # 2. the selector (MLP over the frozen base's mean-pooled hidden states).
+def train_selector_once(a: argparse.Namespace, registry: Path, out: Path) -> tuple[Path, dict]:
+    """The MLP selector over the frozen base's mean-pooled hidden states (trained unless on disk)."""
     selector_path = out / "selector.pt"
-    model, tokenizer = load_model(a.ckpt_dir, device=a.device)
     if not selector_path.is_file():
+        model, tokenizer = load_model(a.ckpt_dir, device=a.device)
         sel = train_on_registry(model, tokenizer, load_registry(registry), "mlp", a.selector_rows,
                                 a.selector_heldout, max_tokens=128, seed=a.seed)
         save_selector(sel, selector_path)
-    del model  # the routed runs load their own
     report = load_selector(selector_path).report
     print(f"selector held-out routing accuracy {report['heldout']['accuracy']:.3f}: "
           + ", ".join(f"{t} {v:.3f}" for t, v in report["heldout"]["per_task"].items()))
+    return selector_path, report
 
-    # 3. the mixed test set, one file per task part (see the module docstring).
-    parts = {}
-    for t, (_, _, test_file, _) in TASKS.items():
-        rows = [dict(r, set=t) for r in sample(load_rows(Path(a.data_root) / test_file), a.test_rows, a.seed)]
-        parts[t] = write_json(out / "data" / f"mixed_test_{t}.json", rows)
-    write_json(out / "data" / "mixed_test.json", [r for t in TASKS for r in load_rows(parts[t])])
 
-    # 4. LoraHub: weights per task from a few of its training rows (not among the LoRA's own).
+def lorahub_per_task(a: argparse.Namespace, adapters: dict[str, Path], all_train: dict[str, list[dict]],
+                     out: Path) -> dict[str, Path]:
+    """LoraHub weights per task from a few of its training rows (not among the LoRA's own)."""
     hub = {}
     for t in TASKS:
         path = out / "lorahub" / t / "adapter.pth"
@@ -167,14 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{t}] LoraHub weights {dict(zip(TASKS, (round(w, 3) for w in result.weights)))}: few-shot loss "
                   f"{result.loss:.3f} (uniform {result.start_loss:.3f})")
         hub[t] = path
+    return hub
 
-    # 5. predictions and scores.
-    routed = {"adapter_registry": str(registry), "selector": str(selector_path)}
-    systems: list[tuple[str, dict | None]] = [("base", {})]
-    systems += [(f"adapter:{u}", {"adapter_path": str(adapters[u])}) for u in TASKS]
-    systems += [("selector top-1", {**routed, "fusion": "top1"}),
-                (f"fusion top-p {a.top_p_adapters}", {**routed, "fusion": "topp", "top_p_adapters": a.top_p_adapters}),
-                ("LoraHub (per task)", None)]  # None: that task's LoraHub combination
+
+def score_systems(a: argparse.Namespace, systems: list[tuple[str, dict | None]], parts: dict[str, Path],
+                  hub: dict[str, Path], out: Path) -> tuple[dict[str, dict[str, float]], list[dict]]:
+    """Accuracy per system and task on the mixed test set, and the selector top-1 run's records."""
     results: dict[str, dict[str, float]] = {}
     routed_rows = []
     for name, flags in systems:
@@ -189,14 +176,46 @@ def main(argv: list[str] | None = None) -> int:
             if name == "selector top-1":
                 routed_rows += records
         results[name]["average"] = sum(results[name][t] for t in TASKS) / len(TASKS)
+    return results, routed_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out)
+    t_start = time.perf_counter()
+
+    # 1. three task LoRAs, and the registry (the selector reads each task's whole training file).
+    train_files = {t: Path(a.data_root) / spec[1] for t, spec in TASKS.items()}
+    all_train = {t: load_rows(f) for t, f in train_files.items()}
+    adapters = {t: train_task_lora(a, t, sample(all_train[t], a.train_rows, a.seed), out) for t in TASKS}
+    registry = save_registry(Registry([TaskEntry(TASKS[t][0], t, adapters[t].resolve(), train_files[t].resolve())
+                                       for t in TASKS]), out / "tasks.json")
+    # 2. the selector.
+    selector_path, report = train_selector_once(a, registry, out)
+
+    # 3. the mixed test set, one file per task part (see the module docstring).
+    parts = {}
+    for t, (_, _, test_file, _) in TASKS.items():
+        rows = [dict(r, set=t) for r in sample(load_rows(Path(a.data_root) / test_file), a.test_rows, a.seed)]
+        parts[t] = write_json(out / "data" / f"mixed_test_{t}.json", rows)
+    write_json(out / "data" / "mixed_test.json", [r for t in TASKS for r in load_rows(parts[t])])
+
+    # 4. LoraHub, 5. predictions and scores.
+    hub = lorahub_per_task(a, adapters, all_train, out)
+    routed = {"adapter_registry": str(registry), "selector": str(selector_path)}
+    systems: list[tuple[str, dict | None]] = [("base", {})]
+    systems += [(f"adapter:{u}", {"adapter_path": str(adapters[u])}) for u in TASKS]
+    systems += [("selector top-1", {**routed, "fusion": "top1"}),
+                (f"fusion top-p {a.top_p_adapters}", {**routed, "fusion": "topp", "top_p_adapters": a.top_p_adapters}),
+                ("LoraHub (per task)", None)]  # None: that task's LoraHub combination
+    results, routed_rows = score_systems(a, systems, parts, hub, out)
     routing = {t: sum(r["selected_task"] == t for r in routed_rows if r["set"] == t) / a.test_rows for t in TASKS}
     routing["all"] = sum(r["selected_task"] == r["set"] for r in routed_rows) / len(routed_rows)
 
     print(f"\nmixed test set: {a.test_rows} rows per task ({len(routed_rows)} rows), greedy; accuracy per task")
     print("routing accuracy (selector top-1 = the row's task): "
           + ", ".join(f"{k} {v:.3f}" for k, v in routing.items()))
-    header = f"{'system':<24}" + "".join(f"{t:>10}" for t in TASKS) + f"{'average':>10}"
-    print(header)
+    print(f"{'system':<24}" + "".join(f"{t:>10}" for t in TASKS) + f"{'average':>10}")
     for name, accs in results.items():
         print(f"{name:<24}" + "".join(f"{accs[t]:>10.3f}" for t in TASKS) + f"{accs['average']:>10.3f}")
     write_json(out / "results.json", {"settings": vars(a), "routing_accuracy": routing, "accuracy": results,

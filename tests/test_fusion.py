@@ -13,7 +13,7 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
 from moa.lora.algebra import lora_delta, lora_sites, read_plain_lora
-from moa.tasks.fusion import attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
+from moa.tasks.fusion import RowAdapters, attach_bank, load_bank, top_p_weights
 from moa.tasks.routing import RoutingPlan
 from tests.helpers import rel, write_meta_model_dir
 from tests.task_helpers import make_task_adapter
@@ -59,53 +59,34 @@ def merged_logits(base, paths, w, t):
         return model(t)
 
 
-def test_fusion_one_hot_equals_single_adapter_logits_fp32_rel1em5(setup):
+def test_one_hot_rows_equal_single_adapter_logits_fp32_rel1em5(setup):
     base, paths = setup
-    model, _ = load_model(base)
-    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    bank = attach_bank(load_model(base)[0], load_bank(TASKS, paths))
     t = tokens()
     for i, path in enumerate(paths):
-        set_row_weights(model, torch.nn.functional.one_hot(torch.tensor([i] * 3), 3).float())
-        with torch.no_grad():
-            got = model(t)
-        expected = single_logits(base, path, t)
-        assert rel(got, expected) <= 1e-5
+        with torch.no_grad(), bank.rows(torch.nn.functional.one_hot(torch.tensor([i] * 3), 3).float()):
+            got = bank.model(t)
+        assert rel(got, single_logits(base, path, t)) <= 1e-5
 
 
-def test_fusion_per_row_weights_equal_merged_deltas_fp32_rel1em5(setup):
+def test_per_row_weights_equal_merged_deltas_fp32_rel1em5(setup):
     """Each row with its own weights (one-hot, fractional, negative) in one batch."""
     base, paths = setup
-    model, _ = load_model(base)
-    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    bank = attach_bank(load_model(base)[0], load_bank(TASKS, paths))
     w = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.3, 0.2], [-0.4, 1.2, 0.7]])
     t = tokens()
-    set_row_weights(model, w)
-    with torch.no_grad():
-        got = model(t)
+    with torch.no_grad(), bank.rows(w):
+        got = bank.model(t)
     for b in range(3):
         expected = merged_logits(base, paths, w[b].tolist(), t[b:b + 1])
         assert rel(got[b:b + 1], expected) <= 1e-5
 
 
-def test_single_mode_use_adapter_equals_single_adapter_logits_fp32_rel1em5(setup):
+def test_mixed_top1_rows_equal_each_row_alone_with_its_adapter_greedy_exact(setup):
+    """A perfect selector's choices, every adapter in one padded batch (no grouping by adapter);
+    reference: each row generated alone with its own adapter loaded by moa.load_adapter."""
     base, paths = setup
-    bank = load_bank(TASKS, paths)
-    model, _ = load_model(base)
-    attach_bank(model, bank, fused=False)
-    t = tokens()
-    for i in (2, 0, 1):
-        use_adapter(model, bank, i)
-        with torch.no_grad():
-            assert rel(model(t), single_logits(base, paths[i], t)) <= 1e-5
-
-
-def test_top1_grouped_generation_equals_each_row_alone_with_its_adapter_greedy_exact(setup):
-    """A perfect selector's choices; batches grouped by choice, padded; reference: each row generated
-    alone with its own adapter loaded by moa.load_adapter."""
-    base, paths = setup
-    bank = load_bank(TASKS, paths)
-    model, _ = load_model(base)
-    attach_bank(model, bank, fused=False)
+    bank = attach_bank(load_model(base)[0], load_bank(TASKS, paths))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (5, 9, 7, 4, 8, 6)]
     choice = [2, 0, 1, 0, 2, 1]
@@ -115,34 +96,38 @@ def test_top1_grouped_generation_equals_each_row_alone_with_its_adapter_greedy_e
             self.index = index
 
     plan = RoutingPlan(TASKS, "top1", torch.zeros(6, 3), torch.nn.functional.one_hot(torch.tensor(choice), 3).float(),
-                       choice, bank, model)
-    batches = plan.batches([P(i) for i in range(6)], lambda ps: [ps])
-    assert [sorted({choice[p.index] for p in b}) for b in batches] == [[0], [1], [2]]
-    got = {}
-    for batch in batches:
-        plan.before_batch(batch)
-        for p, out in zip(batch, generate(model, [prompts[p.index] for p in batch], 6, stop_tokens=[])):
-            got[p.index] = out
+                       choice, bank)
+    with plan.rows([P(i) for i in range(6)]):
+        got = generate(bank.model, prompts, 6, stop_tokens=[])
     for i, c in enumerate(choice):
         ref, _ = load_model(base)
         load_adapter(ref, str(paths[c]))
         assert got[i] == generate(ref, [prompts[i]], 6, stop_tokens=[])[0]
 
 
-def test_topp_fused_generation_rows_equal_alone_greedy_exact(setup):
-    """Fusion during KV-cached generation: each row of a padded batch with its own weights generates
-    what it generates alone with the same weights."""
+def test_topp_rows_generation_equal_alone_greedy_exact(setup):
+    """Fusion during KV-cached generation: each row of a padded batch with its own weights (different
+    numbers of active adapters) generates what it generates alone with the same weights."""
     base, paths = setup
-    model, _ = load_model(base)
-    attach_bank(model, load_bank(TASKS, paths), fused=True)
+    bank = attach_bank(load_model(base)[0], load_bank(TASKS, paths))
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in (6, 3, 8)]
     w = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
-    set_row_weights(model, w)
-    batched = generate(model, prompts, 5, stop_tokens=[])
+    with bank.rows(w):
+        batched = generate(bank.model, prompts, 5, stop_tokens=[])
     for i in range(3):
-        set_row_weights(model, w[i:i + 1])
-        assert batched[i] == generate(model, [prompts[i]], 5, stop_tokens=[])[0]
+        with bank.rows(w[i:i + 1]):
+            assert batched[i] == generate(bank.model, [prompts[i]], 5, stop_tokens=[])[0]
+
+
+def test_row_adapters_sparse_form_hand_worked():
+    w = torch.tensor([[0.0, 0.7, 0.0, 0.3], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    sel = RowAdapters.from_weights(w)
+    # K = 2 (row 0); row 1 pads with an index of weight 0; an all-zero row runs no adapter (weights 0).
+    assert sel.index[0].tolist() == [1, 3] and sel.weight[0].tolist() == pytest.approx([0.7, 0.3])
+    assert sel.index[1, 0] == 2 and sel.weight[1].tolist() == [1.0, 0.0]
+    assert sel.weight[2].tolist() == [0.0, 0.0]
+    assert RowAdapters.from_weights(torch.eye(3)).index.tolist() == [[0], [1], [2]]
 
 
 def test_top_p_weights_hand_worked():
@@ -157,14 +142,27 @@ def test_top_p_weights_hand_worked():
         top_p_weights(probs, 0.0)
 
 
-def test_group_rows_and_errors(setup):
-    assert group_rows([1, 0, 1, 2]) == {1: [0, 2], 0: [1], 2: [3]}
+def test_outside_rows_is_the_bare_base_detach_restores_it_and_errors(setup):
     base, paths = setup
-    model, _ = load_model(base)
-    attach_bank(model, load_bank(TASKS, paths), fused=True)
-    with pytest.raises(ValueError, match="set_row_weights"):
-        model(tokens())
-    with pytest.raises(ValueError, match=r"expected weights \(B, 3\)"):
-        set_row_weights(model, torch.ones(2, 2))
-    with pytest.raises(ValueError, match="fusion needs at least 2 adapters"):
-        attach_bank(load_model(base)[0], load_bank(["t0"], paths[:1]), fused=True)
+    bare = load_model(base)[0]
+    model = load_model(base)[0]
+    t = tokens()
+    with torch.no_grad():
+        expected = bare(t)
+        bank = attach_bank(model, load_bank(TASKS, paths))
+        assert torch.equal(model(t), expected)  # no rows given: the base alone
+        with pytest.raises(ValueError, match=r"expected weights \(B, 3\)"):
+            with bank.rows(torch.ones(2, 2)):
+                pass
+        with bank.rows(torch.ones(2, 3)), pytest.raises(ValueError, match="given for 2 rows, the forward has 3"):
+            model(t)
+        with pytest.raises(ValueError, match="already has adapters attached"):
+            attach_bank(model, load_bank(TASKS, paths))
+        assert bank.detach() is model and set(model.state_dict()) == set(bare.state_dict())
+        assert torch.equal(model(t), expected)
+        again = attach_bank(model, load_bank(TASKS, paths))  # the same model takes a bank again
+        with again.rows(torch.nn.functional.one_hot(torch.tensor([1] * 3), 3).float()):
+            assert rel(model(t), single_logits(base, paths[1], t)) <= 1e-5
+        with pytest.raises(ValueError, match="detached"):
+            with bank.rows(torch.ones(3, 3)):
+                pass

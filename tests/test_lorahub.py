@@ -15,7 +15,7 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
 from moa.train.data import IGNORE_INDEX
-from moa.tasks.fusion import attach_bank, load_bank, set_row_weights
+from moa.tasks.fusion import attach_bank, load_bank
 from moa.tasks.lorahub import LoraHubConfig, few_shot_loss, lorahub_search
 from scripts.lorahub import main as lorahub_main
 from tests.helpers import write_meta_model_dir
@@ -44,22 +44,22 @@ def toy(tmp_path_factory):
 
 def fused(base, paths):
     model, _ = load_model(base)
-    return attach_bank(model, load_bank(["a0", "a1", "a2"], paths), fused=True)
+    return attach_bank(model, load_bank(["a0", "a1", "a2"], paths))
 
 
 def test_lorahub_beats_uniform_weights_and_is_reproducible_with_a_seed(toy):
     base, paths, batches = toy
-    model = fused(base, paths)
+    bank = fused(base, paths)
     cfg = LoraHubConfig(steps=40, seed=3, l1=0.01)
-    result = lorahub_search(model, batches, cfg)
-    uniform = few_shot_loss(model, batches, torch.full((3,), 1 / 3))
+    result = lorahub_search(bank, batches, cfg)
+    uniform = few_shot_loss(bank, batches, torch.full((3,), 1 / 3))
     assert result.start_loss == pytest.approx(uniform)
     assert result.loss < uniform - 0.1, (result.loss, uniform)
     assert result.weights[0] == max(result.weights)  # the right adapter gets the largest weight
     assert all(abs(w) <= cfg.bound for w in result.weights)
-    again = lorahub_search(model, batches, cfg)
+    again = lorahub_search(bank, batches, cfg)
     assert again.weights == result.weights and again.evaluations == result.evaluations
-    other = lorahub_search(model, batches, LoraHubConfig(steps=40, seed=4, l1=0.01))
+    other = lorahub_search(bank, batches, LoraHubConfig(steps=40, seed=4, l1=0.01))
     assert other.evaluations != result.evaluations
 
 
@@ -75,11 +75,10 @@ def test_lorahub_cli_writes_the_combined_lora_that_the_search_evaluated_fp32_rel
     assert "few-shot loss" in capsys.readouterr().out
     combined, _ = load_model(base)
     load_adapter(combined, str(out))
-    model = fused(base, paths)
+    bank = fused(base, paths)
     t = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
-    set_row_weights(model, torch.tensor(report["weights"]).expand(2, 3))
-    with torch.no_grad():
-        a, b = combined(t), model(t)
+    with torch.no_grad(), bank.rows(torch.tensor(report["weights"]).expand(2, 3)):
+        a, b = combined(t), bank.model(t)
     assert float((a - b).norm() / b.norm()) <= 1e-5
     assert lorahub_main(["--ckpt_dir", str(base), "--adapters", str(paths[0]), "--data", str(data),
                          "--out", str(tmp_path / "one.pth"), "--device", "cpu"]) == 2

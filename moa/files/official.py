@@ -1,4 +1,5 @@
 """Checkpoints of the official MoA code (GitHub DCDmllm/MoA, every `LLaMA3_*` folder) -> our adapter files.
+(Over 400 lines: one name mapping for all six official folders, which share most of it.)
 
     import_official(checkpoint, out, flags="", args_path=None, llama_path=None) -> out/adapter.pth
 

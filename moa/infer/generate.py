@@ -34,6 +34,7 @@ skips them; rank 0 writes the prediction file in test order, atomically, once ev
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -245,10 +246,10 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
         if fresh:
             f.write(json.dumps(header) + "\n")
         for batch in batches:
-            if routing is not None:
-                routing.before_batch(batch)
-            outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
-                            temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer, generator=generator)
+            with routing.rows(batch) if routing is not None else contextlib.nullcontext():
+                outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
+                                temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer,
+                                generator=generator)
             lines = []
             for p, out in zip(batch, outs):
                 # The batch may run past a row's own budget; a row that reached its budget without a
@@ -323,10 +324,7 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
     prompts.sort(key=lambda p: (-len(p.tokens), p.index))
     mine = prompts[rank::world]  # round-robin over the length order: every rank gets a similar mix
-    if routing is None:
-        batches = make_batches(mine, cfg.max_batch_size, context)
-    else:  # top1: a batch never mixes adapters
-        batches = routing.batches(mine, lambda group: make_batches(group, cfg.max_batch_size, context))
+    batches = make_batches(mine, cfg.max_batch_size, context)  # routed rows mix adapters freely
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     new_tokens, seconds = 0, 0.0

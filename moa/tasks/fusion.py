@@ -1,11 +1,11 @@
-"""Many task LoRAs on one frozen model: an `AdapterBank` of N plain LoRAs, run either one at a time
-(top-1 routing: a group of rows with the same choice runs with its adapter) or fused with per-row
-weights (B, N) (DLP-LoRA's top-p fusion, LoraHub's constant weights).
+"""Many task LoRAs on one frozen model: an `AdapterBank` of N plain LoRAs, attached once
+(`attach_bank`), then every row of a batch runs with its own adapter or its own weighted set of
+adapters (top-1 routing, DLP-LoRA's top-p fusion, LoraHub's constant weights) in one pass.
 
-Fusion is the stacked-expert LoRA mixture that MoLoRA already computes (`LoRALinear` with
-`mixture='molora'`: `sum_e p_e B_e A_e z`, one einsum over the stacked `A (E, r, in)`,
-`B (E, out, r)`), with the router replaced by `RowWeights`, which hands every token its row's given
-weights. No second copy of the LoRA math, no Python loop over rows or layers.
+The per-row path is the one multi-LoRA servers use (Punica's BGMV, S-LoRA): each row's A/B slices
+are gathered from the stacked bank and applied with batched matmuls (`BankLinear`), so 8 rows on 8
+different adapters cost about what 8 rows on one adapter cost, and a row with K active adapters
+costs K LoRAs, whatever the bank's size N.
 
 The N adapters may differ in rank, scaling, layers and targets: the bank pads them to a common
 layout, exactly (the union of layers and targets, the largest rank; a site or rank row an adapter
@@ -13,19 +13,19 @@ lacks is zero), and folds each adapter's `alpha / r` into its B, so the bank's L
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from llama.model import Transformer
-from moa.method.experts import LoRALinear
 from moa.lora.algebra import indices_to_spans, lora_sites, read_plain_lora
 from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
-from moa.method.inject import attach_adapters
+from moa.method.inject import MoATransformer
 
 @dataclass
 class AdapterBank:
@@ -82,84 +82,126 @@ def load_bank(tasks: Sequence[str], paths: Sequence[str | os.PathLike]) -> Adapt
     return build_bank(tasks, [read_plain_lora(p) for p in paths])
 
 
-class RowWeights(nn.Module):
-    """Stands in for a MoLoRA site's router: returns the given per-row weights for every token.
+@dataclass
+class RowAdapters:
+    """Which bank adapters each row of a batch runs with, in sparse form: `index` (B, K) int64 into
+    the bank and `weight` (B, K) fp32; K is the most adapters any row uses, and a row with fewer
+    repeats an index with weight 0 (exact: it adds 0)."""
 
-    `weights` (B, N), set by `set_row_weights` before a forward; the site's input z is the batch's
-    tokens flattened row-major, (B*T, in), so row b's T tokens get weights[b].
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    @classmethod
+    def from_weights(cls, weights: torch.Tensor) -> "RowAdapters":
+        """Dense per-row weights (B, N) -> the rows' non-zero entries (K = max non-zeros per row, >= 1).
+        One-hot rows (top-1 routing) give K = 1; top-p rows give K = the largest kept set."""
+        if weights.dim() != 2:
+            raise ValueError(f"row weights: expected (B, N), got {tuple(weights.shape)}")
+        k = max(int((weights != 0).sum(-1).max()), 1)
+        # Non-zero entries first (a stable sort keeps the bank's order among them).
+        index = torch.argsort((weights == 0).to(torch.int8), dim=-1, stable=True)[:, :k]
+        return cls(index, weights.gather(-1, index).float())
+
+
+# The row adapters of the forwards running inside `AttachedBank.rows` (one batch's prefill and decode).
+_ROWS: contextvars.ContextVar[Optional[RowAdapters]] = contextvars.ContextVar("moa_bank_rows", default=None)
+
+
+class BankLinear(nn.Module):
+    """A frozen `nn.Linear` plus, for each row b of the batch, `sum_k w_bk B_(i_bk) A_(i_bk) x` over
+    the adapters (i_bk, w_bk) that `AttachedBank.rows` gave that row: the per-row ("BGMV") path of
+    multi-LoRA servers (Punica, S-LoRA), in plain PyTorch. Each forward gathers the rows' A/B slices
+    (B, K*r, in) and (B, out, K*r) and applies them with two batched matmuls, so a batch in which
+    every row has its own adapter costs one pass, whatever the bank's size N. Outside `rows` (no
+    adapters given) it is the base projection alone.
+
+    `lora_A` (N, r, in), `lora_B` (N, out, r): the bank's stacked factors (scaling folded into B),
+    buffers, so the model's state_dict does not change.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor):
         super().__init__()
-        self.weights: Optional[torch.Tensor] = None
+        self.base = base
+        device = base.weight.device
+        self.register_buffer("lora_A", lora_A.to(device), persistent=False)
+        self.register_buffer("lora_B", lora_B.to(device), persistent=False)
 
-    def reset_parameters(self) -> None:
-        self.weights = None
-
-    def forward(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z (B*T, in) -> (B*T, N) in z's dtype."""
-        w = self.weights
-        if w is None:
-            raise ValueError("fused adapters: call moa.tasks.fusion.set_row_weights(model, weights) before a forward")
-        if z.shape[0] % w.shape[0]:
-            raise ValueError(f"fused adapters: {z.shape[0]} tokens do not split into the {w.shape[0]} rows "
-                             "whose weights were set (set weights for exactly the batch being run)")
-        return w.to(device=z.device, dtype=z.dtype).repeat_interleave(z.shape[0] // w.shape[0], dim=0)
-
-
-def _sites(model: Transformer) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def attach_bank(model: Transformer, bank: AdapterBank, fused: bool) -> Transformer:
-    """Attach the bank's LoRA sites to a model without adapters, in place, and return it.
-
-    fused=False: one plain LoRA per site (rank r); `use_adapter(model, bank, i)` loads adapter i.
-    fused=True: a MoLoRA site holding all N adapters stacked, its router a `RowWeights`;
-    `set_row_weights(model, w)` gives each row of the next forwards its weights.
-    """
-    if fused and bank.n < 2:
-        raise ValueError(f"fusion needs at least 2 adapters, the bank has {bank.n}")
-    cfg = dataclasses.replace(bank.cfg, expert_num=bank.n if fused else 1, hydra_moe=False, expert_router="soft")
-    attach_adapters(model, cfg)
-    model.moa_bank_tasks = list(bank.tasks)
-    if not fused:
-        model.moa_bank_fused = False
-        use_adapter(model, bank, 0)
-        return model
-    router = RowWeights()
-    with torch.no_grad():
-        for name, site in _sites(model):
-            site.lora_A.copy_(bank.lora_A[name])
-            site.lora_B.copy_(bank.lora_B[name])
-            site.router = router  # one shared module: the weights are set once per batch
-    model.moa_bank_fused = True
-    model.moa_row_weights = router
-    return model
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in) in the base dtype -> (B, T, out)."""
+        out = self.base(x)
+        rows = _ROWS.get()
+        if rows is None:
+            return out
+        bsz, k = rows.index.shape
+        if x.shape[0] != bsz:
+            raise ValueError(f"bank adapters were given for {bsz} rows, the forward has {x.shape[0]}: "
+                             "give them for exactly the batch being run")
+        n, r, d_in = self.lora_A.shape
+        flat = rows.index.reshape(-1).to(self.lora_A.device)
+        a = self.lora_A.index_select(0, flat).view(bsz, k * r, d_in)  # (B, K r, in)
+        b = self.lora_B.index_select(0, flat).view(bsz, k, -1, r).transpose(1, 2).reshape(bsz, -1, k * r)  # (B, out, K r)
+        w = rows.weight.to(device=a.device, dtype=a.dtype).repeat_interleave(r, dim=1)  # (B, K r)
+        h = torch.bmm(x.reshape(bsz, -1, d_in).to(a.dtype), a.transpose(1, 2)) * w[:, None, :]  # (B, T, K r)
+        return out.add_(torch.bmm(h, b.transpose(1, 2)).view(out.shape).to(out.dtype))
 
 
-def use_adapter(model: Transformer, bank: AdapterBank, index: int) -> None:
-    """Load adapter `index` of `bank` into a model made by `attach_bank(..., fused=False)`."""
-    if getattr(model, "moa_bank_fused", None) is not False:
-        raise ValueError("use_adapter: the model was not attached with attach_bank(model, bank, fused=False)")
-    if not 0 <= index < bank.n:
-        raise ValueError(f"use_adapter: adapter index {index} out of range for {bank.n} adapters")
-    with torch.no_grad():
-        for name, site in _sites(model):
-            site.lora_A.copy_(bank.lora_A[name][index])
-            site.lora_B.copy_(bank.lora_B[name][index])
+class AttachedBank:
+    """A bank attached to one model (`attach_bank`), held by the caller: `rows(weights)` runs the
+    forwards inside it with each row's adapters; `detach()` puts the base projections back, so the
+    same model can take another bank (or none) later."""
+
+    def __init__(self, model: Transformer, bank: AdapterBank, sites: dict[str, BankLinear]):
+        self.model, self.bank, self.sites = model, bank, sites
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.bank.tasks
+
+    @contextlib.contextmanager
+    def rows(self, weights: torch.Tensor) -> Iterator[RowAdapters]:
+        """Run the forwards inside with per-row adapter weights (B, N) (one-hot: top-1 routing; a
+        row's top-p set; LoraHub's weights on every row), for the batch of B rows."""
+        if not self.sites:
+            raise ValueError("this bank was detached from its model (attach it again)")
+        if weights.dim() != 2 or weights.shape[1] != self.bank.n:
+            raise ValueError(f"bank rows: expected weights (B, {self.bank.n}) for the bank's "
+                             f"{self.bank.n} adapters, got {tuple(weights.shape)}")
+        selection = RowAdapters.from_weights(weights.detach())
+        token = _ROWS.set(selection)
+        try:
+            yield selection
+        finally:
+            _ROWS.reset(token)
+
+    def detach(self) -> Transformer:
+        """Restore the base projections in place; returns the bare model."""
+        for name, site in self.sites.items():
+            parent, attr = name.rsplit(".", 1)
+            setattr(self.model.get_submodule(parent), attr, site.base)
+        self.sites = {}
+        return self.model
 
 
-def set_row_weights(model: Transformer, weights: torch.Tensor) -> None:
-    """Per-row adapter weights (B, N) for the next forwards of a model made by
-    `attach_bank(..., fused=True)` (prefill and every decode step of one `generate` call)."""
-    router = getattr(model, "moa_row_weights", None)
-    if router is None:
-        raise ValueError("set_row_weights: the model was not attached with attach_bank(model, bank, fused=True)")
-    n = len(model.moa_bank_tasks)
-    if weights.dim() != 2 or weights.shape[1] != n:
-        raise ValueError(f"set_row_weights: expected weights (B, {n}), got {tuple(weights.shape)}")
-    router.weights = weights.detach().float()
+def attach_bank(model: Transformer, bank: AdapterBank) -> AttachedBank:
+    """Put a `BankLinear` at every site of the bank in `model` (a model without adapters), in place;
+    returns the handle the caller runs it through (`AttachedBank.rows`). The base is frozen
+    (`requires_grad_(False)`): a bank only serves, it never trains."""
+    if isinstance(model, MoATransformer) or any(isinstance(m, BankLinear) for m in model.modules()):
+        raise ValueError("attach_bank: the model already has adapters attached (detach the other bank, or "
+                         "load a bare base)")
+    model.requires_grad_(False)
+    sites = {}
+    dtype = model.tok_embeddings.weight.dtype
+    for name in lora_sites(bank.cfg):
+        parent, attr = name.rsplit(".", 1)
+        holder = model.get_submodule(parent)
+        base = getattr(holder, attr)
+        # Adapter factors in fp32 (as a trained adapter's own dtype), or the base's when it is lower:
+        # per-row gathers then read half the bytes.
+        factor_dtype = torch.float32 if dtype == torch.float32 else dtype
+        sites[name] = BankLinear(base, bank.lora_A[name].to(factor_dtype), bank.lora_B[name].to(factor_dtype))
+        setattr(holder, attr, sites[name])
+    return AttachedBank(model, bank, sites)
 
 
 def top_p_weights(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -177,11 +219,3 @@ def top_p_weights(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     kept[:, 0] = sorted_p[:, 0]  # the top-1 always stays, even if rounding pushed mass_before over
     weights = torch.zeros_like(probs).scatter(-1, idx, kept)
     return weights / weights.sum(-1, keepdim=True)
-
-
-def group_rows(choice: Sequence[int]) -> dict[int, list[int]]:
-    """{adapter index: row indices in order} for top-1 choices (one per row)."""
-    groups: dict[int, list[int]] = {}
-    for row, c in enumerate(choice):
-        groups.setdefault(int(c), []).append(row)
-    return groups

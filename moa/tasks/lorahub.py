@@ -24,7 +24,7 @@ from moa.lora.algebra import read_plain_lora
 from moa.lora.combine import combine
 from moa.method.config import MoAConfig
 from moa.train.data import InstructionDataset, collate, tokenize_rows
-from moa.tasks.fusion import attach_bank, build_bank, set_row_weights
+from moa.tasks.fusion import AttachedBank, attach_bank, build_bank
 from moa.train.loss import CausalLMLoss, count_labels
 
 INITS = ("uniform", "zero")
@@ -81,32 +81,32 @@ def few_shot_batches(tokenizer: Any, rows: Sequence[dict], batch_size: int, max_
 
 
 @torch.no_grad()
-def few_shot_loss(model: Transformer, batches: Sequence[dict], weights: torch.Tensor) -> float:
-    """Mean label cross-entropy (nats per label token) of the fused bank with weights (N,) on every row."""
-    loss_fn = CausalLMLoss(model)
-    device = model.tok_embeddings.weight.device
+def few_shot_loss(bank: AttachedBank, batches: Sequence[dict], weights: torch.Tensor) -> float:
+    """Mean label cross-entropy (nats per label token) of the bank's model with weights (N,) on every row."""
+    loss_fn = CausalLMLoss(bank.model)
+    device = bank.model.tok_embeddings.weight.device
     total, labels = 0.0, 0
     for batch in batches:
         tokens = batch["tokens"].to(device)
-        set_row_weights(model, weights.expand(tokens.shape[0], -1))
         mask = batch["token_mask"]
-        loss_sum, _ = loss_fn(tokens, batch["labels"].to(device), None if bool(mask.all()) else mask.to(device))
+        with bank.rows(weights.expand(tokens.shape[0], -1)):
+            loss_sum, _ = loss_fn(tokens, batch["labels"].to(device), None if bool(mask.all()) else mask.to(device))
         total += float(loss_sum)
         labels += count_labels(batch)
     return total / labels
 
 
-def lorahub_search(model: Transformer, batches: Sequence[dict], cfg: LoraHubConfig) -> LoraHubResult:
-    """Search the combination weights for `model` (a bank attached with `attach_bank(..., fused=True)`)
-    on the few-shot `batches` (see `few_shot_batches`)."""
-    n = len(getattr(model, "moa_bank_tasks", ()))
+def lorahub_search(bank: AttachedBank, batches: Sequence[dict], cfg: LoraHubConfig) -> LoraHubResult:
+    """Search the combination weights of `bank` (`moa.tasks.fusion.attach_bank`) on the few-shot
+    `batches` (see `few_shot_batches`)."""
+    n = bank.bank.n
     if n < 2:
         raise ValueError(f"LoraHub needs at least 2 adapters (CMA-ES searches >= 2 weights), got {n}")
     evaluations: list[tuple[list[float], float, float]] = []
 
     def objective(x: np.ndarray) -> float:
         w = [float(v) for v in x]
-        loss = few_shot_loss(model, batches, torch.tensor(w))
+        loss = few_shot_loss(bank, batches, torch.tensor(w))
         value = loss + cfg.l1 * sum(abs(v) for v in w)
         evaluations.append((w, loss, value))
         return value if math.isfinite(value) else 1e30
@@ -126,14 +126,17 @@ def lorahub_search(model: Transformer, batches: Sequence[dict], cfg: LoraHubConf
 
 def lorahub(model: Transformer, tokenizer: Any, adapters: Sequence[str], rows: Sequence[dict], cfg: LoraHubConfig,
             method: str = "cat", rank: int | None = None) -> tuple[LoraHubResult, MoAConfig, dict[str, torch.Tensor]]:
-    """The whole LoraHub step: attach the plain LoRAs `adapters` (files) fused to the bare base `model`,
-    search the weights on the few-shot `rows`, and combine the LoRAs with them (`moa.lora.combine.combine`,
+    """The whole LoraHub step: attach the plain LoRAs `adapters` (files) as a bank to the bare base
+    `model` (detached again at the end), search the weights on the few-shot `rows`, and combine the LoRAs with them (`moa.lora.combine.combine`,
     `cat`: exact; `svd`: truncated to `rank`). Returns (search result, combined cfg, combined state)."""
     if method not in ("cat", "svd"):
         raise ValueError(f"--method: expected cat (the exact sum of the weighted deltas) or svd (its rank-r "
                          f"approximation), got {method!r}")
     loras = [read_plain_lora(p) for p in adapters]
-    attach_bank(model, build_bank([str(p) for p in adapters], loras), fused=True)
-    result = lorahub_search(model, few_shot_batches(tokenizer, rows, cfg.batch_size, cfg.max_seq_len), cfg)
+    bank = attach_bank(model, build_bank([str(p) for p in adapters], loras))
+    try:
+        result = lorahub_search(bank, few_shot_batches(tokenizer, rows, cfg.batch_size, cfg.max_seq_len), cfg)
+    finally:
+        bank.detach()
     combined_cfg, state = combine(loras, result.weights, method, rank=rank)
     return result, combined_cfg, state

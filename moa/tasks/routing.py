@@ -2,24 +2,22 @@
 [--fusion top1|topp --top_p_adapters P]`).
 
 Before any adapter is attached, the selector reads every row's base-model embedding and gives task
-probabilities (R, N). Then:
-- `top1`: each row runs with its most probable task's adapter. Rows are grouped by that choice and
-  each group is batched on its own; before a batch, its adapter's tensors are loaded into the
-  model's one plain LoRA per site (`moa.tasks.fusion.use_adapter`).
-- `topp`: each row runs with the weighted fusion of the adapters whose probabilities reach
-  `top_p_adapters` (DLP-LoRA; `moa.tasks.fusion.top_p_weights`); batches mix rows freely, each row with its
-  own weights, through the stacked MoLoRA sites (`moa.tasks.fusion.set_row_weights`).
+probabilities (R, N). Each row then runs with adapter weights (N,): one-hot on its most probable
+task (`top1`), or DLP-LoRA's fusion of the tasks whose probabilities reach `top_p_adapters`
+(`topp`, `moa.tasks.fusion.top_p_weights`). Batches mix rows freely: the bank applies each row's
+own adapters in one pass (`moa.tasks.fusion.AttachedBank.rows`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
+import contextlib
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
 
 from llama.model import Transformer
 from moa.tasks.embedding import embed_rows
-from moa.tasks.fusion import AdapterBank, attach_bank, group_rows, load_bank, set_row_weights, top_p_weights, use_adapter
+from moa.tasks.fusion import AttachedBank, attach_bank, load_bank, top_p_weights
 from moa.tasks.registry import load_registry
 from moa.tasks.selector import check_tasks, load_selector
 
@@ -28,9 +26,6 @@ FUSION_MODES = ("top1", "topp")
 
 class _HasIndex(Protocol):
     index: int
-
-
-P = TypeVar("P", bound=_HasIndex)
 
 
 def check_routing_flags(adapter_path: Optional[str], adapter_registry: Optional[str], selector: Optional[str],
@@ -50,41 +45,21 @@ def check_routing_flags(adapter_path: Optional[str], adapter_registry: Optional[
 @dataclass
 class RoutingPlan:
     """The routing of every test row (indices into the test rows): task `probs` (R, N), the
-    adapter `weights` (R, N) each row runs with (one-hot for top1), and the top-1 `choice`."""
+    adapter `weights` (R, N) each row runs with (one-hot for top1), the top-1 `choice`, and the bank
+    attached to the model that runs them."""
 
     tasks: list[str]
     fusion: str
     probs: torch.Tensor
     weights: torch.Tensor
     choice: list[int]
-    bank: AdapterBank
-    model: Transformer
-    _loaded: Optional[int] = None
+    bank: AttachedBank
 
-    def batches(self, prompts: Sequence[P], make_batches: Callable[[list[P]], list[list[P]]]) -> list[list[P]]:
-        """top1: `make_batches` over each choice's prompts separately (a batch never mixes adapters);
-        topp: over all prompts."""
-
-        if self.fusion == "topp":
-            return make_batches(list(prompts))
-        out: list[list[P]] = []
-        for task in sorted(group_rows([self.choice[p.index] for p in prompts])):
-            out += make_batches([p for p in prompts if self.choice[p.index] == task])
-        return out
-
-    def before_batch(self, batch: Sequence[_HasIndex]) -> None:
-        """Set the model up for `batch` (its rows' adapter, or their fusion weights in batch order)."""
-
-        if self.fusion == "topp":
-            set_row_weights(self.model, self.weights[[p.index for p in batch]])
-            return
-        chosen = {self.choice[p.index] for p in batch}
-        if len(chosen) != 1:
-            raise ValueError(f"top-1 batch mixes adapters {sorted(chosen)}: batch with RoutingPlan.batches")
-        (task,) = chosen
-        if task != self._loaded:
-            use_adapter(self.model, self.bank, task)
-            self._loaded = task
+    @contextlib.contextmanager
+    def rows(self, batch: Sequence[_HasIndex]) -> Iterator[None]:
+        """Run the forwards inside (one batch's generation) with each row of `batch` on its adapters."""
+        with self.bank.rows(self.weights[[p.index for p in batch]]):
+            yield
 
     def row_info(self, index: int) -> dict[str, Any]:
         """What to record with row `index`'s prediction: the chosen task and the adapter weights."""
@@ -107,6 +82,5 @@ def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], 
         weights = top_p_weights(probs, top_p_adapters)
     else:
         weights = torch.nn.functional.one_hot(choice, len(reg.tasks)).float()
-    bank = load_bank(reg.tasks, [e.adapter for e in reg.entries])
-    attach_bank(model, bank, fused=fusion == "topp")
-    return RoutingPlan(reg.tasks, fusion, probs, weights, choice.tolist(), bank, model)
+    bank = attach_bank(model, load_bank(reg.tasks, [e.adapter for e in reg.entries]))
+    return RoutingPlan(reg.tasks, fusion, probs, weights, choice.tolist(), bank)
