@@ -30,6 +30,7 @@ _PUBLIC = {
     "save_adapter": "moa.files.adapters",
     "load_adapter": "moa.files.adapters",
     "load_trained_adapter": "moa.files.adapters",
+    "TaskRoutedModel": "moa.tasks.serving",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -14,6 +14,7 @@ import torch
 
 from example import main as example_main
 from llama.checkpoint import load_model
+from llama.generation import generate
 from moa.tasks.embedding import embed_rows, row_tokens
 from moa.tasks.registry import add_task, load_registry
 from moa.tasks.selector import (SelectorConfig, fit_selector, load_selector, routing_report, save_selector,
@@ -161,3 +162,30 @@ def test_example_routing_flag_errors(tiny, tmp_path):
         example_main(args + ["--adapter_registry", str(reg)])  # no --selector
     with pytest.raises(SystemExit):
         example_main(args + ["--adapter_registry", str(reg), "--selector", "s.pt", "--top_p_adapters", "0"])
+
+
+def test_task_routed_model_generates_each_row_as_alone_and_can_be_called_again(tiny, tmp_path):
+    """The in-process API: load once, generate twice (top-1, then top-p) on one model; top-1 rows equal
+    each row generated alone with its own adapter (greedy, fp32)."""
+    from moa import TaskRoutedModel, load_adapter
+    from moa.infer.generate import encode_prompt
+    from moa.tasks.selector import train_on_registry
+
+    root, base, reg = tiny
+    model, tok = load_model(base)
+    sel_path = save_selector(train_on_registry(model, tok, load_registry(reg), "mlp", heldout_per_task=8,
+                                               steps=200, max_tokens=96), tmp_path / "sel.pt")
+    served = TaskRoutedModel.load(base, reg, sel_path)
+    test = [dict(r, task=t) for t in TASKS for r in task_rows(t, 2, seed=98)]
+    first = served.generate(test, max_gen_len=6, max_batch_size=4)
+    assert [o["selected_task"] for o in first] == [r["task"] for r in test]
+    for row, o in zip(test, first):
+        alone, _ = load_model(base)
+        load_adapter(alone, str(root / row["task"] / "adapter.pth"))
+        tokens, _ = encode_prompt(tok, row, alone.args.max_seq_len - 1)
+        assert o["generate"] == tok.decode(generate(alone, [tokens], 6, tokenizer=tok)[0])
+        assert o["adapter_weights"] == {row["task"]: 1.0}
+    again = served.generate([r["instruction"] for r in test[:2]], max_gen_len=6, fusion="topp", top_p_adapters=0.5)
+    assert len(again) == 2 and all(abs(sum(o["adapter_weights"].values()) - 1) < 1e-4 for o in again)
+    with pytest.raises(ValueError, match="--fusion"):
+        served.generate(test, fusion="top3")

@@ -19,7 +19,7 @@ from llama.model import Transformer
 from moa.tasks.embedding import embed_rows
 from moa.tasks.fusion import AttachedBank, attach_bank, load_bank, top_p_weights
 from moa.tasks.registry import load_registry
-from moa.tasks.selector import check_tasks, load_selector
+from moa.tasks.selector import Selector, check_tasks, load_selector
 
 FUSION_MODES = ("top1", "topp")
 
@@ -28,13 +28,18 @@ class _HasIndex(Protocol):
     index: int
 
 
-def check_routing_flags(adapter_path: Optional[str], adapter_registry: Optional[str], selector: Optional[str],
-                        fusion: str, top_p_adapters: float) -> None:
-    """`ValueError` naming the flag for an inconsistent combination of the routing flags."""
+def check_fusion(fusion: str, top_p_adapters: float) -> None:
+    """`ValueError` naming the flag for an unknown fusion mode or a top-p outside (0, 1]."""
     if fusion not in FUSION_MODES:
         raise ValueError(f"--fusion: expected one of {FUSION_MODES}, got {fusion!r}")
     if not 0 < top_p_adapters <= 1:
         raise ValueError(f"--top_p_adapters: expected a value in (0, 1], got {top_p_adapters!r}")
+
+
+def check_routing_flags(adapter_path: Optional[str], adapter_registry: Optional[str], selector: Optional[str],
+                        fusion: str, top_p_adapters: float) -> None:
+    """`ValueError` naming the flag for an inconsistent combination of the routing flags."""
+    check_fusion(fusion, top_p_adapters)
     if adapter_registry and adapter_path:
         raise ValueError("--adapter_registry and --adapter_path exclude each other (the registry's selector "
                          "picks the adapter of each row)")
@@ -68,19 +73,31 @@ class RoutingPlan:
                                     if float(w) > 0}}
 
 
-def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], adapter_registry: str,
-                      selector: str, fusion: str = "top1", top_p_adapters: float = 0.9) -> RoutingPlan:
-    """Route `rows` with the selector, then attach the registry's adapters to `model` (bare base) for
-    that mode. The registry's tasks must be the selector's classes, in its order."""
-
-    reg = load_registry(adapter_registry)
-    sel = load_selector(selector)
-    check_tasks(sel, reg.tasks, f"--adapter_registry {adapter_registry}")
+def route_rows(model: Transformer, tokenizer: Any, rows: Sequence[dict], sel: Selector, bank: AttachedBank,
+               fusion: str = "top1", top_p_adapters: float = 0.9) -> RoutingPlan:
+    """Route `rows` with the selector (it embeds them with the bare base: the bank runs no adapter
+    outside `rows`) onto `bank`, attached to `model`, for that fusion mode."""
+    check_fusion(fusion, top_p_adapters)
     probs = sel.probs(embed_rows(model, tokenizer, rows, sel.cfg.max_tokens))  # (R, N)
     choice = probs.argmax(-1)
     if fusion == "topp":
         weights = top_p_weights(probs, top_p_adapters)
     else:
-        weights = torch.nn.functional.one_hot(choice, len(reg.tasks)).float()
-    bank = attach_bank(model, load_bank(reg.tasks, [e.adapter for e in reg.entries]))
-    return RoutingPlan(reg.tasks, fusion, probs, weights, choice.tolist(), bank)
+        weights = torch.nn.functional.one_hot(choice, bank.bank.n).float()
+    return RoutingPlan(bank.tasks, fusion, probs, weights, choice.tolist(), bank)
+
+
+def load_routing(model: Transformer, adapter_registry: str, selector: str) -> tuple[Selector, AttachedBank]:
+    """Read the registry and its selector, and attach the registry's adapters to `model` (bare base) as
+    one bank. The registry's tasks must be the selector's classes, in its order."""
+    reg = load_registry(adapter_registry)
+    sel = load_selector(selector)
+    check_tasks(sel, reg.tasks, f"--adapter_registry {adapter_registry}")
+    return sel, attach_bank(model, load_bank(reg.tasks, [e.adapter for e in reg.entries]))
+
+
+def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], adapter_registry: str,
+                      selector: str, fusion: str = "top1", top_p_adapters: float = 0.9) -> RoutingPlan:
+    """`load_routing`, then `route_rows` (example.py's one pass over a test file)."""
+    sel, bank = load_routing(model, adapter_registry, selector)
+    return route_rows(model, tokenizer, rows, sel, bank, fusion, top_p_adapters)

@@ -1,0 +1,90 @@
+"""Many task adapters on one model, in process: load once, then route and generate as often as
+wanted (the seeds' `ModelWithSelector(...).generate(datapoint)`).
+
+    model = TaskRoutedModel.load("models/smollm2", "runs/tasks/tasks.json", "runs/tasks/selector.pt")
+    outs = model.generate([{"instruction": "What is 2 + 3?"}, "Is the sky green?"], max_gen_len=64)
+    outs[0]["generate"], outs[0]["selected_task"], outs[0]["adapter_weights"]
+    model.generate(rows, fusion="topp", top_p_adapters=0.9)   # again, the same loaded model
+
+The base, the registry's adapters (one `AttachedBank`) and the selector are loaded once. Each call
+embeds its rows with the bare base, routes them (`moa.tasks.routing.route_rows`), and generates
+them in length-sorted batches in which every row runs on its own adapter(s), exactly what each
+row generates alone with them (greedy).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+import torch
+
+from llama.checkpoint import load_model
+from llama.generation import generate
+from llama.model import Transformer
+from moa.checks import check_int
+from moa.infer.generate import make_batches, make_prompts
+from moa.tasks.fusion import AttachedBank
+from moa.tasks.routing import RoutingPlan, load_routing, route_rows
+from moa.tasks.selector import Selector
+
+Row = Union[dict, str]  # a test row ({"instruction", "input"?}) or an instruction alone
+
+
+class TaskRoutedModel:
+    """A frozen base with a registry's task adapters attached as one bank, and the selector that
+    routes rows onto them."""
+
+    def __init__(self, model: Transformer, tokenizer: Any, selector: Selector, bank: AttachedBank):
+        self.model, self.tokenizer, self.selector, self.bank = model, tokenizer, selector, bank
+
+    @classmethod
+    def load(cls, base_dir: str | os.PathLike, adapter_registry: str | os.PathLike, selector: str | os.PathLike,
+             *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TaskRoutedModel":
+        """The base of `base_dir`, the adapters of the registry file and the selector file trained on it."""
+        model, tokenizer = load_model(base_dir, dtype=dtype, device=device)
+        model.eval()
+        sel, bank = load_routing(model, str(adapter_registry), str(selector))
+        return cls(model, tokenizer, sel, bank)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.bank.tasks
+
+    def route(self, rows: Sequence[Row], fusion: str = "top1", top_p_adapters: float = 0.9) -> RoutingPlan:
+        """The routing of `rows` (task probabilities, each row's adapter weights) without generating."""
+        return route_rows(self.model, self.tokenizer, _as_rows(rows), self.selector, self.bank, fusion,
+                          top_p_adapters)
+
+    @torch.inference_mode()
+    def generate(self, rows: Sequence[Row], max_gen_len: int = 200, *, fusion: str = "top1",
+                 top_p_adapters: float = 0.9, temperature: float = 0.0, top_p: float = 1.0,
+                 max_batch_size: int = 16, seed: int = 0) -> list[dict]:
+        """Route and generate `rows`; one dict per row, in order: `generate` (the new text),
+        `selected_task` (top-1) and `adapter_weights` ({task: weight} of the adapters it ran with)."""
+        check_int("max_gen_len", max_gen_len, 1)
+        check_int("max_batch_size", max_batch_size, 1)
+        rows = _as_rows(rows)
+        plan = self.route(rows, fusion, top_p_adapters)
+        context = self.model.args.max_seq_len
+        prompts = make_prompts(self.tokenizer, rows, list(range(len(rows))), context, max_gen_len, 1)
+        generator = torch.Generator(device=self.model.tok_embeddings.weight.device).manual_seed(seed)
+        out: list[dict] = [{} for _ in rows]
+        for batch in make_batches(prompts, max_batch_size, context):
+            with plan.rows(batch):
+                new = generate(self.model, [p.tokens for p in batch], max(p.budget for p in batch),
+                               temperature=temperature, top_p=top_p, tokenizer=self.tokenizer, generator=generator)
+            for p, tokens in zip(batch, new):
+                out[p.index] = {"generate": self.tokenizer.decode(tokens[: p.budget]), **plan.row_info(p.index)}
+        return out
+
+
+def _as_rows(rows: Sequence[Row]) -> list[dict]:
+    if isinstance(rows, (str, dict)):
+        raise ValueError("TaskRoutedModel: give a list of rows (dicts with 'instruction') or of instructions")
+    out = []
+    for i, r in enumerate(rows):
+        row = {"instruction": r} if isinstance(r, str) else r
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise ValueError(f"TaskRoutedModel: row {i} has no 'instruction' text")
+        out.append(row)
+    return out
