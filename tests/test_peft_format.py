@@ -143,3 +143,36 @@ def test_errors_wrong_base_mixture_and_ragged_peft_valueerror(base_dir, tmp_path
     ragged.save_pretrained(str(tmp_path / "ragged"))
     with pytest.raises(ValueError, match="layers x targets"):
         import_peft(tmp_path / "ragged", tmp_path / "r_out", load_params(base_dir))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_import_peft_rank_and_alpha_patterns_logits_match_fp32_rtol1em4(base_dir, tmp_path, use_rslora):
+    """Per-module ranks and alphas (PEFT's own patterns) import exactly: our logits equal PeftModel's."""
+    base, _ = load_model(base_dir)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3},
+                             use_rslora=use_rslora, lora_dropout=0.0)
+    hf = peft.get_peft_model(hf_twin(base), config).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    assert hf.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.shape[0] == 6
+    hf.save_pretrained(str(tmp_path / "peft"))
+    path = import_peft(tmp_path / "peft", tmp_path / "ours", load_params(base_dir))
+    ours = load_adapter(base, str(path))
+    t = tokens()
+    with torch.no_grad():
+        assert rel(ours(t), hf(t).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_import_peft_refuses_base_changing_inits(base_dir, tmp_path, init):
+    make_adapter(base_dir, tmp_path / "ad" / "adapter.pth")
+    export_peft(tmp_path / "ad", tmp_path / "peft", load_params(base_dir))
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "init_lora_weights": init}))
+    with pytest.raises(ValueError, match=f"init_lora_weights = '{init}'.*changed the base"):
+        import_peft(tmp_path / "peft", tmp_path / "out", load_params(base_dir))
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -129,13 +130,58 @@ def export_peft(adapter: str | os.PathLike, out_dir: str | os.PathLike, base_par
     return out_dir
 
 
+# PEFT initialisations that subtract the initial B A from the base weights (a residual base).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the end of the
+    module's name at a dot boundary (`re.match(rf"(.*\\.)?({key})$", name)`), else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _uniform_rank(pc: Mapping, peft_state: dict[str, torch.Tensor], where: str
+                  ) -> tuple[int, float, dict[str, torch.Tensor]]:
+    """(rank, alpha, state) with one rank and scaling for every module (our format's shape).
+
+    Without patterns: PEFT's `r` and `lora_alpha` as they are (rsLoRA's alpha / sqrt(r) as an alpha
+    for alpha / r). With `rank_pattern` / `alpha_pattern`: each module's rank is read from its A,
+    its own scaling folded into its B, and A's rows and B's columns padded with zeros to the largest
+    rank, so the file has rank R and alpha R (scaling 1) and the same delta B A at every module.
+    """
+    r, alpha = int(pc["r"]), float(pc["lora_alpha"])
+    rslora = bool(pc.get("use_rslora", False))
+    if not pc.get("rank_pattern") and not pc.get("alpha_pattern"):
+        return r, alpha * r ** 0.5 if rslora else alpha, peft_state  # rsLoRA: alpha / sqrt(r) = (alpha sqrt r) / r
+    ranks = {k: t.shape[0] for k, t in peft_state.items() if k.endswith(".lora_A.weight")}
+    big = max(ranks.values())
+    out = {}
+    for key_a, r_m in ranks.items():
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        if key_b not in peft_state:
+            raise ValueError(f"{where}: {key_a} has no {key_b}")
+        module = key_a.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
+        alpha_m = float(_pattern_value(pc.get("alpha_pattern") or {}, module, alpha))
+        scale = alpha_m / (r_m ** 0.5 if rslora else r_m)
+        a, b = peft_state[key_a], peft_state[key_b]
+        out[key_a] = torch.cat([a, a.new_zeros(big - r_m, a.shape[1])])
+        out[key_b] = torch.cat([b * scale, b.new_zeros(b.shape[0], big - r_m)], dim=1)
+    return big, float(big), out
+
+
 def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_params: Mapping) -> Path:
     """Read a PEFT LoRA folder (for transformers' LLaMA) into our format: `out_path` (adapter.pth, or a
     folder that gets one) + adapter_params.json, a plain LoRA (`--type_router none`).
 
-    The adapted (layer, module) pairs must form layers x targets (our config's shape); every layer
-    has the same rank and alpha. Refused with a `ValueError` naming the field: another peft_type,
-    DoRA, bias training, rank/alpha patterns, modules other than the seven projections.
+    The adapted (layer, module) pairs must form layers x targets (our config's shape). Per-module
+    ranks and alphas (`rank_pattern`, `alpha_pattern`) import exactly: every module is padded to the
+    largest rank with zeros and its own `alpha_m / r_m` is folded into its B (the file's scaling is
+    then 1). Refused with a `ValueError` naming the field: another peft_type, DoRA, bias training,
+    modules other than the seven projections, and an `init_lora_weights` that changed the base
+    (PiSSA, OLoRA, CorDA, LoftQ) in a folder PEFT did not convert back to a plain LoRA.
     """
     peft_dir = Path(peft_dir)
     cfg_path, weights_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
@@ -145,14 +191,18 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
     pc = json.loads(cfg_path.read_text())
     if pc.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}, expected 'LORA'")
-    for field, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
-                         ("lora_bias", False), ("modules_to_save", None), ("fan_in_fan_out", False)):
+    for field, plain in (("use_dora", False), ("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
+                         ("fan_in_fan_out", False)):
         if pc.get(field, plain) not in (plain, None, [], {}):
             raise ValueError(f"{cfg_path}: {field} = {pc[field]!r} is not supported (expected {plain!r})")
-    r, alpha = int(pc["r"]), float(pc["lora_alpha"])
-    if pc.get("use_rslora", False):
-        alpha = alpha * r ** 0.5  # rsLoRA scales by alpha / sqrt(r); ours is alpha / r
+    init = pc.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().split("_")[0] in BASE_CHANGING_INITS:
+        raise ValueError(f"{cfg_path}: init_lora_weights = {init!r}: this initialisation also changed the base "
+                         "weights (W - scale * B A), which the folder does not hold, so its lora_A/lora_B are "
+                         "not a delta to the original base; save it from PEFT converted to a plain LoRA "
+                         "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and import that")
     peft_state = load_file(str(weights_path))
+    r, alpha, peft_state = _uniform_rank(pc, peft_state, str(cfg_path))
     args = ModelArgs(**base_params)
     pairs = set()
     for key in peft_state:
