@@ -166,3 +166,30 @@ def test_outside_rows_is_the_bare_base_detach_restores_it_and_errors(setup):
         with pytest.raises(ValueError, match="detached"):
             with bank.rows(torch.ones(3, 3)):
                 pass
+
+
+def test_bank_on_another_base_names_the_files_and_runs_at_the_training_max_seq_len(setup, tmp_path):
+    import json
+
+    from tests.helpers import TINY_PARAMS
+
+    base, paths = setup
+    other = tmp_path / "other"
+    write_meta_model_dir(other, params=dict(TINY_PARAMS, dim=2 * TINY_PARAMS["dim"]), seed=1)
+    with pytest.raises(ValueError, match=rf"{paths[0]}.*trained on another base"):
+        attach_bank(load_model(other)[0], load_bank(TASKS, paths))
+    fewer = tmp_path / "fewer"
+    write_meta_model_dir(fewer, params=dict(TINY_PARAMS, n_layers=1), seed=1)
+    with pytest.raises(ValueError, match="adapters for layer 1, but the base model has 1 layers"):
+        attach_bank(load_model(fewer)[0], load_bank(TASKS, paths))
+    assert load_bank(TASKS, paths).max_seq_len is None  # no training max_seq_len recorded
+    copies = []
+    for i, (path, n) in enumerate(zip(paths, (300, 128, 256))):
+        d = tmp_path / f"copy{i}"
+        d.mkdir()
+        for f in path.parent.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        params = json.loads((d / "adapter_params.json").read_text())
+        (d / "adapter_params.json").write_text(json.dumps(dict(params, max_seq_len=n)))
+        copies.append(d / "adapter.pth")
+    assert load_bank(TASKS, copies).max_seq_len == 128

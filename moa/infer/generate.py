@@ -151,7 +151,7 @@ def resolve_max_seq_len(requested: Optional[int], train_max_seq_len: Optional[in
                              "(0 = the context)")
         return requested, "--max_seq_len"
     if train_max_seq_len is not None:
-        return min(train_max_seq_len, context), "the adapter's training max_seq_len"
+        return min(train_max_seq_len, context), "the adapters' training max_seq_len"
     return context, "the model's context (no training max_seq_len known)"
 
 
@@ -316,7 +316,9 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     if cfg.adapter_registry:
         routing = plan_task_routing(model, tokenizer, rows, cfg.adapter_registry, cfg.selector, cfg.fusion,
                                     cfg.top_p_adapters)
-    max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, loaded.max_seq_len, context)
+    # Routed rows run at the registry adapters' (smallest) training max_seq_len, as one adapter does at its own.
+    train_len = loaded.max_seq_len if routing is None else routing.bank.bank.max_seq_len
+    max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, train_len, context)
     model.eval()
 
     done = set(on_rank0(lambda: sorted(read_partials(save, settings, rows, repair=True)), rank, world))

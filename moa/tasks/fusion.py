@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from llama.model import Transformer
+from moa.files.adapters import ADAPTER_PARAMS, adapter_file, read_adapter_params
 from moa.lora.algebra import indices_to_spans, lora_sites, read_plain_lora
 from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
 from moa.method.inject import MoATransformer
@@ -38,6 +39,8 @@ class AdapterBank:
     cfg: MoAConfig
     lora_A: dict[str, torch.Tensor]
     lora_B: dict[str, torch.Tensor]
+    sources: list[str] = field(default_factory=list)  # the adapter files (load_bank), for error messages
+    max_seq_len: Optional[int] = None  # the smallest training max_seq_len of its adapters (None: none known)
 
     @property
     def n(self) -> int:
@@ -78,8 +81,14 @@ def build_bank(tasks: Sequence[str], adapters: Sequence[tuple[MoAConfig, dict[st
 
 
 def load_bank(tasks: Sequence[str], paths: Sequence[str | os.PathLike]) -> AdapterBank:
-    """Read plain LoRA files (adapter.pth or its folder, adapter_params.json beside it) into a bank."""
-    return build_bank(tasks, [read_plain_lora(p) for p in paths])
+    """Read plain LoRA files (adapter.pth or its folder, adapter_params.json beside it) into a bank;
+    the bank runs at the smallest training `max_seq_len` its adapter_params.json files record."""
+    bank = build_bank(tasks, [read_plain_lora(p) for p in paths])
+    bank.sources = [str(adapter_file(p)) for p in paths]
+    lengths = [n for n in (read_adapter_params(adapter_file(p).parent / ADAPTER_PARAMS)[1] for p in paths)
+               if n is not None]
+    bank.max_seq_len = min(lengths) if lengths else None
+    return bank
 
 
 @dataclass
@@ -182,6 +191,23 @@ class AttachedBank:
         return self.model
 
 
+def _base_linear(model: Transformer, site: str, bank: AdapterBank) -> nn.Linear:
+    """The frozen projection at `site`; `ValueError` naming the bank's files when the model has no
+    such layer or another shape (the adapters were trained on another base)."""
+    files = ", ".join(bank.sources) or "the bank's adapters"
+    layer = int(site.split(".")[1])
+    if layer >= len(model.layers):
+        raise ValueError(f"{files}: adapters for layer {layer}, but the base model has {len(model.layers)} layers "
+                         "(they were trained on another base)")
+    base = model.get_submodule(site)
+    want = (bank.lora_B[site].shape[1], bank.lora_A[site].shape[2])  # (out, in)
+    if tuple(base.weight.shape) != want:
+        raise ValueError(f"{files}: {site} is {want[0]}x{want[1]} (out x in) in the adapters, "
+                         f"{base.weight.shape[0]}x{base.weight.shape[1]} in the base model "
+                         "(they were trained on another base)")
+    return base
+
+
 def attach_bank(model: Transformer, bank: AdapterBank) -> AttachedBank:
     """Put a `BankLinear` at every site of the bank in `model` (a model without adapters), in place;
     returns the handle the caller runs it through (`AttachedBank.rows`). The base is frozen
@@ -194,8 +220,8 @@ def attach_bank(model: Transformer, bank: AdapterBank) -> AttachedBank:
     dtype = model.tok_embeddings.weight.dtype
     for name in lora_sites(bank.cfg):
         parent, attr = name.rsplit(".", 1)
+        base = _base_linear(model, name, bank)
         holder = model.get_submodule(parent)
-        base = getattr(holder, attr)
         # Adapter factors in fp32 (as a trained adapter's own dtype), or the base's when it is lower:
         # per-row gathers then read half the bytes.
         factor_dtype = torch.float32 if dtype == torch.float32 else dtype
