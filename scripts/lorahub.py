@@ -43,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="cat", choices=("cat", "svd"),
                    help="cat: the exact combined LoRA (rank = sum of ranks); svd: its best rank-r approximation "
                         "(r = --rank)")
+    p.add_argument("--lorahub_mode", default="delta", choices=("delta", "ab"),
+                   help="delta: search and write sum_i w_i dW_i (exact); ab: LoraHub's own composition "
+                        "(sum_i w_i B_i)(sum_i w_i A_i), as published LoraHub numbers were made")
     p.add_argument("--rank", type=int, default=None, help="--method svd: output rank (default: largest input rank)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     try:
         cfg = LoraHubConfig(steps=a.steps, l1=a.l1, bound=a.bound, sigma0=a.sigma0, init=a.init, seed=a.seed,
-                            batch_size=a.batch_size, max_seq_len=a.max_seq_len)
+                            batch_size=a.batch_size, max_seq_len=a.max_seq_len, mode=a.lorahub_mode)
         rows = load_rows(a.data)
         model, tokenizer = load_model(a.ckpt_dir, device=a.device, max_seq_len=a.max_seq_len)
         result, combined_cfg, state = lorahub(model, tokenizer, a.adapters, rows, cfg, a.method, a.rank)

@@ -44,3 +44,18 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))
     return path
+
+
+def merged_logits(base_dir: Path, paths: list, w: list[float], tokens: torch.Tensor) -> torch.Tensor:
+    """Reference logits: the base with W + sum_i w_i dW_i at every adapted site of every LoRA file."""
+    from llama.checkpoint import load_model
+    from moa.lora.algebra import lora_delta, lora_sites, read_plain_lora
+
+    model, _ = load_model(base_dir)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for wi, path in zip(w, paths):
+            cfg, state = read_plain_lora(path)
+            for site in lora_sites(cfg):
+                params[f"{site}.weight"].add_(wi * lora_delta(cfg, state, site))
+        return model(tokens)

@@ -12,11 +12,10 @@ import torch
 from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
-from moa.lora.algebra import lora_delta, lora_sites, read_plain_lora
 from moa.tasks.fusion import RowAdapters, attach_bank, load_bank, top_p_weights
 from moa.tasks.routing import RoutingPlan
 from tests.helpers import rel, write_meta_model_dir
-from tests.task_helpers import make_task_adapter
+from tests.task_helpers import make_task_adapter, merged_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
@@ -44,18 +43,6 @@ def single_logits(base, path, t):
     model, _ = load_model(base)
     load_adapter(model, str(path))
     with torch.no_grad():
-        return model(t)
-
-
-def merged_logits(base, paths, w, t):
-    """Reference: the base with W + sum_i w_i dW_i at every adapted site."""
-    model, _ = load_model(base)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for wi, path in zip(w, paths):
-            cfg, state = read_plain_lora(path)
-            for site in lora_sites(cfg):
-                params[f"{site}.weight"].add_(wi * lora_delta(cfg, state, site))
         return model(t)
 
 

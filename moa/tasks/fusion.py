@@ -99,9 +99,10 @@ class RowAdapters:
 
     index: torch.Tensor
     weight: torch.Tensor
+    compose: bool = False  # True: one LoRA (sum_k w_k B_k)(sum_k w_k A_k) per row (LoraHub's A/B averaging)
 
     @classmethod
-    def from_weights(cls, weights: torch.Tensor) -> "RowAdapters":
+    def from_weights(cls, weights: torch.Tensor, compose: bool = False) -> "RowAdapters":
         """Dense per-row weights (B, N) -> the rows' non-zero entries (K = max non-zeros per row, >= 1).
         One-hot rows (top-1 routing) give K = 1; top-p rows give K = the largest kept set."""
         if weights.dim() != 2:
@@ -109,7 +110,7 @@ class RowAdapters:
         k = max(int((weights != 0).sum(-1).max()), 1)
         # Non-zero entries first (a stable sort keeps the bank's order among them).
         index = torch.argsort((weights == 0).to(torch.int8), dim=-1, stable=True)[:, :k]
-        return cls(index, weights.gather(-1, index).float())
+        return cls(index, weights.gather(-1, index).float(), compose)
 
 
 # The row adapters of the forwards running inside `AttachedBank.rows` (one batch's prefill and decode).
@@ -147,10 +148,15 @@ class BankLinear(nn.Module):
                              "give them for exactly the batch being run")
         n, r, d_in = self.lora_A.shape
         flat = rows.index.reshape(-1).to(self.lora_A.device)
-        a = self.lora_A.index_select(0, flat).view(bsz, k * r, d_in)  # (B, K r, in)
-        b = self.lora_B.index_select(0, flat).view(bsz, k, -1, r).transpose(1, 2).reshape(bsz, -1, k * r)  # (B, out, K r)
-        w = rows.weight.to(device=a.device, dtype=a.dtype).repeat_interleave(r, dim=1)  # (B, K r)
-        h = torch.bmm(x.reshape(bsz, -1, d_in).to(a.dtype), a.transpose(1, 2)) * w[:, None, :]  # (B, T, K r)
+        w = rows.weight.to(device=self.lora_A.device, dtype=self.lora_A.dtype)  # (B, K)
+        if rows.compose:  # one rank-r LoRA per row: A = sum_k w_k A_k (B, r, in), B = sum_k w_k B_k (B, out, r)
+            a = torch.einsum("bk,bkri->bri", w, self.lora_A.index_select(0, flat).view(bsz, k, r, d_in))
+            b = torch.einsum("bk,bkor->bor", w, self.lora_B.index_select(0, flat).view(bsz, k, -1, r))
+            h = torch.bmm(x.reshape(bsz, -1, d_in).to(a.dtype), a.transpose(1, 2))  # (B, T, r)
+        else:
+            a = self.lora_A.index_select(0, flat).view(bsz, k * r, d_in)  # (B, K r, in)
+            b = self.lora_B.index_select(0, flat).view(bsz, k, -1, r).transpose(1, 2).reshape(bsz, -1, k * r)  # (B, out, K r)
+            h = torch.bmm(x.reshape(bsz, -1, d_in).to(a.dtype), a.transpose(1, 2)) * w.repeat_interleave(r, 1)[:, None]
         return out.add_(torch.bmm(h, b.transpose(1, 2)).view(out.shape).to(out.dtype))
 
 
@@ -167,15 +173,17 @@ class AttachedBank:
         return self.bank.tasks
 
     @contextlib.contextmanager
-    def rows(self, weights: torch.Tensor) -> Iterator[RowAdapters]:
+    def rows(self, weights: torch.Tensor, compose: bool = False) -> Iterator[RowAdapters]:
         """Run the forwards inside with per-row adapter weights (B, N) (one-hot: top-1 routing; a
-        row's top-p set; LoraHub's weights on every row), for the batch of B rows."""
+        row's top-p set; LoraHub's weights on every row), for the batch of B rows. Each row adds
+        `sum_i w_i B_i A_i x`; with `compose`, `(sum_i w_i B_i)(sum_i w_i A_i) x` instead (LoraHub's
+        own composition of the factors, in the bank's layout: each B_i carries its alpha_i / r_i)."""
         if not self.sites:
             raise ValueError("this bank was detached from its model (attach it again)")
         if weights.dim() != 2 or weights.shape[1] != self.bank.n:
             raise ValueError(f"bank rows: expected weights (B, {self.bank.n}) for the bank's "
                              f"{self.bank.n} adapters, got {tuple(weights.shape)}")
-        selection = RowAdapters.from_weights(weights.detach())
+        selection = RowAdapters.from_weights(weights.detach(), compose)
         token = _ROWS.set(selection)
         try:
             yield selection
@@ -228,6 +236,24 @@ def attach_bank(model: Transformer, bank: AdapterBank) -> AttachedBank:
         sites[name] = BankLinear(base, bank.lora_A[name].to(factor_dtype), bank.lora_B[name].to(factor_dtype))
         setattr(holder, attr, sites[name])
     return AttachedBank(model, bank, sites)
+
+
+def bank_loras(bank: AdapterBank) -> list[tuple[MoAConfig, dict[str, torch.Tensor]]]:
+    """The bank's adapters as plain LoRAs of its common layout (`bank.cfg`: the union of sites, the
+    largest rank, scaling 1): the same deltas as the files, comparable site by site."""
+    return [(bank.cfg, {f"{site}.lora_{m}": (bank.lora_A if m == "A" else bank.lora_B)[site][i]
+                        for site in bank.lora_A for m in "AB"}) for i in range(bank.n)]
+
+
+def compose_ab(bank: AdapterBank, weights: Sequence[float]) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
+    """LoraHub's composed LoRA in the bank's layout: A = sum_i w_i A_i, B = sum_i w_i B_i (rank r,
+    scaling 1), which `AttachedBank.rows(..., compose=True)` computes."""
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    state = {}
+    for site in bank.lora_A:
+        state[f"{site}.lora_A"] = torch.einsum("n,nri->ri", w, bank.lora_A[site])
+        state[f"{site}.lora_B"] = torch.einsum("n,nor->or", w, bank.lora_B[site])
+    return bank.cfg, state
 
 
 def top_p_weights(probs: torch.Tensor, top_p: float) -> torch.Tensor:
