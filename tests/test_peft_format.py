@@ -32,6 +32,17 @@ def make_adapter(base_dir, path, targets=ALL_TARGETS, **kwargs):
     return make_lora_adapter(base_dir, path, targets=targets, **kwargs)
 
 
+def peft_model_random_b(base, config, seed: int):
+    """PEFT's LoRA `config` on transformers' twin of `base`, with B ~ 0.05 N(0, 1) (so it changes the logits)."""
+    hf = peft.get_peft_model(hf_twin(base), config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return hf
+
+
 def tokens():
     return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -93,12 +104,7 @@ def test_import_peft_lora_logits_match_fp32_rtol1em4(base_dir, tmp_path, use_rsl
     base, _ = load_model(base_dir)
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                              "gate_proj", "up_proj", "down_proj"], use_rslora=use_rslora, lora_dropout=0.0)
-    hf = peft.get_peft_model(hf_twin(base), config).eval()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    hf = peft_model_random_b(base, config, seed=5)
     hf.save_pretrained(str(tmp_path / "peft"))
     path = import_peft(tmp_path / "peft", tmp_path / "ours", load_params(base_dir))
     assert path.name == "adapter.pth"
@@ -152,12 +158,7 @@ def test_import_peft_rank_and_alpha_patterns_logits_match_fp32_rtol1em4(base_dir
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                              rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3},
                              use_rslora=use_rslora, lora_dropout=0.0)
-    hf = peft.get_peft_model(hf_twin(base), config).eval()
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    hf = peft_model_random_b(base, config, seed=6)
     assert hf.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.shape[0] == 6
     hf.save_pretrained(str(tmp_path / "peft"))
     path = import_peft(tmp_path / "peft", tmp_path / "ours", load_params(base_dir))
