@@ -20,15 +20,47 @@ import torch
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of `e`'s message (at most 120 characters), or its type's name."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+def _first_line(e: BaseException, limit: int = 120) -> str:
+    """The first line of `e`'s message, or its type's name; a longer line is cut after its first
+    sentence, or else at the last word that fits `limit` characters, and marked with "...". """
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(line) <= limit:
+        return line
+    sentence = line.find(". ")
+    if 0 < sentence < limit:
+        return line[:sentence + 1]
+    return line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def _unpickling_reason(e: pickle.UnpicklingError) -> str:
-    """Why the weights-only unpickler refused a file, without torch's advice."""
+def _pickle_globals(path: str | os.PathLike) -> list[str]:
+    """The `module.name` globals a plain (non-zip) pickle file would import, read with pickletools
+    (which decodes opcodes and runs nothing); [] for a zip file or one that cannot be decoded."""
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        return []
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a damaged pickle: name what was decoded before the damage
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _unpickling_reason(e: pickle.UnpicklingError, path: str | os.PathLike) -> str:
+    """Why the weights-only unpickler refused a file, without torch's advice: the classes or functions
+    it would have imported, from torch's message or else from the pickle's own opcodes."""
     name = _GLOBAL_RE.search(str(e))
-    return "it holds objects other than tensors and plain containers" + (f" ({name.group(1)})" if name else "")
+    names = [name.group(1)] if name else _pickle_globals(path)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return "it holds objects other than tensors and plain containers" + (f" ({shown})" if names else "")
 
 
 def load_torch_file(path: str | os.PathLike, what: str = "tensor file", mmap: bool = False) -> Any:
@@ -44,7 +76,7 @@ def load_torch_file(path: str | os.PathLike, what: str = "tensor file", mmap: bo
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: cannot read this {what}: {_unpickling_reason(e)}") from None
+        raise ValueError(f"{path}: cannot read this {what}: {_unpickling_reason(e, path)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError,
             TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read this {what}: damaged or not a torch file ({_first_line(e)})") from None

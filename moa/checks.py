@@ -48,21 +48,27 @@ def require_rows(rows: list, path: str | os.PathLike) -> list:
     return rows
 
 
-def check_writable(flag: str, path: str | os.PathLike, folder: bool = False) -> None:
+def check_writable(flag: str, path: str | os.PathLike, folder: bool = False,
+                   given: str | os.PathLike | None = None) -> None:
     """A ValueError naming `--flag` and the path unless `path` (a file, or a folder when `folder`) can be
     created or replaced: not a folder where a file is meant (or the reverse), its nearest existing
-    ancestor a folder (not a file) that this user may write. For checks before any model is loaded."""
+    ancestor a folder (not a file) that this user may write, on a file system mounted read-write. For
+    checks before any model is loaded. `given`: the flag's value when `path` is a file derived from it
+    (a scored file beside `--predict_file`), shown in the message instead of `path`."""
     path = os.path.abspath(path)
+    shown = f"--{flag} {given if given is not None else path}"
     if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise ValueError(f"--{flag} {path}: is a {'file' if folder else 'folder'}; expected a "
+        raise ValueError(f"{shown}: is a {'file' if folder else 'folder'}; expected a "
                          f"{'folder' if folder else 'file name'}")
     existing = path if folder else os.path.dirname(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"--{flag} {path}: {existing} is a file, not a folder")
+        raise ValueError(f"{shown}: {existing} is a file, not a folder")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise ValueError(f"{shown}: cannot write in folder {existing} (a read-only file system)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--{flag} {path}: cannot write in folder {existing} (permission denied)")
+        raise ValueError(f"{shown}: cannot write in folder {existing} (permission denied)")
 
 
 def load_tensors(path: str | os.PathLike, what: str = "tensor file", mmap: bool = False) -> Any:

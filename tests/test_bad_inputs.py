@@ -122,6 +122,28 @@ def test_crafted_pickle_shard_is_refused_in_one_line(base, data, tmp_path, zip_f
     assert "os.system" in line or "posix.system" in line
 
 
+def test_a_raw_pickle_shard_names_what_it_would_import(base, data, tmp_path):
+    """A plain pickle.dump (not torch.save): torch's message names no class, so the file's opcodes are
+    read (without running them) to say what it would have imported."""
+    import pickle
+
+    shard = base / "consolidated.00.pth"
+    with open(shard, "wb") as f:
+        pickle.dump({"tok_embeddings.weight": _Evil()}, f)
+    line = one_line_error(generate(base, data, tmp_path / "pred.jsonl"), 1, shard, "other than tensors")
+    assert "os.system" in line or "posix.system" in line
+
+
+def test_a_long_torch_message_is_cut_at_a_sentence_or_a_word():
+    from llama.torchfile import _first_line
+
+    miniz = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory. "
+                         "This is an internal miniz error. If you are seeing it, please report it\nmore")
+    assert _first_line(miniz) == "PytorchStreamReader failed reading zip archive: failed finding central directory."
+    words = RuntimeError(" ".join(["word"] * 40))
+    assert _first_line(words, limit=22) == "word word word word ..."
+
+
 # ---- 4: operating-system errors and unwritable outputs, found before any model loads ----------------
 
 def test_outputs_under_a_file_are_refused_before_loading(tiny_model_dir, data, adapter, tmp_path):
@@ -161,6 +183,19 @@ def test_read_only_folders_are_refused_before_loading(tiny_model_dir, data, tmp_
         assert sorted(p.name for p in ro.iterdir()) == ["AddSub_predict.jsonl"]
     finally:
         ro.chmod(0o755)
+
+
+def test_a_read_only_file_system_is_named_as_such_with_the_flag_given(tmp_path, monkeypatch):
+    """EROFS is not a permission problem: say so (the statvfs flag is faked: mounting needs privileges),
+    and a derived output (the scored file) is reported under the flag's own value."""
+    from moa.checks import check_writable
+
+    pred = tmp_path / "AddSub_predict.jsonl"
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: type("V", (), {"f_flag": real(p).f_flag | os.ST_RDONLY})())
+    with pytest.raises(ValueError) as info:
+        check_writable("predict_file", tmp_path / "AddSub_predict_scored.jsonl", given=pred)
+    assert str(info.value) == f"--predict_file {pred}: cannot write in folder {tmp_path} (a read-only file system)"
 
 
 def test_truncated_adapter_given_to_combine_is_one_line(adapter, tmp_path):
@@ -237,6 +272,16 @@ def test_flags_disagreeing_with_the_tensors_name_both_files_and_the_flag(tiny_mo
     line = one_line_error(generate(tiny_model_dir, data, tmp_path / "pred.jsonl", "--adapter_path", adapter), 1,
                           adapter, params_path, "lora_rank 8")
     assert "different base" not in line
+
+
+def test_other_lora_targets_in_the_flags_name_that_flag(tiny_model_dir, data, adapter, tmp_path):
+    params_path = adapter.parent / ADAPTER_PARAMS
+    params = json.loads(params_path.read_text())
+    params.pop("files")
+    params_path.write_text(json.dumps({**params, "lora_targets": "Q,K,V"}))
+    line = one_line_error(generate(tiny_model_dir, data, tmp_path / "pred.jsonl", "--adapter_path", adapter), 1,
+                          adapter, params_path, "lora_targets")
+    assert "missing keys" in line and "unexpected keys" in line and len(line) < 1000
 
 
 def test_a_training_checkpoint_as_adapter_says_how_to_extract(tiny_model_dir, data, tmp_path):

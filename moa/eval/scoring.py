@@ -235,7 +235,7 @@ def score_benchmark(predict_file: str | os.PathLike, benchmark: Benchmark,
     if strict and benchmark != "math":
         raise ValueError("--mode strict: only the math benchmark has a strict reading")
     siblings = find_siblings(path, required + optional)
-    check_writable("predict_file", path.parent, folder=True)  # the scored files and acc_score.jsonl go there
+    check_writable("predict_file", scored_path(path), given=path)  # the scored files and acc_score.jsonl go beside it
     scores: dict[str, SetScore] = {}
     missing: dict[str, str] = {}
     for name, sibling in siblings.items():

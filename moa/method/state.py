@@ -30,9 +30,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     unexpected = sorted(set(state) - set(names))
     if missing or unexpected:
         raise ValueError("adapter state does not match the model's adapters: "
-                         + (f"missing keys {missing}" if missing else "")
+                         + (f"missing keys {_first_keys(missing)}" if missing else "")
                          + ("; " if missing and unexpected else "")
-                         + (f"unexpected keys {unexpected}" if unexpected else ""))
+                         + (f"unexpected keys {_first_keys(unexpected)}" if unexpected else "")
+                         + _deciding_flags(missing + unexpected))
     params = dict(model.named_parameters())
     for name in names:
         if tuple(state[name].shape) != tuple(params[name].shape):
@@ -41,6 +42,26 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     with torch.no_grad():
         for name in names:
             params[name].copy_(state[name])
+
+
+def _first_keys(keys: list[str], shown: int = 6) -> str:
+    """`keys` as a list, cut after `shown` with a count of the rest (a whole model's names flood)."""
+    return str(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+# Which MoAConfig flags decide that a tensor of this kind exists (matched on its key, first match wins).
+_KEY_FLAGS = ((".type_router.", "type_router"), (".router.", "expert_num, expert_router"),
+              (".prompt.", "prompt_layers"), (".p_adapter.", "p_adapter_layers"),
+              (".lora_", "lora_targets, lora_layers"))
+
+
+def _deciding_flags(keys: list[str]) -> str:
+    """`" (flags that decide these keys: ...)"` for the keys that differ, or "" for unknown keys."""
+    flags = []
+    for key in keys:
+        flags += [f for part, f in _KEY_FLAGS if part in f".{key}"][:1]
+    flags = list(dict.fromkeys(flags))
+    return f" (the flags that decide these keys: {'; '.join(flags)})" if flags else ""
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
