@@ -48,9 +48,11 @@ SCALES: dict[str, dict[str, str]] = {
     # The paper's comparison at CPU scale on the bundled SmolLM2-135M: every method trains on the same
     # 1,000 GSM8K rows for one epoch (125 optimizer steps of 8 rows; peak lr 1e-3 = blr 0.032 x 8 / 256,
     # 10% warmup) and is scored on the same first 100 rows of every math set (loss and accuracy).
+    # fp32 throughout, not auto: auto picks bf16 on some CPUs and fp32 on others, and the seeds of one
+    # table run on whatever machine each session gets.
     "cpu": {"train_rows": "1000", "test_rows": "100", "loss_rows": "100", "epochs": "1", "warmup": "0.1",
             "batch": "8", "accum": "1", "blr": "0.032", "max_gen_len": "128", "min_gen_len": "0",
-            "max_batch": "32", "baseline": "False"},
+            "max_batch": "32", "baseline": "False", "bf16": "False", "dtype": "float32"},
     "full": {"train_rows": "0", "test_rows": "0", "epochs": "2", "warmup": "1", "bf16": "True",
              "max_gen_len": "200", "min_gen_len": "120", "max_batch": "200", "temperature": "0.1"},
 }
