@@ -93,3 +93,33 @@ def test_auto_on_this_machine_picks_one_within_seconds_naming_both_rates():
     t0 = time.perf_counter()
     assert dt.resolve_dtype("auto", "cpu") == (dtype, report)  # cached
     assert time.perf_counter() - t0 < 0.05
+
+
+def _mm_with_costs(monkeypatch, first_s: float, per_call_s: float) -> list:
+    """torch.mm replaced by one that sleeps `first_s` on its first call (kernel creation) and
+    `per_call_s` on every later one; returns the list of calls' row counts."""
+    real_mm, rows = torch.mm, []
+
+    def fake(x, y):
+        rows.append(x.shape[0])
+        time.sleep(first_s if len(rows) == 1 else per_call_s)
+        return real_mm(x, y)
+
+    monkeypatch.setattr(torch, "mm", fake)
+    return rows
+
+
+def test_probe_does_not_time_the_kernel_creation_of_its_first_call(monkeypatch):
+    # AMX under oneDNN: the first call creates kernels and reorders weights for far longer than a
+    # call takes afterwards; timing it made a fast bf16 look emulated (8 GFLOP/s against ~1,800).
+    rows = _mm_with_costs(monkeypatch, first_s=0.5, per_call_s=0.002)
+    rate = dt.matmul_gflops(torch.float32, shape=(256, 64, 64), seconds=0.2)
+    assert rows[:2] == [32, 32] and 256 in rows  # warm-up, timed small call, then full calls
+    assert rate > 2 * 256 * 64 * 64 / 0.05 / 1e9  # a full call timed at well under 50 ms, not the warm-up
+
+
+def test_probe_of_a_slow_dtype_stops_after_its_small_call(monkeypatch):
+    rows = _mm_with_costs(monkeypatch, first_s=0.1, per_call_s=0.1)  # a quarter of the budget or more
+    rate = dt.matmul_gflops(torch.float32, shape=(256, 64, 64), seconds=0.2)
+    assert rows == [32, 32]  # no full-size call: an emulated bf16 would take seconds
+    assert rate < 2 * 32 * 64 * 64 / 0.1 / 1e9

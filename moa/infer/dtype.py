@@ -30,21 +30,22 @@ _cache: dict[int, tuple[float, float]] = {}  # thread count -> (fp32 GFLOP/s, bf
 def matmul_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE,
                   seconds: float = PROBE_SECONDS) -> float:
     """The best rate (GFLOP/s) of `(m, k) @ (k, n)` on the CPU in `dtype` over repeated calls within about
-    `seconds`. A first call on an eighth of the rows warms the kernels up; when its rate says a full call
-    would not fit the budget (bf16 emulated in software runs at ~1 GFLOP/s, 2 s a call), that rate is
-    the answer. 0.0 when the dtype's matmul fails on this CPU."""
+    `seconds`. Two calls on an eighth of the rows come first: the first warms the kernels up (oneDNN's
+    kernel creation and weight reorder for AMX can take longer than many real calls, so it is not
+    timed); when the second alone takes over a quarter of the budget (bf16 emulated in software runs
+    at ~1 GFLOP/s, ~0.25 s for it), its rate is the answer. 0.0 when the dtype's matmul fails."""
     m, k, n = shape
     g = torch.Generator().manual_seed(0)
     try:
         a = torch.randn(m, k, generator=g).to(dtype)
         b = torch.randn(k, n, generator=g).to(dtype)
         small = a[: max(1, m // 8)]
-        t0 = time.perf_counter()
         torch.mm(small, b)  # warm-up: kernel selection, JIT, page faults
+        t0 = time.perf_counter()
+        torch.mm(small, b)
         t_small = max(time.perf_counter() - t0, 1e-9)
-        small_rate = 2.0 * small.shape[0] * k * n / t_small / 1e9
-        if t_small * m / small.shape[0] > seconds / 2:
-            return small_rate
+        if t_small > seconds / 4:  # not the per-row cost scaled up: a call's fixed cost would dominate it
+            return 2.0 * small.shape[0] * k * n / t_small / 1e9
         best = float("inf")
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline or best == float("inf"):
