@@ -3,8 +3,9 @@
 PEFT's folder: `adapter_model.safetensors` with keys
 `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` `(r, in)` / `...lora_B.weight`
 `(out, r)`, and `adapter_config.json` (`peft_type: LORA`, `r`, `lora_alpha`, `target_modules`,
-`layers_to_transform`). The scaling is `lora_alpha / r` in both (`lora_alpha / sqrt(r)` with PEFT's
-`use_rslora`, converted on import).
+`layers_to_transform`). The scaling is `lora_alpha / r` in both, `lora_alpha / sqrt(r)` with
+`use_rslora` (ours: `--use_rslora True`). DoRA (`use_dora`, ours `--lora_variant dora`) adds
+`...lora_magnitude_vector` `(out,)` per module (ours: `lora_magnitude`).
 
 Rotary layout: Meta's wq/wk rows interleave each head's rotary pairs (x[2i], x[2i+1]), transformers'
 rows split each head in halves (x[i], x[i + hd/2]). dW = B A permutes like W's rows, so the rows of
@@ -71,6 +72,9 @@ def to_peft_state(cfg: MoAConfig, state: Mapping[str, torch.Tensor], args: Model
             b = interleaved_to_halves(b, heads)
         key = _hf_key(site)
         out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
+        if cfg.lora_variant == "dora":  # one magnitude per output row: permuted like B's rows
+            m = state[f"{site}.lora_magnitude"].float()[:, None]
+            out[f"{key}.lora_magnitude_vector"] = (m if heads is None else interleaved_to_halves(m, heads))[:, 0].contiguous()
     return out
 
 
@@ -84,6 +88,11 @@ def from_peft_state(cfg: MoAConfig, peft_state: Mapping[str, torch.Tensor], args
         if heads is not None:
             b = halves_to_interleaved(b, heads)
         out[f"{site}.lora_A"], out[f"{site}.lora_B"] = a.contiguous(), b.contiguous()
+        if cfg.lora_variant == "dora":
+            if f"{key}.lora_magnitude_vector" not in peft_state:
+                raise ValueError(f"use_dora: {key}.lora_magnitude_vector is missing (DoRA has one per module)")
+            m = peft_state[f"{key}.lora_magnitude_vector"].float()[:, None]
+            out[f"{site}.lora_magnitude"] = (m if heads is None else halves_to_interleaved(m, heads))[:, 0].contiguous()
     return out
 
 
@@ -95,6 +104,10 @@ def _check_shapes(cfg: MoAConfig, state: Mapping[str, torch.Tensor], args: Model
         if tuple(a.shape) != (cfg.lora_rank, in_f) or tuple(b.shape) != (out_f, cfg.lora_rank):
             raise ValueError(f"{where}: {site} has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; the base "
                              f"model expects {(cfg.lora_rank, in_f)}, {(out_f, cfg.lora_rank)}")
+        m = state.get(f"{site}.lora_magnitude")
+        if cfg.lora_variant == "dora" and (m is None or tuple(m.shape) != (out_f,)):
+            raise ValueError(f"{where}: {site} has DoRA magnitude {None if m is None else tuple(m.shape)}; the "
+                             f"base model expects {(out_f,)}")
 
 
 def export_peft(adapter: str | os.PathLike, out_dir: str | os.PathLike, base_params: Mapping) -> Path:
@@ -104,14 +117,15 @@ def export_peft(adapter: str | os.PathLike, out_dir: str | os.PathLike, base_par
     base_params: the base model's params.json dict (head counts for the rotary permutation, shapes).
     `out_dir` must not exist; it is written to a temporary folder beside it and renamed.
     """
-    cfg, state = read_plain_lora(adapter)
+    cfg, state = read_plain_lora(adapter, dora_ok=True)
     args = ModelArgs(**base_params)
     _check_shapes(cfg, state, args, str(adapter))
     layers = sorted(cfg.layers("lora_layers", args.n_layers))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
         "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "fan_in_fan_out": False, "use_rslora": cfg.use_rslora, "use_dora": cfg.lora_variant == "dora",
+        "inference_mode": True,
         "target_modules": sorted(HF_NAMES[LORA_TARGETS[t][1]].rsplit(".", 1)[1] for t in cfg.target_list),
         "layers_to_transform": layers if len(layers) < args.n_layers else None,
     }
@@ -144,21 +158,21 @@ def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -
 
 
 def _uniform_rank(pc: Mapping, peft_state: dict[str, torch.Tensor], where: str
-                  ) -> tuple[int, float, dict[str, torch.Tensor]]:
-    """(rank, alpha, state) with one rank and scaling for every module (our format's shape).
+                  ) -> tuple[int, float, bool, dict[str, torch.Tensor]]:
+    """(rank, alpha, use_rslora, state) with one rank and scaling for every module (our format's shape).
 
-    Without patterns: PEFT's `r` and `lora_alpha` as they are (rsLoRA's alpha / sqrt(r) as an alpha
-    for alpha / r). With `rank_pattern` / `alpha_pattern`: each module's rank is read from its A,
-    its own scaling folded into its B, and A's rows and B's columns padded with zeros to the largest
-    rank, so the file has rank R and alpha R (scaling 1) and the same delta B A at every module.
+    Without patterns: PEFT's `r`, `lora_alpha` and `use_rslora` as they are. With `rank_pattern` /
+    `alpha_pattern`: each module's rank is read from its A, its own scaling folded into its B, and
+    A's rows and B's columns padded with zeros to the largest rank, so the file has rank R and alpha
+    R (scaling 1, no rsLoRA) and the same delta B A at every module; DoRA magnitudes pass as they are.
     """
     r, alpha = int(pc["r"]), float(pc["lora_alpha"])
     rslora = bool(pc.get("use_rslora", False))
     if not pc.get("rank_pattern") and not pc.get("alpha_pattern"):
-        return r, alpha * r ** 0.5 if rslora else alpha, peft_state  # rsLoRA: alpha / sqrt(r) = (alpha sqrt r) / r
+        return r, alpha, rslora, peft_state
     ranks = {k: t.shape[0] for k, t in peft_state.items() if k.endswith(".lora_A.weight")}
     big = max(ranks.values())
-    out = {}
+    out = {k: t for k, t in peft_state.items() if k.endswith(".lora_magnitude_vector")}
     for key_a, r_m in ranks.items():
         key_b = key_a.replace(".lora_A.", ".lora_B.")
         if key_b not in peft_state:
@@ -169,7 +183,7 @@ def _uniform_rank(pc: Mapping, peft_state: dict[str, torch.Tensor], where: str
         a, b = peft_state[key_a], peft_state[key_b]
         out[key_a] = torch.cat([a, a.new_zeros(big - r_m, a.shape[1])])
         out[key_b] = torch.cat([b * scale, b.new_zeros(b.shape[0], big - r_m)], dim=1)
-    return big, float(big), out
+    return big, float(big), False, out
 
 
 def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_params: Mapping) -> Path:
@@ -179,7 +193,8 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
     The adapted (layer, module) pairs must form layers x targets (our config's shape). Per-module
     ranks and alphas (`rank_pattern`, `alpha_pattern`) import exactly: every module is padded to the
     largest rank with zeros and its own `alpha_m / r_m` is folded into its B (the file's scaling is
-    then 1). Refused with a `ValueError` naming the field: another peft_type, DoRA, bias training,
+    then 1). `use_rslora` and DoRA (`use_dora`) import as `--use_rslora True` and `--lora_variant
+    dora`. Refused with a `ValueError` naming the field: another peft_type, bias training,
     modules other than the seven projections, and an `init_lora_weights` that changed the base
     (PiSSA, OLoRA, CorDA, LoftQ) in a folder PEFT did not convert back to a plain LoRA.
     """
@@ -191,7 +206,7 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
     pc = json.loads(cfg_path.read_text())
     if pc.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}, expected 'LORA'")
-    for field, plain in (("use_dora", False), ("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
+    for field, plain in (("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
                          ("fan_in_fan_out", False)):
         if pc.get(field, plain) not in (plain, None, [], {}):
             raise ValueError(f"{cfg_path}: {field} = {pc[field]!r} is not supported (expected {plain!r})")
@@ -202,24 +217,28 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
                          "not a delta to the original base; save it from PEFT converted to a plain LoRA "
                          "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and import that")
     peft_state = load_file(str(weights_path))
-    r, alpha, peft_state = _uniform_rank(pc, peft_state, str(cfg_path))
+    r, alpha, rslora, peft_state = _uniform_rank(pc, peft_state, str(cfg_path))
+    dora = bool(pc.get("use_dora", False))
     args = ModelArgs(**base_params)
     pairs = set()
     for key in peft_state:
         parts = key.removeprefix(_PREFIX).split(".")  # layers N self_attn q_proj lora_A weight
-        if not key.startswith(_PREFIX) or len(parts) != 6 or parts[0] != "layers" or parts[3] not in _TARGET_OF_HF \
-                or parts[4] not in ("lora_A", "lora_B") or parts[5] != "weight":
-            raise ValueError(f"{weights_path}: unexpected key {key!r} "
-                             f"(expected {_PREFIX}layers.N.<proj>.lora_A|B.weight)")
+        tail = parts[4:]
+        if not key.startswith(_PREFIX) or len(parts) not in (5, 6) or parts[0] != "layers" \
+                or parts[3] not in _TARGET_OF_HF or (tail not in (["lora_A", "weight"], ["lora_B", "weight"])
+                                                     and not (dora and tail == ["lora_magnitude_vector"])):
+            raise ValueError(f"{weights_path}: unexpected key {key!r} (expected {_PREFIX}layers.N.<proj>."
+                             "lora_A|B.weight" + (", ...lora_magnitude_vector with use_dora" if not dora else
+                                                  " or ...lora_magnitude_vector") + ")")
         pairs.add((int(parts[1]), _TARGET_OF_HF[parts[3]]))
     layers = sorted({i for i, _ in pairs})
     targets = [t for t in LORA_TARGETS if any(t == tt for _, tt in pairs)]
     if pairs != {(i, t) for i in layers for t in targets}:
         raise ValueError(f"{weights_path}: the adapted modules are not the same in every layer "
                          f"(layers {layers}, targets {targets}); our format needs layers x targets")
-    cfg = MoAConfig(lora_layers=indices_to_spans(layers), lora_rank=r, lora_alpha=alpha,
-                    lora_targets=",".join(targets), type_router="none")
-    check_plain_lora(cfg, str(peft_dir))
+    cfg = MoAConfig(lora_layers=indices_to_spans(layers), lora_rank=r, lora_alpha=alpha, use_rslora=rslora,
+                    lora_variant="dora" if dora else "lora", lora_targets=",".join(targets), type_router="none")
+    check_plain_lora(cfg, str(peft_dir), dora_ok=True)
     state = from_peft_state(cfg, peft_state, args)
     _check_shapes(cfg, state, args, str(weights_path))
     return write_adapter_files(out_path, cfg, state)

@@ -51,9 +51,16 @@ def indices_to_spans(indices: Sequence[int]) -> str:
     return ",".join(spans)
 
 
-def check_plain_lora(cfg: MoAConfig, where: str) -> None:
-    """`ValueError` (naming `where` and every offending flag) unless `cfg` describes a plain LoRA."""
+def check_plain_lora(cfg: MoAConfig, where: str, dora_ok: bool = False) -> None:
+    """`ValueError` (naming `where` and every offending flag) unless `cfg` describes a plain LoRA.
+
+    A DoRA adapter (`--lora_variant dora`) is one only where `dora_ok` (merging, PEFT export, top-1
+    routing): its row normalisation is not linear in B A, so it cannot be mixed or combined."""
     reasons = []
+    if cfg.lora_variant == "dora" and not dora_ok:
+        reasons.append("--lora_variant dora: DoRA rescales each row of W + B A by its norm, which is not linear "
+                       "in B A, so DoRA adapters cannot be mixed with weights (fusion, combine, LoraHub); "
+                       "merging, PEFT export and top-1 routing take them")
     if cfg.expert_num != 1:
         reasons.append(f"--expert_num {cfg.expert_num}: a mixture of LoRAs per site whose weights depend on "
                        "the input")
@@ -95,10 +102,11 @@ def adapter_config(file: Path) -> MoAConfig:
     return read_adapter_params(file.parent / ADAPTER_PARAMS)[0]
 
 
-def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
+def read_plain_lora(path: str | os.PathLike, dora_ok: bool = False) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
     """Read `adapter.pth` (a file or its folder) + `adapter_params.json` of a plain LoRA.
 
-    Returns (cfg, state), state fp32 on the CPU. Not a plain LoRA, keys/ranks that do not match
+    Returns (cfg, state), state fp32 on the CPU; a DoRA adapter (only with `dora_ok`) also has
+    `...lora_magnitude` `(out,)` per site. Not a plain LoRA, keys/ranks that do not match
     the config, or a `base_trained.pth` beside it (training with `--w_bias True` also changed base
     norms/biases, which a LoRA file cannot carry; `merge_into_base` folds them in): `ValueError`
     naming the file.
@@ -106,13 +114,13 @@ def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch
 
     file = adapter_file(path)
     cfg = adapter_config(file)
-    check_plain_lora(cfg, str(file))
+    check_plain_lora(cfg, str(file), dora_ok)
     if (file.parent / BASE_TRAINED).is_file():
         raise ValueError(f"{file}: {file.parent / BASE_TRAINED} beside it holds base tensors that training also "
                          "changed (--w_bias True); a LoRA cannot carry them, so this adapter can only be merged "
                          "into its base (lora_tools merge)")
     state = read_adapter_files(file).state
-    expected = {f"{s}.lora_{m}" for s in lora_sites(cfg) for m in "AB"}
+    expected = {f"{s}.{m}" for s in lora_sites(cfg) for m in plain_lora_keys(cfg)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{file}: keys do not match {ADAPTER_PARAMS}: missing {missing[:6]}, "
@@ -126,9 +134,14 @@ def read_plain_lora(path: str | os.PathLike) -> tuple[MoAConfig, dict[str, torch
     return cfg, {k: v.float() for k, v in state.items()}
 
 
+def plain_lora_keys(cfg: MoAConfig) -> tuple[str, ...]:
+    """The tensor names of one site of a plain LoRA: lora_A, lora_B (and lora_magnitude with DoRA)."""
+    return ("lora_A", "lora_B", "lora_magnitude") if cfg.lora_variant == "dora" else ("lora_A", "lora_B")
+
+
 def lora_delta(cfg: MoAConfig, state: dict[str, torch.Tensor], site: str) -> torch.Tensor:
-    """dW = B A * alpha / r of `site`, (out, in) fp32."""
-    return (state[f"{site}.lora_B"].float() @ state[f"{site}.lora_A"].float()) * (cfg.lora_alpha / cfg.lora_rank)
+    """dW = B A * alpha / r (alpha / sqrt(r) with rsLoRA) of `site`, (out, in) fp32."""
+    return (state[f"{site}.lora_B"].float() @ state[f"{site}.lora_A"].float()) * cfg.lora_scale
 
 
 # ---- merge into a base-model directory ------------------------------------------------------------
@@ -150,12 +163,13 @@ def merge_into_base(base_dir: str | os.PathLike, adapter: str | os.PathLike, out
     adapter: adapter.pth (or its folder) with adapter_params.json beside it, and `base_trained.pth`
         when training also changed base norms/biases (--w_bias True): those replace the base's too.
     out_dir: must not exist; written atomically by `save_model_dir` (one shard), every weight in the
-        base's stored dtype: W + B A * alpha / r (the product in fp32, see `moa.merge_lora`).
+        base's stored dtype: W + B A * alpha / r, or DoRA's g * (W + B A * alpha / r) (in fp32, see
+        `moa.merge_lora`).
     A mixture, router, prompt or parallel adapter: `ValueError` saying why; an adapter made for
     another base (layers, shapes): `ValueError` naming both.
     """
     file = adapter_file(adapter)
-    check_plain_lora(adapter_config(file), str(file))
+    check_plain_lora(adapter_config(file), str(file), dora_ok=True)
     if is_hf_dir(base_dir):
         raise ValueError(f"{base_dir} is a Hugging Face folder: merge into it with scripts/export_hf.py "
                          "--ckpt_dir BASE --adapter_path ADAPTER --out DIR (writes a Hugging Face folder)")
@@ -170,7 +184,7 @@ def merged_base(base_dir: str | os.PathLike, adapter: str | os.PathLike):
     stored dtype with a plain LoRA folded in; `state` holds the base's tensors only (Meta names), the
     merged ones updated. Not a plain LoRA, or made for another base: `ValueError` saying why."""
     file = adapter_file(adapter)
-    check_plain_lora(adapter_config(file), str(file))
+    check_plain_lora(adapter_config(file), str(file), dora_ok=True)
     model, tokenizer = load_model(base_dir, dtype=_stored_dtype(base_dir))
     base_keys = list(model.state_dict())
     try:

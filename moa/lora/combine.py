@@ -51,7 +51,7 @@ def combine(adapters: Sequence[Lora], weights: Sequence[float], method: str, den
     cfgs = [cfg for cfg, _ in adapters]
     new_rank = combined_rank(method, [cfg.lora_rank for cfg in cfgs], rank)
     generator = torch.Generator().manual_seed(seed)
-    scales = [cfg.lora_alpha / cfg.lora_rank for cfg in cfgs]
+    scales = [cfg.lora_scale for cfg in cfgs]
     out: dict[str, torch.Tensor] = {}
     for site in sites:
         a_list = [state[f"{site}.lora_A"].float() for _, state in adapters]  # (r_i, in)
@@ -64,7 +64,7 @@ def combine(adapters: Sequence[Lora], weights: Sequence[float], method: str, den
         else:
             a, b = _combine_factors(rule, a_list, b_list, weights, scales, density, majority_sign_method, generator)
         out[f"{site}.lora_A"], out[f"{site}.lora_B"] = a.contiguous(), b.contiguous()
-    new_cfg = dataclasses.replace(cfgs[0], lora_rank=new_rank, lora_alpha=float(new_rank))
+    new_cfg = dataclasses.replace(cfgs[0], lora_rank=new_rank, lora_alpha=float(new_rank), use_rslora=False)
     return new_cfg, out
 
 

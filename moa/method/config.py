@@ -29,6 +29,7 @@ LORA_TARGETS: dict[str, tuple[str, str]] = {
 PROMPT_SLOT = "prompt"
 P_ADAPTER_SLOT = "p_adapter"
 LORA_SLOTS = tuple(slot for slot, _ in LORA_TARGETS.values())  # "lora.wq", ...
+LORA_VARIANTS = ("lora", "dora")
 TYPE_ROUTERS = ("soft", "sparse", "instance", "unipeft", "none")
 EXPERT_ROUTERS = ("soft", "topk", "adamole")
 _SPAN = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -75,6 +76,9 @@ class MoAConfig:
     lora_rank: int = _flag(8, "LoRA rank r")
     lora_targets: str = _flag("Q,K,V,O,FFN_DOWN", "LoRA sites, a subset of Q,K,V,O,FFN_UP,FFN_GATE,FFN_DOWN")
     lora_alpha: float = _flag(8.0, "LoRA scale alpha (the update is B A z * alpha / r)")
+    use_rslora: bool = _flag(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
+    lora_variant: str = _flag("lora", "lora | dora: DoRA, a trained magnitude per output row times the "
+                                      "row-normalised W + dW (as PEFT's use_dora); plain LoRA sites only")
     expert_num: int = _flag(1, "E > 1: a homogeneous mixture of E experts inside every type (MoLoRA/HydraLoRA, "
                                "MoE parallel adapter, E prompt sets)")
     hydra_moe: bool = _flag(False, "with E > 1: LoRA shares one A per site, E heads B (HydraLoRA) instead of E "
@@ -96,7 +100,8 @@ class MoAConfig:
     lb_loss_coeff: float = _flag(0.0, "load-balance loss of the mixtures with E > 1 (0 in the paper's runs)")
 
     def __post_init__(self) -> None:
-        for flag in ("hydra_moe", "p_adapter_hydra", "const_threshold", "threshold_ste", "noisy_router"):
+        for flag in ("hydra_moe", "p_adapter_hydra", "const_threshold", "threshold_ste", "noisy_router",
+                     "use_rslora"):
             setattr(self, flag, _as_bool(flag, getattr(self, flag)))
         for flag in ("lora_layers", "p_adapter_layers", "prompt_layers"):
             parse_spans(flag, getattr(self, flag))
@@ -125,6 +130,12 @@ class MoAConfig:
             raise ValueError(f"--lora_targets: {self.lora_targets!r} must be distinct names from "
                              f"{','.join(LORA_TARGETS)}" + (f" (unknown: {bad})" if bad else ""))
         self.lora_targets = ",".join(targets)
+        if self.lora_variant not in LORA_VARIANTS:
+            raise ValueError(f"--lora_variant: expected one of {LORA_VARIANTS}, got {self.lora_variant!r}")
+        if self.lora_variant == "dora" and self.expert_num > 1 and self.lora_layers != "0-0":
+            raise ValueError(f"--lora_variant dora: DoRA normalises one weight W + B A per site, but --expert_num "
+                             f"{self.expert_num} mixes {self.expert_num} LoRAs per token (MoLoRA/HydraLoRA); "
+                             "use --expert_num 1")
         if self.type_router not in TYPE_ROUTERS:
             raise ValueError(f"--type_router: expected one of {TYPE_ROUTERS}, got {self.type_router!r}")
         if self.expert_router not in EXPERT_ROUTERS:
@@ -136,6 +147,11 @@ class MoAConfig:
                              f"{self.expert_router}")
 
     # ---- derived views ------------------------------------------------------------------------
+    @property
+    def lora_scale(self) -> float:
+        """The factor on B A z: alpha / r, or alpha / sqrt(r) with --use_rslora."""
+        return self.lora_alpha / (self.lora_rank ** 0.5 if self.use_rslora else self.lora_rank)
+
     @property
     def target_list(self) -> list[str]:
         """`lora_targets` as a list, e.g. ['Q', 'K', 'V', 'O', 'FFN_DOWN']."""
@@ -194,7 +210,7 @@ class MoAConfig:
 
 
 # Flags newer than the first adapter files, with the default that leaves them out of `to_dict`.
-_LATER_FLAGS = {"noisy_router": False}
+_LATER_FLAGS = {"noisy_router": False, "use_rslora": False, "lora_variant": "lora"}
 
 
 # The key of adapter_params.json that records the content hash of each file written with it.

@@ -20,12 +20,16 @@ from torch import nn
 from moa.method.config import P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig
 from moa.method.routers import ExpertRouter, Route, current_route
 
-# delta_fn(z (n, in), row_mask (n,) bool | None, weight (n, 1) | None) -> (n, out)
-DeltaFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
+# delta_fn(z (n, in), row_mask (n,) bool | None, weight (n, 1) | None[, aux=(n, d_aux)]) -> (n, out)
+DeltaFn = Callable[..., torch.Tensor]
 
 
-def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Optional[Route]) -> torch.Tensor:
+def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Optional[Route],
+               aux: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out (..., d_out) plus the route-weighted expert output delta_fn(z), z (..., d_in).
+
+    aux (..., d_aux), when given, is gathered with z row for row and passed as `delta_fn(..., aux=rows)`
+    (DoRA's delta needs the frozen projection of the same tokens).
 
     Dense route: every token runs the expert. Sparse route (`route.index`): only the selected
     tokens are gathered, run and scatter-added back; the others cost nothing (an empty selection
@@ -38,7 +42,8 @@ def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Opt
     d_out = out.shape[-1]
     if route is not None and route.index is not None:
         rows = z.reshape(-1, z.shape[-1]).index_select(0, route.index)  # (n, d_in)
-        delta = delta_fn(rows, None, route.weight)  # (n, d_out)
+        extra = {} if aux is None else {"aux": aux.reshape(-1, aux.shape[-1]).index_select(0, route.index)}
+        delta = delta_fn(rows, None, route.weight, **extra)  # (n, d_out)
         out.view(-1, d_out).index_add_(0, route.index, delta.to(out.dtype))
         return out
     lead = z.shape[:-1]
@@ -51,7 +56,8 @@ def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Opt
             weight = weight.reshape(-1, 1)  # (N, 1)
         if route.token_mask is not None:
             row_mask = route.token_mask.reshape(-1)
-    delta = delta_fn(z.reshape(-1, z.shape[-1]), row_mask, weight)  # (N, d_out)
+    extra = {} if aux is None else {"aux": aux.reshape(-1, aux.shape[-1])}
+    delta = delta_fn(z.reshape(-1, z.shape[-1]), row_mask, weight, **extra)  # (N, d_out)
     return out.add_(_as_dtype(delta.view(out.shape), out.dtype))
 
 
@@ -74,6 +80,13 @@ class LoRALinear(nn.Module):
         adds `sum_e p_e B_e A_e z * alpha / r`.
     mixture 'hydra': one `lora_A (r, in)`, `lora_B (E, out, r)`, `router`; adds `sum_e p_e B_e A z * alpha / r`.
     Init: A Kaiming-uniform (bound 1/sqrt(in), as nn.Linear's default), B zero.
+    `--use_rslora True`: alpha / sqrt(r) in place of alpha / r (`cfg.lora_scale`).
+
+    `--lora_variant dora` (mixture 'lora' only): also `lora_magnitude (out,)`, initialised to the row
+    norms of W, and the site computes `g * (W + s B A) z` with `g = m / ||W + s B A||` per output row,
+    the norm detached (as the DoRA paper and PEFT). Written as a delta to the frozen projection,
+    `(g - 1) * W z + g * s B A z`, so a type router weighs it like any other expert (weight 1 = PEFT's
+    DoRA). In eval mode without autograd, g is cached until A, B or m change (decode steps reuse it).
     """
 
     def __init__(self, base: nn.Linear, cfg: MoAConfig, mixture: str = "lora", dtype: torch.dtype = torch.float32,
@@ -87,7 +100,10 @@ class LoRALinear(nn.Module):
         self.bias = base.bias
         self.mixture = mixture
         self.rank = cfg.lora_rank
-        self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.scale = cfg.lora_scale
+        self.dora = cfg.lora_variant == "dora"
+        if self.dora and mixture != "lora":
+            raise ValueError(f"LoRALinear: --lora_variant dora needs a plain LoRA site, got mixture {mixture!r}")
         self.n_experts = 1 if mixture == "lora" else cfg.expert_num
         kw = dict(device=base.weight.device, dtype=dtype)
         e, r = self.n_experts, self.rank
@@ -96,6 +112,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
         self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
         self.router = None if mixture == "lora" else ExpertRouter(self.in_features, e, cfg, False, **kw)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **kw)) if self.dora else None
+        self._dora_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self.reset_lora_parameters()
 
     def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -108,6 +126,40 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
         if self.router is not None:
             self.router.reset_parameters()
+        if self.lora_magnitude is not None:
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self.weight.float().norm(dim=1))  # B = 0: ||W + s B A|| = ||W||
+
+    def lora_weight(self) -> torch.Tensor:
+        """dW = s B A, (out, in) fp32 (a plain LoRA site)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    def dora_gain(self) -> torch.Tensor:
+        """g = m / ||W + s B A|| per output row, (out,) in the adapter dtype; the norm carries no gradient."""
+        key = (self.lora_A._version, self.lora_B._version, self.lora_magnitude._version, self.weight._version,
+               self.lora_A.data_ptr(), self.lora_B.data_ptr(), self.lora_magnitude.data_ptr())
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and self._dora_cache is not None and self._dora_cache[0] == key:
+            return self._dora_cache[1]
+        with torch.no_grad():
+            norm = (self.weight.float() + self.lora_weight()).norm(dim=1).to(self.lora_magnitude.dtype)
+        gain = self.lora_magnitude / norm
+        self._dora_cache = (key, gain) if cacheable else None
+        return gain
+
+    def merged_weight(self) -> torch.Tensor:
+        """The site's weight with its LoRA folded in, (out, in) fp32: W + s B A, or with DoRA
+        g * (W + s B A) (row-scaled)."""
+        w = self.weight.float() + self.lora_weight()
+        return w * (self.lora_magnitude.float() / w.norm(dim=1))[:, None] if self.dora else w
+
+    def _dora_delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
+                    weight: Optional[torch.Tensor] = None, aux: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (n, in), aux = W z (n, out) -> (g - 1) * W z + g * s B A z (n, out), times weight (n, 1) if given."""
+        z = _as_dtype(z, self.lora_A.dtype)
+        gain = self.dora_gain()
+        out = (gain - 1) * _as_dtype(aux, z.dtype) + gain * F.linear(F.linear(z, self.lora_A), self.lora_B) * self.scale
+        return out if weight is None else out * _as_dtype(weight, z.dtype)
 
     def delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -126,11 +178,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) in the base dtype -> (..., out): frozen projection plus the routed LoRA."""
-        return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, current_route(self.slot))
+        if not self.dora:
+            return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, current_route(self.slot))
+        base = F.linear(x, self.weight)  # W z, no bias: DoRA rescales the weight's rows only
+        out = base + self.bias if self.bias is not None else base.clone()  # base is saved for the delta's backward
+        return add_routed(out, x, self._dora_delta, current_route(self.slot), aux=base)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, mixture={self.mixture}, rank={self.rank}, "
-                f"experts={self.n_experts}, scale={self.scale}")
+                f"experts={self.n_experts}, scale={self.scale}" + (", dora" if self.dora else ""))
 
 
 class ParallelAdapter(nn.Module):

@@ -52,7 +52,7 @@ def _first_keys(keys: list[str], shown: int = 6) -> str:
 # Which MoAConfig flags decide that a tensor of this kind exists (matched on its key, first match wins).
 _KEY_FLAGS = ((".type_router.", "type_router"), (".router.", "expert_num, expert_router"),
               (".prompt.", "prompt_layers"), (".p_adapter.", "p_adapter_layers"),
-              (".lora_", "lora_targets, lora_layers"))
+              (".lora_magnitude", "lora_variant"), (".lora_", "lora_targets, lora_layers"))
 
 
 def _deciding_flags(keys: list[str]) -> str:
@@ -65,7 +65,8 @@ def _deciding_flags(keys: list[str]) -> str:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every plain LoRA into its frozen weight (`W += B A * alpha / r`) and return the model.
+    """Fold every plain LoRA into its frozen weight (`W += s B A`; DoRA: `W = g * (W + s B A)`, g the
+    magnitude over the row norm) and return the model.
 
     Each `LoRALinear` becomes a plain `nn.Linear` holding the same (updated) weight under the same
     key (so its tensors are no longer adapter tensors), and `model.moa_config` gets `lora_layers="0-0"`
@@ -95,8 +96,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
                              "through the frozen (unmerged) weight; merging would change the prompt")
     with torch.no_grad():
         for name, site in sites:
-            w = site.weight
-            w.add_(((site.lora_B.float() @ site.lora_A.float()) * site.scale).to(w.dtype))
+            site.weight.copy_(site.merged_weight())
             plain = nn.Linear(site.in_features, site.out_features, bias=site.bias is not None, device="meta")
             plain.weight = site.weight
             plain.bias = site.bias

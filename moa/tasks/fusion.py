@@ -41,10 +41,18 @@ class AdapterBank:
     lora_B: dict[str, torch.Tensor]
     sources: list[str] = field(default_factory=list)  # the adapter files (load_bank), for error messages
     max_seq_len: Optional[int] = None  # the smallest training max_seq_len of its adapters (None: none known)
+    # DoRA adapters (top-1 routing only): site -> (N, out) magnitudes, NaN for an adapter without DoRA
+    # there; empty when no adapter is DoRA.
+    lora_magnitude: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return len(self.tasks)
+
+    @property
+    def dora_tasks(self) -> list[str]:
+        """The tasks whose adapter is DoRA at some site."""
+        return [t for i, t in enumerate(self.tasks) if any(not m[i].isnan().all() for m in self.lora_magnitude.values())]
 
 
 def build_bank(tasks: Sequence[str], adapters: Sequence[tuple[MoAConfig, dict[str, torch.Tensor]]]) -> AdapterBank:
@@ -57,9 +65,10 @@ def build_bank(tasks: Sequence[str], adapters: Sequence[tuple[MoAConfig, dict[st
     rank = max(cfg.lora_rank for cfg, _ in adapters)
     cfg = MoAConfig(lora_layers=indices_to_spans(layers), lora_targets=",".join(targets), lora_rank=rank,
                     lora_alpha=float(rank), type_router="none")
-    lora_A, lora_B = {}, {}
+    lora_A, lora_B, magnitude = {}, {}, {}
+    any_dora = any(c.lora_variant == "dora" for c, _ in adapters)
     for site in lora_sites(cfg):
-        a_list, b_list = [], []
+        a_list, b_list, m_list = [], [], []
         # (out, in) of this projection; every layer has the same, and some adapter has this target.
         proj = site.split(".", 2)[2]  # e.g. attention.wq
         shape = next((state[k.replace("lora_A", "lora_B")].shape[0], state[k].shape[1])
@@ -67,23 +76,28 @@ def build_bank(tasks: Sequence[str], adapters: Sequence[tuple[MoAConfig, dict[st
         for c, state in adapters:
             a = torch.zeros(rank, shape[1])
             b = torch.zeros(shape[0], rank)
+            m_list.append(state[f"{site}.lora_magnitude"].float() if f"{site}.lora_magnitude" in state
+                          else torch.full((shape[0],), float("nan")))
             if f"{site}.lora_A" in state:
                 a_i, b_i = state[f"{site}.lora_A"].float(), state[f"{site}.lora_B"].float()
                 if (b_i.shape[0], a_i.shape[1]) != tuple(shape):
                     raise ValueError(f"{site}: adapters disagree on its shape ({tuple(shape)} vs "
                                      f"{(b_i.shape[0], a_i.shape[1])}): they were trained on different bases")
                 a[: c.lora_rank] = a_i
-                b[:, : c.lora_rank] = b_i * (c.lora_alpha / c.lora_rank)
+                b[:, : c.lora_rank] = b_i * c.lora_scale
             a_list.append(a)
             b_list.append(b)
         lora_A[site], lora_B[site] = torch.stack(a_list), torch.stack(b_list)  # (N, r, in), (N, out, r)
-    return AdapterBank(list(tasks), cfg, lora_A, lora_B)
+        if any_dora:
+            magnitude[site] = torch.stack(m_list)  # (N, out)
+    return AdapterBank(list(tasks), cfg, lora_A, lora_B, lora_magnitude=magnitude)
 
 
-def load_bank(tasks: Sequence[str], paths: Sequence[str | os.PathLike]) -> AdapterBank:
+def load_bank(tasks: Sequence[str], paths: Sequence[str | os.PathLike], dora_ok: bool = False) -> AdapterBank:
     """Read plain LoRA files (adapter.pth or its folder, adapter_params.json beside it) into a bank;
-    the bank runs at the smallest training `max_seq_len` its adapter_params.json files record."""
-    bank = build_bank(tasks, [read_plain_lora(p) for p in paths])
+    the bank runs at the smallest training `max_seq_len` its adapter_params.json files record.
+    DoRA adapters only with `dora_ok` (a bank for top-1 routing)."""
+    bank = build_bank(tasks, [read_plain_lora(p, dora_ok) for p in paths])
     bank.sources = [str(adapter_file(p)) for p in paths]
     lengths = [n for n in (read_adapter_params(adapter_file(p).parent / ADAPTER_PARAMS)[1] for p in paths)
                if n is not None]
@@ -126,15 +140,28 @@ class BankLinear(nn.Module):
     adapters given) it is the base projection alone.
 
     `lora_A` (N, r, in), `lora_B` (N, out, r): the bank's stacked factors (scaling folded into B),
-    buffers, so the model's state_dict does not change.
+    buffers, so the model's state_dict does not change. `lora_magnitude` (N, out), with DoRA adapters
+    in the bank (NaN rows: not DoRA): each one's gain g_i = m_i / ||W + B_i A_i|| per output row is
+    computed once here, and a row on adapter i adds `(g_i - 1) W x + g_i B_i A_i x` (g = 1 for the
+    others); such a bank takes one adapter per row (top-1), since DoRA outputs do not mix linearly.
     """
 
-    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 lora_magnitude: Optional[torch.Tensor] = None):
         super().__init__()
         self.base = base
         device = base.weight.device
         self.register_buffer("lora_A", lora_A.to(device), persistent=False)
         self.register_buffer("lora_B", lora_B.to(device), persistent=False)
+        gain = None
+        if lora_magnitude is not None:
+            with torch.no_grad():
+                w = base.weight.float()
+                norms = torch.stack([(w + lora_B[i].float().to(device) @ lora_A[i].float().to(device)).norm(dim=1)
+                                     for i in range(lora_A.shape[0])])  # (N, out)
+                m = lora_magnitude.to(device)
+                gain = torch.where(m.isnan(), torch.ones_like(norms), m / norms).to(lora_A.dtype)
+        self.register_buffer("dora_gain", gain, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, in) in the base dtype -> (B, T, out)."""
@@ -157,7 +184,15 @@ class BankLinear(nn.Module):
             a = self.lora_A.index_select(0, flat).view(bsz, k * r, d_in)  # (B, K r, in)
             b = self.lora_B.index_select(0, flat).view(bsz, k, -1, r).transpose(1, 2).reshape(bsz, -1, k * r)  # (B, out, K r)
             h = torch.bmm(x.reshape(bsz, -1, d_in).to(a.dtype), a.transpose(1, 2)) * w.repeat_interleave(r, 1)[:, None]
-        return out.add_(torch.bmm(h, b.transpose(1, 2)).view(out.shape).to(out.dtype))
+        lora = torch.bmm(h, b.transpose(1, 2))  # (B, T, out)
+        if self.dora_gain is not None:
+            if k > 1 or rows.compose:
+                raise ValueError("this bank holds DoRA adapters, whose outputs do not mix linearly: give each "
+                                 "row one adapter (top-1 routing), not a weighted set")
+            g = self.dora_gain.index_select(0, flat)[:, None, :]  # (B, 1, out)
+            wx = out if self.base.bias is None else out - self.base.bias
+            lora = g * lora + (g - 1) * w[:, None, :] * wx.reshape(lora.shape).to(lora.dtype)
+        return out.add_(lora.view(out.shape).to(out.dtype))
 
 
 class AttachedBank:
@@ -233,7 +268,8 @@ def attach_bank(model: Transformer, bank: AdapterBank) -> AttachedBank:
         # Adapter factors in fp32 (as a trained adapter's own dtype), or the base's when it is lower:
         # per-row gathers then read half the bytes.
         factor_dtype = torch.float32 if dtype == torch.float32 else dtype
-        sites[name] = BankLinear(base, bank.lora_A[name].to(factor_dtype), bank.lora_B[name].to(factor_dtype))
+        sites[name] = BankLinear(base, bank.lora_A[name].to(factor_dtype), bank.lora_B[name].to(factor_dtype),
+                                 bank.lora_magnitude.get(name))
         setattr(holder, attr, sites[name])
     return AttachedBank(model, bank, sites)
 

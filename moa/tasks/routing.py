@@ -78,6 +78,9 @@ def route_rows(model: Transformer, tokenizer: Any, rows: Sequence[dict], sel: Se
     """Route `rows` with the selector (it embeds them with the bare base: the bank runs no adapter
     outside `rows`) onto `bank`, attached to `model`, for that fusion mode."""
     check_fusion(fusion, top_p_adapters)
+    if fusion == "topp" and bank.bank.dora_tasks:
+        raise ValueError(f"--fusion topp: the adapters of {bank.bank.dora_tasks} are DoRA, whose outputs do not "
+                         "mix linearly; route them with --fusion top1")
     probs = sel.probs(embed_rows(model, tokenizer, rows, sel.cfg.max_tokens))  # (R, N)
     choice = probs.argmax(-1)
     if fusion == "topp":
@@ -93,7 +96,7 @@ def load_routing(model: Transformer, adapter_registry: str, selector: str) -> tu
     reg = load_registry(adapter_registry)
     sel = load_selector(selector)
     check_tasks(sel, reg.tasks, f"--adapter_registry {adapter_registry}")
-    return sel, attach_bank(model, load_bank(reg.tasks, [e.adapter for e in reg.entries]))
+    return sel, attach_bank(model, load_bank(reg.tasks, [e.adapter for e in reg.entries], dora_ok=True))
 
 
 def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], adapter_registry: str,
