@@ -13,7 +13,7 @@ from torch import nn
 
 from llama.checkpoint import load_model, load_params
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
-from moa.files.peft import export_peft, import_peft
+from moa.files.peft import export_peft, halves_to_interleaved, import_peft
 from moa.lora.algebra import read_plain_lora
 from moa.lora.combine import combine
 from moa.method.experts import LoRALinear
@@ -216,3 +216,96 @@ def test_bank_top1_rows_with_dora_equal_each_adapter_alone_and_refuse_mixing(bas
     with pytest.raises(ValueError, match="DoRA.*top-1"):
         with torch.no_grad(), bank.rows(torch.tensor([[0.5, 0.5], [0.0, 1.0]])):
             bank.model(t)
+
+
+HF_PROJ = {"q_proj": "attention.wq", "k_proj": "attention.wk", "v_proj": "attention.wv", "o_proj": "attention.wo",
+           "gate_proj": "feed_forward.w1", "up_proj": "feed_forward.w3", "down_proj": "feed_forward.w2"}
+
+
+def test_pissa_site_starts_as_the_base_and_saves_the_rank_2r_delta():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12, bias=False)
+    cfg = MoAConfig(lora_layers="0-1", lora_rank=4, lora_alpha=8.0, lora_init="pissa", type_router="none")
+    site = LoRALinear(copy.deepcopy(lin), cfg)
+    u, s, vh = torch.linalg.svd(lin.weight.detach())
+    principal = (u[:, :4] * s[:4]) @ vh[:4]
+    assert rel(site.scale * site.pissa_B0 @ site.pissa_A0, principal) <= 1e-5  # W's best rank-r part
+    assert torch.equal(site.lora_A, site.pissa_A0) and torch.equal(site.lora_B, site.pissa_B0)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert rel(site(x), lin(x)) <= 1e-6  # starts as the base
+    # The randomised SVD (q = r, as PEFT's pissa_niter_N) finds the principal part where the spectrum
+    # has a gap, as trained weights do: a rank-4 matrix plus small noise.
+    spiky = nn.Linear(16, 12, bias=False)
+    with torch.no_grad():
+        spiky.weight.copy_(torch.randn(12, 4) @ torch.randn(4, 16) + 0.01 * torch.randn(12, 16))
+    u, s, vh = torch.linalg.svd(spiky.weight.detach())
+    fast = LoRALinear(spiky, MoAConfig(lora_layers="0-1", lora_rank=4, lora_alpha=8.0, lora_init="pissa_niter_4",
+                                       type_router="none"))
+    assert rel(fast.scale * fast.pissa_B0 @ fast.pissa_A0, (u[:, :4] * s[:4]) @ vh[:4]) <= 1e-4
+    with pytest.raises(ValueError, match="--lora_init.*pissa_niter_N"):
+        MoAConfig(lora_init="pissa_niter_0")
+    with pytest.raises(ValueError, match="--lora_init pissa.*--expert_num 2"):
+        MoAConfig(lora_layers="0-2", lora_init="pissa", expert_num=2)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_trains_like_peft_and_its_file_is_a_plain_lora_peft_loads(base_dir, tmp_path, rslora):
+    """PEFT's PiSSA (base weights replaced by the residual) and ours (base untouched) with the same
+    trained A, B give the same logits; our adapter file (rank 2r, plain) exported to PEFT and loaded on
+    the untouched base gives them too."""
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    base, _ = load_model(base_dir)
+    hf = peft.get_peft_model(hf_twin(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            init_lora_weights="pissa", use_rslora=rslora)).eval()
+    ours, _ = load_model(base_dir)
+    attach_adapters(ours, MoAConfig(lora_layers="0-2", lora_rank=4, lora_alpha=8.0, lora_targets="Q,K,V,FFN_DOWN",
+                                    type_router="none", lora_init="pissa", use_rslora=rslora))
+    t = tokens()
+    with torch.no_grad():
+        plain = base(t)
+        assert rel(ours(t), plain) <= 1e-5 and rel(hf(t).logits, plain) <= 1e-4  # both start as the base
+    g = torch.Generator().manual_seed(6)
+    heads = {"q_proj": base.args.n_heads, "k_proj": base.args.n_kv_heads}
+    with torch.no_grad():  # "training": the same step on both
+        for name, p in hf.named_parameters():
+            if "lora_" not in name:
+                continue
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            layer, proj = int(name.split("layers.")[1].split(".")[0]), name.split(".")[-4]
+            site = ours.get_submodule(f"layers.{layer}.{HF_PROJ[proj]}")
+            if "lora_A" in name:
+                site.lora_A.copy_(p)
+            else:
+                site.lora_B.copy_(halves_to_interleaved(p, heads[proj]) if proj in heads else p)
+        expected = hf(t).logits
+        assert rel(expected, plain) > 1e-3
+        assert rel(ours(t), expected) <= 1e-4
+    path = save_adapter(ours, tmp_path / "pissa" / "adapter.pth")
+    cfg, state = read_plain_lora(path)
+    assert (cfg.lora_init, cfg.lora_rank, cfg.use_rslora) == ("default", 8, rslora)
+    assert not any("pissa" in k for k in state)
+    out = export_peft(path, tmp_path / "peft", load_params(base_dir))
+    fresh, _ = load_model(base_dir)
+    with torch.no_grad():
+        assert rel(peft.PeftModel.from_pretrained(hf_twin(fresh), str(out)).eval()(t).logits, expected) <= 1e-4
+        assert rel(load_adapter(fresh, str(path))(t), expected) <= 1e-4
+
+
+def test_pissa_checkpoint_state_keeps_its_start_and_resumes_exactly(base_dir):
+    from moa import adapter_state_dict, load_adapter_state_dict
+
+    cfg = MoAConfig(lora_layers="0-2", lora_rank=4, lora_alpha=8.0, lora_targets="Q,FFN_DOWN", type_router="none",
+                    lora_init="pissa_niter_2")
+    model, _ = load_model(base_dir)
+    attach_adapters(model, cfg)
+    randomise(model, 3)
+    state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    assert "layers.0.attention.wq.pissa_A0" in state and "layers.0.attention.wq.pissa_B0" in state
+    torch.manual_seed(123)  # another random start: the loaded A0, B0 must replace it
+    again, _ = load_model(base_dir)
+    attach_adapters(again, cfg)
+    load_adapter_state_dict(again, state)
+    t = tokens()
+    with torch.no_grad():
+        assert torch.equal(again(t), model(t))

@@ -31,7 +31,7 @@ from moa.checks import load_tensors, read_json
 from moa.files.atomic import atomic_write_files, write_json
 from moa.method.config import WRITE_MANIFEST, MoAConfig, parse_adapter_params
 from moa.method.inject import adapter_names, attach_adapters, moa_config
-from moa.method.state import adapter_state_dict, load_adapter_state_dict
+from moa.method.state import adapter_state_dict, load_adapter_state_dict, pissa_as_plain_lora
 
 ADAPTER_FILE = "adapter.pth"
 ADAPTER_PARAMS = "adapter_params.json"
@@ -133,7 +133,10 @@ def write_adapter_files(path: str | os.PathLike, cfg: MoAConfig, state: dict[str
                         base_trained: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write `state` to `path` (a file name such as `out/adapter.pth`; a folder, or a name without
     `.pth`, gets `adapter.pth` inside), `cfg` (+ `max_seq_len`) to adapter_params.json beside it and
-    `base_trained` (when non-empty) to base_trained.pth, all of them or none. Returns the adapter path."""
+    `base_trained` (when non-empty) to base_trained.pth, all of them or none. Returns the adapter path.
+    A PiSSA adapter is written as the plain LoRA of its delta (rank 2r, `pissa_as_plain_lora`), which
+    every consumer (merge, PEFT export, fusion) loads; its training checkpoints keep A0, B0 apart."""
+    cfg, state = pissa_as_plain_lora(cfg, state)
     path = Path(path)
     if path.is_dir() or path.suffix != ".pth":
         path = path / ADAPTER_FILE

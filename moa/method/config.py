@@ -79,6 +79,9 @@ class MoAConfig:
     use_rslora: bool = _flag(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
     lora_variant: str = _flag("lora", "lora | dora: DoRA, a trained magnitude per output row times the "
                                       "row-normalised W + dW (as PEFT's use_dora); plain LoRA sites only")
+    lora_init: str = _flag("default", "default (A Kaiming-uniform, B 0) | pissa | pissa_niter_N: A, B from the top-r "
+                                      "singular triplets of W (exact SVD, or N subspace iterations), trained "
+                                      "against W - s B0 A0 and saved as a plain LoRA of rank 2r (PEFT's conversion)")
     expert_num: int = _flag(1, "E > 1: a homogeneous mixture of E experts inside every type (MoLoRA/HydraLoRA, "
                                "MoE parallel adapter, E prompt sets)")
     hydra_moe: bool = _flag(False, "with E > 1: LoRA shares one A per site, E heads B (HydraLoRA) instead of E "
@@ -136,6 +139,13 @@ class MoAConfig:
             raise ValueError(f"--lora_variant dora: DoRA normalises one weight W + B A per site, but --expert_num "
                              f"{self.expert_num} mixes {self.expert_num} LoRAs per token (MoLoRA/HydraLoRA); "
                              "use --expert_num 1")
+        if pissa_iterations(self.lora_init) == -1:
+            raise ValueError(f"--lora_init: expected default, pissa or pissa_niter_N (N >= 1), got {self.lora_init!r}")
+        if self.lora_init != "default" and (self.expert_num > 1 or self.lora_variant != "lora") \
+                and self.lora_layers != "0-0":
+            raise ValueError(f"--lora_init {self.lora_init}: PiSSA starts one LoRA per site from W's principal "
+                             f"singular vectors; not with --expert_num {self.expert_num} / --lora_variant "
+                             f"{self.lora_variant} (use --expert_num 1 --lora_variant lora)")
         if self.type_router not in TYPE_ROUTERS:
             raise ValueError(f"--type_router: expected one of {TYPE_ROUTERS}, got {self.type_router!r}")
         if self.expert_router not in EXPERT_ROUTERS:
@@ -210,7 +220,18 @@ class MoAConfig:
 
 
 # Flags newer than the first adapter files, with the default that leaves them out of `to_dict`.
-_LATER_FLAGS = {"noisy_router": False, "use_rslora": False, "lora_variant": "lora"}
+_LATER_FLAGS = {"noisy_router": False, "use_rslora": False, "lora_variant": "lora", "lora_init": "default"}
+
+
+def pissa_iterations(init: str) -> Optional[int]:
+    """--lora_init -> None (default init), 0 (PiSSA by exact SVD), N (PiSSA by `torch.svd_lowrank` with
+    N subspace iterations), -1 (not a known value)."""
+    if init == "default":
+        return None
+    if init == "pissa":
+        return 0
+    m = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else -1
 
 
 # The key of adapter_params.json that records the content hash of each file written with it.

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.method.config import P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig
+from moa.method.config import P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig, pissa_iterations
 from moa.method.routers import ExpertRouter, Route, current_route
 
 # delta_fn(z (n, in), row_mask (n,) bool | None, weight (n, 1) | None[, aux=(n, d_aux)]) -> (n, out)
@@ -87,6 +87,12 @@ class LoRALinear(nn.Module):
     the norm detached (as the DoRA paper and PEFT). Written as a delta to the frozen projection,
     `(g - 1) * W z + g * s B A z`, so a type router weighs it like any other expert (weight 1 = PEFT's
     DoRA). In eval mode without autograd, g is cached until A, B or m change (decode steps reuse it).
+
+    `--lora_init pissa` (PiSSA; mixture 'lora' only): A and B start at `A0 = sqrt(S_r / s) V_r^T`,
+    `B0 = U_r sqrt(S_r / s)` from the top-r singular triplets of W, kept as buffers `pissa_A0`,
+    `pissa_B0`, and the site adds `s (B A - B0 A0) z`: the model starts as the base and trains
+    against the residual `W - s B0 A0`, as in PiSSA, while W itself stays untouched. The delta is a
+    plain LoRA of rank 2r (`[B, -B0] [A; A0]`), which is what its adapter files hold.
     """
 
     def __init__(self, base: nn.Linear, cfg: MoAConfig, mixture: str = "lora", dtype: torch.dtype = torch.float32,
@@ -113,6 +119,12 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
         self.router = None if mixture == "lora" else ExpertRouter(self.in_features, e, cfg, False, **kw)
         self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **kw)) if self.dora else None
+        self.pissa_niter = pissa_iterations(cfg.lora_init)
+        if self.pissa_niter is not None:
+            if mixture != "lora":
+                raise ValueError(f"LoRALinear: --lora_init {cfg.lora_init} needs a plain LoRA site, got {mixture!r}")
+            self.register_buffer("pissa_A0", torch.zeros(a_shape, **kw), persistent=False)
+            self.register_buffer("pissa_B0", torch.zeros(b_shape, **kw), persistent=False)
         self._dora_cache: Optional[tuple[tuple, torch.Tensor]] = None
         self.reset_lora_parameters()
 
@@ -120,10 +132,20 @@ class LoRALinear(nn.Module):
         """(name, parameter) of the trainable tensors: LoRA factors and router, never the frozen weight."""
         return ((n, p) for n, p in self.named_parameters() if n not in ("weight", "bias"))
 
+    def adapter_buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the fixed tensors an adapter file or checkpoint must carry (PiSSA's start)."""
+        return (((n, getattr(self, n)) for n in ("pissa_A0", "pissa_B0")) if self.pissa_niter is not None
+                else iter(()))
+
     def reset_lora_parameters(self) -> None:
         """Re-initialise the adapter tensors only (never the frozen weight)."""
         _uniform_(self.lora_A, 1.0 / math.sqrt(self.in_features))
         nn.init.zeros_(self.lora_B)
+        if self.pissa_niter is not None and not self.weight.is_meta:
+            with torch.no_grad():
+                a0, b0 = pissa_factors(self.weight, self.rank, self.scale, self.pissa_niter)
+                for t, v in ((self.lora_A, a0), (self.lora_B, b0), (self.pissa_A0, a0), (self.pissa_B0, b0)):
+                    t.copy_(v)
         if self.router is not None:
             self.router.reset_parameters()
         if self.lora_magnitude is not None:
@@ -131,8 +153,15 @@ class LoRALinear(nn.Module):
                 self.lora_magnitude.copy_(self.weight.float().norm(dim=1))  # B = 0: ||W + s B A|| = ||W||
 
     def lora_weight(self) -> torch.Tensor:
-        """dW = s B A, (out, in) fp32 (a plain LoRA site)."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        """dW = s B A, (out, in) fp32 (a plain LoRA site); with PiSSA s (B A - B0 A0)."""
+        a, b = self._factors()
+        return (b.float() @ a.float()) * self.scale
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the site's delta: the trained ones, or with PiSSA `[A; A0]`, `[B, -B0]` (rank 2r)."""
+        if self.pissa_niter is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
 
     def dora_gain(self) -> torch.Tensor:
         """g = m / ||W + s B A|| per output row, (out,) in the adapter dtype; the norm carries no gradient."""
@@ -167,8 +196,9 @@ class LoRALinear(nn.Module):
         z = _as_dtype(z, self.lora_A.dtype)
         coef = self.scale if weight is None else _as_dtype(weight, z.dtype) * self.scale  # scalar or (n, 1)
         if self.mixture == "lora":
+            a, b = self._factors()
             # Weight the rank-r intermediate, not the (n, out) result: r << out.
-            return F.linear(F.linear(z, self.lora_A) * coef, self.lora_B)
+            return F.linear(F.linear(z, a) * coef, b)
         p = self.router(z, row_mask) * coef  # (n, E)
         if self.mixture == "hydra":
             h = (z @ self.lora_A.t())[:, None, :]  # (n, 1, r), shared A
@@ -187,6 +217,21 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, mixture={self.mixture}, rank={self.rank}, "
                 f"experts={self.n_experts}, scale={self.scale}" + (", dora" if self.dora else ""))
+
+
+def pissa_factors(weight: torch.Tensor, rank: int, scale: float, niter: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's start for a frozen weight (out, in): `A0 = sqrt(S_r / s) V_r^T` (r, in) and
+    `B0 = U_r sqrt(S_r / s)` (out, r), fp32, so that `s B0 A0` is W's best rank-r approximation.
+    niter 0: exact SVD; N >= 1: `torch.svd_lowrank` with N subspace iterations (randomised)."""
+    w = weight.float()
+    if niter == 0:
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        u, sv, vh = u[:, :rank], sv[:rank], vh[:rank]
+    else:
+        u, sv, v = torch.svd_lowrank(w, q=rank, niter=niter)
+        vh = v.t()
+    root = (sv / scale).sqrt()
+    return root[:, None] * vh, u * root
 
 
 class ParallelAdapter(nn.Module):

@@ -95,6 +95,13 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, _ in model.named_parameters() if name in declared)
 
 
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module path: tensor} of the fixed tensors the adapter modules declare (`adapter_buffers()`,
+    e.g. PiSSA's starting A0, B0): not trained, but part of an adapter's state."""
+    return {f"{prefix}.{name}": t for prefix, module in _adapter_modules(model)
+            if hasattr(module, "adapter_buffers") for name, t in module.adapter_buffers()}
+
+
 def moa_config(model: nn.Module, required: bool = True) -> Optional[MoAConfig]:
     """The flags of the adapters attached to `model` (None, or a ValueError when `required`, without)."""
     cfg = getattr(model, "moa_config", None) if isinstance(model, MoATransformer) else None

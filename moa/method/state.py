@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from moa.method.experts import LoRALinear
-from moa.method.inject import MoABlock, adapter_names, moa_config
+from moa.method.inject import MoABlock, adapter_buffers, adapter_names, moa_config
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{module path: tensor} of every adapter parameter (detached, sharing storage); never a base weight."""
+    """{module path: tensor} of every adapter parameter (detached, sharing storage), then the fixed
+    adapter tensors (PiSSA's `pissa_A0`, `pissa_B0`); never a base weight."""
     params = dict(model.named_parameters())
-    return {name: params[name].detach() for name in adapter_names(model)}
+    return {name: params[name].detach() for name in adapter_names(model)} | adapter_buffers(model)
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -25,7 +26,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
     Strict: a missing or unexpected key, or a shape that differs, is a `ValueError` naming it.
     """
-    names = adapter_names(model)
+    tensors = dict(model.named_parameters()) | adapter_buffers(model)
+    names = list(adapter_names(model)) + list(adapter_buffers(model))
     missing = [n for n in names if n not in state]
     unexpected = sorted(set(state) - set(names))
     if missing or unexpected:
@@ -34,14 +36,13 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
                          + ("; " if missing and unexpected else "")
                          + (f"unexpected keys {_first_keys(unexpected)}" if unexpected else "")
                          + _deciding_flags(missing + unexpected))
-    params = dict(model.named_parameters())
     for name in names:
-        if tuple(state[name].shape) != tuple(params[name].shape):
+        if tuple(state[name].shape) != tuple(tensors[name].shape):
             raise ValueError(f"adapter state: {name} has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(params[name].shape)}")
+                             f"the model expects {tuple(tensors[name].shape)}")
     with torch.no_grad():
         for name in names:
-            params[name].copy_(state[name])
+            tensors[name].copy_(state[name])
 
 
 def _first_keys(keys: list[str], shown: int = 6) -> str:
@@ -52,7 +53,8 @@ def _first_keys(keys: list[str], shown: int = 6) -> str:
 # Which MoAConfig flags decide that a tensor of this kind exists (matched on its key, first match wins).
 _KEY_FLAGS = ((".type_router.", "type_router"), (".router.", "expert_num, expert_router"),
               (".prompt.", "prompt_layers"), (".p_adapter.", "p_adapter_layers"),
-              (".lora_magnitude", "lora_variant"), (".lora_", "lora_targets, lora_layers"))
+              (".lora_magnitude", "lora_variant"), (".pissa_", "lora_init"),
+              (".lora_", "lora_targets, lora_layers"))
 
 
 def _deciding_flags(keys: list[str]) -> str:
@@ -62,6 +64,22 @@ def _deciding_flags(keys: list[str]) -> str:
         flags += [f for part, f in _KEY_FLAGS if part in f".{key}"][:1]
     flags = list(dict.fromkeys(flags))
     return f" (the flags that decide these keys: {'; '.join(flags)})" if flags else ""
+
+
+def pissa_as_plain_lora(cfg: MoAConfig, state: dict[str, torch.Tensor]) -> tuple[MoAConfig, dict[str, torch.Tensor]]:
+    """A PiSSA adapter (`--lora_init pissa*`: trained A, B and the starting A0, B0 per site) as the plain
+    LoRA of the same delta, PEFT's conversion: `A' = [A; A0]` (2r, in), `B' = [B, -B0]` (out, 2r),
+    rank 2r and alpha 2 alpha (sqrt(2) alpha with rsLoRA), so the scale and `s B' A'` are unchanged.
+    Other adapters are returned as they are."""
+    if cfg.lora_init == "default":
+        return cfg, state
+    out = {k: v for k, v in state.items() if not k.endswith((".pissa_A0", ".pissa_B0"))}
+    for key in [k for k in state if k.endswith(".pissa_A0")]:
+        site = key.removesuffix(".pissa_A0")
+        out[f"{site}.lora_A"] = torch.cat([state[f"{site}.lora_A"], state[key]])
+        out[f"{site}.lora_B"] = torch.cat([state[f"{site}.lora_B"], -state[f"{site}.pissa_B0"]], dim=1)
+    alpha = cfg.lora_alpha * (2 ** 0.5 if cfg.use_rslora else 2.0)
+    return dataclasses.replace(cfg, lora_init="default", lora_rank=2 * cfg.lora_rank, lora_alpha=alpha), out
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
