@@ -35,6 +35,10 @@ def format_report(report: dict) -> str:
                      "per task):")
         lines += [f"  {task:<24} {acc:.3f}" for task, acc in held["per_task"].items()]
         lines.append("  confusion (true -> chosen): " + json.dumps(held["confusion"]))
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"softmax temperature fitted on the held-out rows: {cal['temperature']:.3g} (held-out NLL "
+                     f"{cal['nll_before']:.3f} -> {cal['nll_after']:.3f})")
     return "\n".join(lines)
 
 
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_clusters", type=int, default=16, help="nearest: k-means centroids kept per task")
     p.add_argument("--temperature", type=float, default=0.1, help="nearest: softmax temperature of task scores")
     p.add_argument("--standardize", type=str2bool, default=True, help="z-score the embeddings first")
+    p.add_argument("--calibrate", type=str2bool, default=True,
+                   help="fit the softmax temperature on the held-out rows (temperature scaling), so that top-p "
+                        "fusion sees calibrated probabilities; routing by argmax is unchanged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embed_batch_size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         reg = load_registry(a.adapter_registry)
         model, tokenizer = load_model(a.ckpt_dir, device=a.device)
         sel = train_on_registry(model, tokenizer, reg, a.kind, a.rows_per_task, a.heldout_per_task,
-                                a.embed_batch_size, max_tokens=a.max_tokens, hidden=a.hidden, steps=a.steps,
+                                a.embed_batch_size, a.calibrate, max_tokens=a.max_tokens, hidden=a.hidden, steps=a.steps,
                                 lr=a.lr, metric=a.metric, n_clusters=a.n_clusters, temperature=a.temperature,
                                 standardize=a.standardize, seed=a.seed)
     except (FileNotFoundError, ValueError) as e:

@@ -8,6 +8,7 @@ its own adapter through --adapter_path (greedy, identical text).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -189,3 +190,45 @@ def test_task_routed_model_generates_each_row_as_alone_and_can_be_called_again(t
     assert len(again) == 2 and all(abs(sum(o["adapter_weights"].values()) - 1) < 1e-4 for o in again)
     with pytest.raises(ValueError, match="--fusion"):
         served.generate(test, fusion="top3")
+
+
+def overlapping(n_per_task: int, seed: int, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian clusters whose means are only 1.5 std apart: a selector cannot be sure."""
+    means = torch.zeros(3, dim)
+    means[0, 0], means[1, 1], means[2, 2] = 1.5, 1.5, 1.5
+    labels = torch.arange(3).repeat_interleave(n_per_task)
+    return means[labels] + torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed)), labels
+
+
+def test_temperature_scaling_on_held_out_rows_matches_a_brute_force_minimum_and_softens_top_p():
+    from moa.tasks.fusion import top_p_weights
+    from moa.tasks.selector import calibrate_temperature
+
+    x, y = overlapping(40, seed=1)
+    # An MLP trained long on few rows is overconfident where the classes overlap.
+    sel = fit_selector(SelectorConfig(kind="mlp", tasks=TASKS, dim=8, hidden=64, steps=600, lr=1e-2), x, y)
+    hx, hy = overlapping(100, seed=2)
+    before_pred, before_probs = sel.predict(hx), sel.probs(hx)
+    result = calibrate_temperature(sel, hx, hy)
+    # The reference: the NLL on a fine log grid of temperatures, computed directly.
+    raw = sel.mlp((hx - sel.mean) / sel.std).double()
+    grid = torch.logspace(-2, 2, 4001, dtype=torch.float64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(raw / t, hy) for t in grid])
+    assert abs(math.log(result["temperature"]) - math.log(float(grid[nll.argmin()]))) < 2e-3
+    assert result["temperature"] > 1.5  # overconfident, so softened
+    assert result["nll_after"] < result["nll_before"] and abs(result["nll_after"] - float(nll.min())) < 1e-6
+    assert torch.equal(sel.predict(hx), before_pred)  # routing by argmax unchanged
+    # top-p 0.9 keeps more than one adapter on more rows once the probabilities are calibrated.
+    kept = lambda p: int(((top_p_weights(p, 0.9) > 0).sum(-1) > 1).sum())
+    assert kept(sel.probs(hx)) > kept(before_probs)
+
+
+def test_calibration_is_saved_and_old_files_load_at_temperature_one(tmp_path):
+    x, y = separable(20, seed=0)
+    sel = fit_selector(SelectorConfig(kind="mlp", tasks=TASKS, dim=32, steps=50), x, y)
+    assert sel.cfg.calibration == 1.0
+    sel.cfg.calibration = 2.5
+    again = load_selector(save_selector(sel, tmp_path / "sel.pt"))
+    assert again.cfg.calibration == 2.5 and torch.allclose(again.probs(x), sel.probs(x))
+    with pytest.raises(ValueError, match="calibration temperature"):
+        SelectorConfig(kind="mlp", tasks=TASKS, dim=32, calibration=0.0)

@@ -18,6 +18,7 @@ the held-out report of its training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class SelectorConfig:
     n_clusters: int = 16  # nearest: keys kept per task
     temperature: float = 0.1  # nearest: softmax temperature of the task scores
     seed: int = 0
+    # Fitted after training on the held-out rows (`calibrate_temperature`): the scores are divided by it
+    # before the softmax, so that the probabilities (and top-p fusion) are calibrated; argmax unchanged.
+    calibration: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in SELECTOR_KINDS:
@@ -70,6 +74,8 @@ class SelectorConfig:
             check_int(flag, getattr(self, flag), 1)
         if not self.temperature > 0:
             raise ValueError(f"--temperature: expected > 0, got {self.temperature!r}")
+        if not self.calibration > 0:
+            raise ValueError(f"selector calibration temperature: expected > 0, got {self.calibration!r}")
 
 
 @dataclass
@@ -94,7 +100,11 @@ class Selector:
 
     @torch.no_grad()
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
-        """Embeddings (B, dim) -> per-task scores (B, N): MLP logits, or best-key similarity / temperature."""
+        """Embeddings (B, dim) -> per-task scores (B, N): MLP logits, or best-key similarity / temperature,
+        divided by the fitted calibration temperature."""
+        return self._raw_scores(emb) / self.cfg.calibration
+
+    def _raw_scores(self, emb: torch.Tensor) -> torch.Tensor:
         x = self._features(emb)
         if self.cfg.kind == "mlp":
             return self.mlp(x)
@@ -190,6 +200,39 @@ def fit_selector(cfg: SelectorConfig, emb: torch.Tensor, labels: torch.Tensor) -
             opt.step()
     sel.mlp = mlp.eval().requires_grad_(False)
     return sel
+
+
+CALIBRATION_RANGE = (0.01, 100.0)  # the temperatures searched (log-spaced), beyond which nothing changes
+
+
+@torch.no_grad()
+def calibrate_temperature(sel: Selector, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Temperature scaling (Guo et al., 2017): the T in `CALIBRATION_RANGE` that minimises the mean
+    negative log-likelihood of `labels` under softmax(scores / T) on held-out embeddings, by a
+    log-spaced grid then golden-section search on log T (the NLL is convex in 1/T). Sets
+    `sel.cfg.calibration` and returns {"temperature", "nll_before", "nll_after"}. Routing by argmax
+    is unchanged; probabilities, and so top-p fusion, follow the held-out error rate."""
+    raw = sel._raw_scores(emb).double()
+    target = labels.long()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(raw / math.exp(log_t), target))
+
+    lo, hi = (math.log(v) for v in CALIBRATION_RANGE)
+    grid = [lo + (hi - lo) * i / 40 for i in range(41)]
+    best = min(range(len(grid)), key=lambda i: nll(grid[i]))
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if nll(c) <= nll(d):
+            b = d
+        else:
+            a = c
+    log_t = (a + b) / 2
+    before = nll(0.0)
+    sel.cfg.calibration = math.exp(log_t)
+    return {"temperature": sel.cfg.calibration, "nll_before": before, "nll_after": nll(log_t)}
 
 
 def routing_report(sel: Selector, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -289,10 +332,13 @@ def check_tasks(sel: Selector, tasks: Sequence[str], where: str) -> None:
 
 
 def train_on_registry(model: Any, tokenizer: Any, reg: Registry, kind: str, rows_per_task: Optional[int] = None,
-                      heldout_per_task: int = 32, embed_batch_size: int = 16, **options: Any) -> Selector:
+                      heldout_per_task: int = 32, embed_batch_size: int = 16, calibrate: bool = True,
+                      **options: Any) -> Selector:
     """Embed the registry's training rows with the bare base `model` (`selector_rows`), fit a
     selector of `kind` (`options`: the other `SelectorConfig` fields), and store its held-out routing
-    report (`routing_report`, plus the rows used per task) in `selector.report`."""
+    report (`routing_report`, plus the rows used per task) in `selector.report`. With `calibrate` and
+    held-out rows, the softmax temperature is then fitted on them (`calibrate_temperature`, in the
+    report as "calibration")."""
     cfg = SelectorConfig(kind=kind, tasks=reg.tasks, dim=model.args.dim, **options)
     train, train_y, held, held_y = selector_rows(reg, rows_per_task, heldout_per_task, cfg.seed)
     emb = embed_rows(model, tokenizer, train + held, cfg.max_tokens, embed_batch_size)
@@ -301,4 +347,6 @@ def train_on_registry(model: Any, tokenizer: Any, reg: Registry, kind: str, rows
                   "train": routing_report(sel, emb[: len(train)], torch.tensor(train_y))["accuracy"]}
     if held:
         sel.report["heldout"] = routing_report(sel, emb[len(train):], torch.tensor(held_y))
+        if calibrate:
+            sel.report["calibration"] = calibrate_temperature(sel, emb[len(train):], torch.tensor(held_y))
     return sel
