@@ -185,10 +185,9 @@ class LoRALinear(nn.Module):
     def _dora_delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
                     weight: Optional[torch.Tensor] = None, aux: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z (n, in), aux = W z (n, out) -> (g - 1) * W z + g * s B A z (n, out), times weight (n, 1) if given."""
-        z = _as_dtype(z, self.lora_A.dtype)
         gain = self.dora_gain()
-        out = (gain - 1) * _as_dtype(aux, z.dtype) + gain * F.linear(F.linear(z, self.lora_A), self.lora_B) * self.scale
-        return out if weight is None else out * _as_dtype(weight, z.dtype)
+        out = (gain - 1) * _as_dtype(aux, gain.dtype) + gain * self.delta(z)  # delta(z) = s B A z
+        return out if weight is None else out * _as_dtype(weight, out.dtype)
 
     def delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
