@@ -29,12 +29,14 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
                    help="adapter.pth with adapter_params.json beside it; omit to run the bare base model")
     p.add_argument("--adapter_registry", default=None,
                    help="task-adapter registry (JSON {domain: {task: {adapter, data}}} or a domain/task/ tree): "
-                        "each row runs with the adapter(s) --selector picks (instead of --adapter_path)")
+                        "each row runs with the adapter(s) --selector picks (instead of --adapter_path); plain "
+                        "LoRAs share batches, any other adapter (Soft MoA, HydraLoRA, ...) runs its rows attached")
     p.add_argument("--selector", default=None, help="selector file from scripts/train_selector.py (with "
                    "--adapter_registry)")
     p.add_argument("--fusion", default="top1", choices=["top1", "topp"],
                    help="top1: the selector's most probable task adapter per row; topp: the fusion of the "
-                        "adapters whose probabilities reach --top_p_adapters, weighted by them (DLP-LoRA)")
+                        "adapters whose probabilities reach --top_p_adapters, weighted by them (DLP-LoRA); plain "
+                        "LoRAs only, except a row whose set is one non-LoRA adapter alone (it runs on it, top-1)")
     p.add_argument("--top_p_adapters", type=float, default=0.9, help="probability mass of the fused adapters "
                    "(--fusion topp)")
     p.add_argument("--data_path", required=True, help="test set: JSON list of {instruction, input, output, answer}")

@@ -8,6 +8,11 @@
 
 `balance` sets every task's `n_train` (rows the selector trains on) to N, default the smallest
 task's row count. After adding or deleting a task, retrain the selector (scripts/train_selector.py).
+
+Any adapter main_finetune.py writes can be registered: a plain LoRA (kind `lora`: routed per row in the
+bank, fusable) or any other (kind `moa`: Soft / Sparse MoA, HydraLoRA, MoLoRA, prompt, parallel
+adapter, ...: routed top-1 with its modules attached, never fused). `add` and `list` print each task's
+kind and method, read from its adapter_params.json.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moa.checks import check_writable  # noqa: E402
 from moa.cli import one_line_errors  # noqa: E402
 from moa.tasks.registry import Registry, add_task, balance_tasks, delete_task, load_registry, task_row_counts  # noqa: E402
+from moa.tasks.swap import describe_adapter  # noqa: E402
 
 
 def format_registry(reg: Registry) -> str:
@@ -27,7 +33,8 @@ def format_registry(reg: Registry) -> str:
     lines = [f"{reg.source}: {len(reg.entries)} tasks"]
     for e in reg.entries:
         n = f"{counts[e.task]} rows" + (f", n_train {e.n_train}" if e.n_train is not None else "")
-        lines.append(f"  {e.domain}/{e.task}: adapter {e.adapter}  data {e.data} ({n})")
+        lines.append(f"  {e.domain}/{e.task}: {e.kind} adapter ({describe_adapter(e.adapter)}) {e.adapter}  "
+                     f"data {e.data} ({n})")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
 from moa.tasks.fusion import RowAdapters, attach_bank, load_bank, top_p_weights
-from moa.tasks.routing import RoutingPlan
+from moa.tasks.routing import RoutingPlan, TaskAdapters
 from tests.helpers import rel, write_meta_model_dir
 from tests.task_helpers import make_task_adapter, merged_logits
 
@@ -83,7 +83,7 @@ def test_mixed_top1_rows_equal_each_row_alone_with_its_adapter_greedy_exact(setu
             self.index = index
 
     plan = RoutingPlan(TASKS, "top1", torch.zeros(6, 3), torch.nn.functional.one_hot(torch.tensor(choice), 3).float(),
-                       choice, bank)
+                       choice, TaskAdapters.of_bank(bank))
     with plan.rows([P(i) for i in range(6)]):
         got = generate(bank.model, prompts, 6, stop_tokens=[])
     for i, c in enumerate(choice):

@@ -315,9 +315,9 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     routing = None
     if cfg.adapter_registry:
         routing = plan_task_routing(model, tokenizer, rows, cfg.adapter_registry, cfg.selector, cfg.fusion,
-                                    cfg.top_p_adapters)
+                                    cfg.top_p_adapters, base_dir=cfg.ckpt_dir)
     # Routed rows run at the registry adapters' (smallest) training max_seq_len, as one adapter does at its own.
-    train_len = loaded.max_seq_len if routing is None else routing.bank.bank.max_seq_len
+    train_len = loaded.max_seq_len if routing is None else routing.max_seq_len
     max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, train_len, context)
     model.eval()
 
@@ -326,14 +326,17 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
     prompts.sort(key=lambda p: (-len(p.tokens), p.index))
     mine = prompts[rank::world]  # round-robin over the length order: every rank gets a similar mix
-    batches = make_batches(mine, cfg.max_batch_size, context)  # routed rows mix adapters freely
+    # Routed rows: the bank's rows mix LoRAs freely; each non-LoRA task adapter's rows get batches of their own.
+    parts = [mine] if routing is None else routing.partition(mine)
+    batches = [b for part in parts for b in make_batches(part, cfg.max_batch_size, context)]
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     new_tokens, seconds = 0, 0.0
     if mine:
-        new_tokens, seconds = generate_into_partial(
-            model, tokenizer, rows, batches, cfg, partial_path(save, rank, world),
-            partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0, routing=routing)
+        with routing.serving() if routing is not None else contextlib.nullcontext():  # attach each adapter once
+            new_tokens, seconds = generate_into_partial(
+                model, tokenizer, rows, batches, cfg, partial_path(save, rank, world),
+                partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0, routing=routing)
     gathered = _gather({"rows": len(mine), "tokens": new_tokens, "seconds": seconds}, world)
 
     counts = on_rank0(lambda: merge_partials(save, settings, rows), rank, world)

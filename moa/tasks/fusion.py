@@ -10,6 +10,10 @@ costs K LoRAs, whatever the bank's size N.
 The N adapters may differ in rank, scaling, layers and targets: the bank pads them to a common
 layout, exactly (the union of layers and targets, the largest rank; a site or rank row an adapter
 lacks is zero), and folds each adapter's `alpha / r` into its B, so the bank's LoRA has scaling 1.
+
+A bank holds plain LoRAs only (fusion weighs their deltas dW = s B A). A registry's other adapters
+(Soft MoA, HydraLoRA, ...) are served top-1 beside it by attaching them for their rows
+(`moa.tasks.swap`), with the bank `suspend()`ed meanwhile.
 """
 from __future__ import annotations
 
@@ -198,10 +202,13 @@ class BankLinear(nn.Module):
 class AttachedBank:
     """A bank attached to one model (`attach_bank`), held by the caller: `rows(weights)` runs the
     forwards inside it with each row's adapters; `detach()` puts the base projections back, so the
-    same model can take another bank (or none) later."""
+    same model can take another bank (or none) later. `suspend()` puts them back for a while (another
+    adapter is attached to the model for some rows: `moa.tasks.swap`) and `resume()` returns the bank's
+    sites, unchanged."""
 
     def __init__(self, model: Transformer, bank: AdapterBank, sites: dict[str, BankLinear]):
         self.model, self.bank, self.sites = model, bank, sites
+        self.suspended = False
 
     @property
     def tasks(self) -> list[str]:
@@ -215,6 +222,8 @@ class AttachedBank:
         own composition of the factors, in the bank's layout: each B_i carries its alpha_i / r_i)."""
         if not self.sites:
             raise ValueError("this bank was detached from its model (attach it again)")
+        if self.suspended:
+            raise ValueError("this bank is suspended while another adapter is attached to its model (resume it)")
         if weights.dim() != 2 or weights.shape[1] != self.bank.n:
             raise ValueError(f"bank rows: expected weights (B, {self.bank.n}) for the bank's "
                              f"{self.bank.n} adapters, got {tuple(weights.shape)}")
@@ -225,12 +234,28 @@ class AttachedBank:
         finally:
             _ROWS.reset(token)
 
-    def detach(self) -> Transformer:
-        """Restore the base projections in place; returns the bare model."""
+    def _put(self, base: bool) -> None:
+        """Put the base projections (`base`) or the bank's sites at the bank's sites of the model."""
         for name, site in self.sites.items():
             parent, attr = name.rsplit(".", 1)
-            setattr(self.model.get_submodule(parent), attr, site.base)
-        self.sites = {}
+            setattr(self.model.get_submodule(parent), attr, site.base if base else site)
+
+    def suspend(self) -> None:
+        """Put the base projections back until `resume()` (the model is then the bare base)."""
+        if not self.suspended:
+            self._put(base=True)
+            self.suspended = True
+
+    def resume(self) -> None:
+        """Put the bank's sites back after `suspend()` (nothing to do when not suspended)."""
+        if self.suspended:
+            self._put(base=False)
+            self.suspended = False
+
+    def detach(self) -> Transformer:
+        """Restore the base projections in place; returns the bare model."""
+        self._put(base=True)
+        self.sites, self.suspended = {}, False
         return self.model
 
 

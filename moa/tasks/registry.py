@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, TypeVar
 from moa.files.adapters import ADAPTER_FILE, adapter_file
 from moa.files.atomic import atomic_write_json
 from moa.files.lock import OutputLock
+from moa.tasks.swap import adapter_kind
 from moa.train.data import load_rows
 
 TREE_DATA_FILE = "train.json"
@@ -33,13 +34,17 @@ TREE_DATA_FILE = "train.json"
 @dataclass(frozen=True)
 class TaskEntry:
     """One task: its domain, name, adapter file (adapter.pth, absolute), training rows (absolute)
-    and how many of them the selector uses (None = all)."""
+    and how many of them the selector uses (None = all). `kind`: what its adapter_params.json describes,
+    `lora` (a plain LoRA: the bank serves it, fusion weighs it) or `moa` (any other adapter
+    main_finetune.py writes: routed top-1 with its modules attached, never fused; `moa.tasks.swap`);
+    recorded by `Registry.validate` (None before), never written to the file."""
 
     domain: str
     task: str
     adapter: Path
     data: Path
     n_train: Optional[int] = None
+    kind: Optional[str] = None
 
 
 @dataclass
@@ -62,10 +67,11 @@ class Registry:
         raise ValueError(f"{self.source or 'registry'}: no task {task!r}; registered tasks: {self.tasks}")
 
     def validate(self) -> None:
-        """Check task names (non-empty, unique) and that every adapter and data file exists."""
+        """Check task names (non-empty, unique) and that every adapter and data file exists; record each
+        entry's `kind` from its adapter_params.json (unreadable: an error naming the task)."""
         where = self.source or "registry"
         seen: dict[str, str] = {}
-        for e in self.entries:
+        for i, e in enumerate(self.entries):
             if not e.domain or not e.task:
                 raise ValueError(f"{where}: empty domain or task name ({e.domain!r}/{e.task!r})")
             if e.task in seen:
@@ -74,8 +80,11 @@ class Registry:
             seen[e.task] = e.domain
             try:
                 adapter_file(e.adapter)
+                self.entries[i] = e = replace(e, kind=adapter_kind(e.adapter))
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"{where}: task {e.domain}/{e.task}: adapter: {err}") from None
+            except ValueError as err:
+                raise ValueError(f"{where}: task {e.domain}/{e.task}: adapter: {err}") from None
             if not e.data.is_file():
                 raise FileNotFoundError(f"{where}: task {e.domain}/{e.task}: data file {e.data} does not exist")
             if e.n_train is not None and (isinstance(e.n_train, bool) or not isinstance(e.n_train, int)

@@ -6,10 +6,14 @@ wanted (the seeds' `ModelWithSelector(...).generate(datapoint)`).
     outs[0]["generate"], outs[0]["selected_task"], outs[0]["adapter_weights"]
     model.generate(rows, fusion="topp", top_p_adapters=0.9)   # again, the same loaded model
 
-The base, the registry's adapters (one `AttachedBank`) and the selector are loaded once. Each call
-embeds its rows with the bare base, routes them (`moa.tasks.routing.route_rows`), and generates
-them in length-sorted batches in which every row runs on its own adapter(s), exactly what each
-row generates alone with them (greedy).
+The base, the registry's adapters (`moa.tasks.routing.TaskAdapters`: the plain LoRAs as one bank, the
+other adapters read once and held for swapping) and the selector are loaded once. Each call embeds its
+rows with the bare base, routes them (`moa.tasks.routing.route_rows`), and generates them in
+length-sorted batches: the bank's rows mixed freely, each on its own LoRA(s); the rows of a Soft MoA,
+HydraLoRA or other non-LoRA task adapter in batches of their own with that adapter attached (adapters
+of equal flags attached once, their state copied in). Every row gets exactly what it generates alone
+with its adapter(s) (greedy), and each call leaves the model as loaded (no adapter left attached, the
+base tensors as they were).
 """
 from __future__ import annotations
 
@@ -23,19 +27,18 @@ from llama.generation import generate
 from llama.model import Transformer
 from moa.checks import check_int
 from moa.infer.generate import make_batches, make_prompts
-from moa.tasks.fusion import AttachedBank
-from moa.tasks.routing import RoutingPlan, load_routing, route_rows
+from moa.tasks.routing import RoutingPlan, TaskAdapters, load_routing, route_rows
 from moa.tasks.selector import Selector
 
 Row = Union[dict, str]  # a test row ({"instruction", "input"?}) or an instruction alone
 
 
 class TaskRoutedModel:
-    """A frozen base with a registry's task adapters attached as one bank, and the selector that
-    routes rows onto them."""
+    """A frozen base with a registry's task adapters on it (`adapters`: its plain LoRAs as one bank, the
+    others held for swapping in), and the selector that routes rows onto them."""
 
-    def __init__(self, model: Transformer, tokenizer: Any, selector: Selector, bank: AttachedBank):
-        self.model, self.tokenizer, self.selector, self.bank = model, tokenizer, selector, bank
+    def __init__(self, model: Transformer, tokenizer: Any, selector: Selector, adapters: TaskAdapters):
+        self.model, self.tokenizer, self.selector, self.adapters = model, tokenizer, selector, adapters
 
     @classmethod
     def load(cls, base_dir: str | os.PathLike, adapter_registry: str | os.PathLike, selector: str | os.PathLike,
@@ -43,16 +46,17 @@ class TaskRoutedModel:
         """The base of `base_dir`, the adapters of the registry file and the selector file trained on it."""
         model, tokenizer = load_model(base_dir, dtype=dtype, device=device)
         model.eval()
-        sel, bank = load_routing(model, str(adapter_registry), str(selector))
-        return cls(model, tokenizer, sel, bank)
+        sel, adapters = load_routing(model, str(adapter_registry), str(selector), base_dir=str(base_dir))
+        return cls(model, tokenizer, sel, adapters)
 
     @property
     def tasks(self) -> list[str]:
-        return self.bank.tasks
+        return self.adapters.tasks
 
     def route(self, rows: Sequence[Row], fusion: str = "top1", top_p_adapters: float = 0.9) -> RoutingPlan:
-        """The routing of `rows` (task probabilities, each row's adapter weights) without generating."""
-        return route_rows(self.model, self.tokenizer, _as_rows(rows), self.selector, self.bank, fusion,
+        """The routing of `rows` (task probabilities, each row's adapter weights) without generating.
+        A top-p set that fuses a non-LoRA task adapter with others is a ValueError (`RoutingPlan`)."""
+        return route_rows(self.model, self.tokenizer, _as_rows(rows), self.selector, self.adapters, fusion,
                           top_p_adapters)
 
     @torch.inference_mode()
@@ -69,12 +73,16 @@ class TaskRoutedModel:
         prompts = make_prompts(self.tokenizer, rows, list(range(len(rows))), context, max_gen_len, 1)
         generator = torch.Generator(device=self.model.tok_embeddings.weight.device).manual_seed(seed)
         out: list[dict] = [{} for _ in rows]
-        for batch in make_batches(prompts, max_batch_size, context):
-            with plan.rows(batch):
-                new = generate(self.model, [p.tokens for p in batch], max(p.budget for p in batch),
-                               temperature=temperature, top_p=top_p, tokenizer=self.tokenizer, generator=generator)
-            for p, tokens in zip(batch, new):
-                out[p.index] = {"generate": self.tokenizer.decode(tokens[: p.budget]), **plan.row_info(p.index)}
+        with plan.serving():  # the model is put back at the end, also after an error
+            for part in plan.partition(prompts):
+                for batch in make_batches(part, max_batch_size, context):
+                    with plan.rows(batch):
+                        new = generate(self.model, [p.tokens for p in batch], max(p.budget for p in batch),
+                                       temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
+                                       generator=generator)
+                    for p, tokens in zip(batch, new):
+                        out[p.index] = {"generate": self.tokenizer.decode(tokens[: p.budget]),
+                                        **plan.row_info(p.index)}
         return out
 
 
