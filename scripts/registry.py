@@ -4,10 +4,15 @@
         --adapter runs/gsm8k/adapter.pth --data data/math/train/gsm8k_train.json
     python scripts/registry.py delete --registry tasks.json --task gsm8k
     python scripts/registry.py list --registry tasks.json        (also a domain/task/ directory tree)
+    python scripts/registry.py list --data_config data.json --adapter_pool pool.json   (the seeds' two files)
     python scripts/registry.py balance --registry tasks.json [--n_train N]
+    python scripts/registry.py import --data_config data.json --adapter_pool pool.json --registry tasks.json
 
 `balance` sets every task's `n_train` (rows the selector trains on) to N, default the smallest
-task's row count. After adding or deleting a task, retrain the selector (scripts/train_selector.py).
+task's row count. `import` writes the seeds' data config (JSON {domain: {task: data_path}} or a tree
+domain/task/train.json) and adapter pool (JSON {domain: {task: adapter_path}}) as one registry JSON,
+which example.py and TaskRoutedModel read. After adding, deleting or balancing tasks, update the
+selector (scripts/train_selector.py --update SELECTOR --action add|delete|balance).
 
 Any adapter main_finetune.py writes can be registered: a plain LoRA (kind `lora`: routed per row in the
 bank, fusable) or any other (kind `moa`: Soft / Sparse MoA, HydraLoRA, MoLoRA, prompt, parallel
@@ -24,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moa.checks import check_writable  # noqa: E402
 from moa.cli import one_line_errors  # noqa: E402
-from moa.tasks.registry import Registry, add_task, balance_tasks, delete_task, load_registry, task_row_counts  # noqa: E402
+from moa.files.lock import OutputLock  # noqa: E402
+from moa.tasks.registry import (Registry, add_task, balance_tasks, delete_task, registry_from_flags,  # noqa: E402
+                                save_registry, task_row_counts)
 from moa.tasks.swap import describe_adapter  # noqa: E402
 
 
@@ -49,11 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--data", required=True, help="the task's training rows (Alpaca JSON)")
     delete = sub.add_parser("delete", help="remove a task")
     delete.add_argument("--task", required=True)
-    sub.add_parser("list", help="print the tasks")
+    listing = sub.add_parser("list", help="print the tasks")
     bal = sub.add_parser("balance", help="set every task's n_train to the same count")
     bal.add_argument("--n_train", type=int, default=None, help="default: the smallest task's row count")
+    imp = sub.add_parser("import", help="write the seeds' data config + adapter pool as a registry JSON")
     for sp in sub.choices.values():
-        sp.add_argument("--registry", required=True, help="registry JSON (list: also a domain/task/ tree)")
+        sp.add_argument("--registry", required=sp is not listing,
+                        help="registry JSON (list: also a domain/task/ tree; import: the file written)")
+    for sp in (listing, imp):
+        sp.add_argument("--data_config", default=None, required=sp is imp,
+                        help="the seeds' data config: JSON {domain: {task: data_path}} or a tree domain/task/train.json")
+        sp.add_argument("--adapter_pool", default=None, required=sp is imp,
+                        help="the seeds' adapter pool: JSON {domain: {task: adapter_path}}")
     a = p.parse_args(argv)
     try:
         if a.command != "list":
@@ -64,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             reg = delete_task(a.registry, a.task)
         elif a.command == "balance":
             reg = balance_tasks(a.registry, a.n_train)
+        elif a.command == "import":
+            with OutputLock(a.registry):
+                save_registry(registry_from_flags(None, a.data_config, a.adapter_pool, "registry"), a.registry)
+            reg = registry_from_flags(a.registry, registry_flag="registry")
         else:
-            reg = load_registry(a.registry)
+            reg = registry_from_flags(a.registry, a.data_config, a.adapter_pool, "registry")
     except (FileNotFoundError, ValueError) as e:
         print(f"registry.py: error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import torch
 from example import main as example_main
 from llama.checkpoint import load_model
 from llama.generation import generate
-from moa.tasks.embedding import embed_rows, row_tokens
+from moa.tasks.embedding import EmbedConfig, embed_rows, row_tokens
 from moa.tasks.registry import add_task, load_registry
 from moa.tasks.selector import (SelectorConfig, fit_selector, load_selector, routing_report, save_selector,
                           selector_rows, similarity, task_scores)
@@ -105,9 +105,10 @@ def test_pooled_embedding_matches_each_row_alone_fp32_rel1em5(tiny):
     _, base, _ = tiny
     model, tok = load_model(base)
     rows = task_rows("add", 2) + task_rows("pick", 2)
-    emb = embed_rows(model, tok, rows, max_tokens=200, batch_size=4)  # padded batch
+    cfg = EmbedConfig(max_tokens=200)
+    emb = embed_rows(model, tok, rows, cfg, batch_size=4)  # padded batch
     for i, row in enumerate(rows):
-        t = torch.tensor([row_tokens(tok, row, 200)])
+        t = torch.tensor([row_tokens(tok, row, cfg)])
         with torch.no_grad():
             alone = model.hidden_states(t).mean(1)[0]
         assert float((emb[i] - alone).norm() / alone.norm()) <= 1e-5
@@ -232,3 +233,110 @@ def test_calibration_is_saved_and_old_files_load_at_temperature_one(tmp_path):
     assert again.cfg.calibration == 2.5 and torch.allclose(again.probs(x), sel.probs(x))
     with pytest.raises(ValueError, match="calibration temperature"):
         SelectorConfig(kind="mlp", tasks=TASKS, dim=32, calibration=0.0)
+
+
+# ---- what is embedded: --encoder and the row fields --------------------------------------------------
+
+def test_encoder_hidden_layer_is_the_block_output_of_a_full_forward_and_later_blocks_never_run_rel1em5(tiny):
+    """Reference: a forward hook on block 0 during the whole model's forward of each row alone."""
+    _, base, _ = tiny
+    model, tok = load_model(base)
+    rows = task_rows("add", 2) + task_rows("pick", 2)
+    cfg = EmbedConfig(encoder="hidden:0", max_tokens=96)
+    calls = []
+    later = model.layers[1].register_forward_hook(lambda *_: calls.append(1))
+    emb = embed_rows(model, tok, rows, cfg, batch_size=4)  # one padded batch
+    later.remove()
+    assert calls == []
+    for i, row in enumerate(rows):
+        seen = {}
+        hook = model.layers[0].register_forward_hook(lambda m, args, out: seen.update(h=out))
+        with torch.no_grad():
+            model(torch.tensor([row_tokens(tok, row, cfg)]))
+        hook.remove()
+        alone = seen["h"][0].mean(0)  # (dim,)
+        assert float((emb[i] - alone).norm() / alone.norm()) <= 1e-5
+    with pytest.raises(ValueError, match=r"--encoder hidden:2: the base has 2 blocks \(0-1\)"):
+        embed_rows(model, tok, rows, EmbedConfig(encoder="hidden:2"))
+    for bad in ("hidden:x", "final", "hidden:-1"):
+        with pytest.raises(ValueError, match="--encoder: expected hidden, hidden:LAYER"):
+            EmbedConfig(encoder=bad)
+
+
+def test_encoder_input_embedding_is_the_mean_token_embedding_and_runs_no_block_exact(tiny):
+    _, base, _ = tiny
+    model, tok = load_model(base)
+    rows = task_rows("yesno", 3)
+    cfg = EmbedConfig(encoder="input_embedding", max_tokens=96)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in model.layers]
+    emb = embed_rows(model, tok, rows, cfg)
+    for h in hooks:
+        h.remove()
+    assert calls == []
+    for i, row in enumerate(rows):
+        ids = torch.tensor(row_tokens(tok, row, cfg))
+        assert torch.allclose(emb[i], model.tok_embeddings.weight[ids].mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_row_fields_hand_written_texts_and_output_for_training_rows_only():
+    from moa.tasks.embedding import row_text
+
+    row = {"instruction": "I", "input": "X", "output": "O"}
+    assert row_text(row) == "I\n\nX"  # the default: instruction and input, as before
+    assert row_text(row, EmbedConfig(use_input=False)) == "I"
+    assert row_text(row, EmbedConfig(use_instruction=False)) == "X"
+    with_output = EmbedConfig(use_output=True)
+    assert row_text(row, with_output, training=True) == "I\n\nX\n\nO"
+    assert row_text(row, with_output, training=False) == "I\n\nX"  # a row to route has no output
+    assert row_text({"instruction": "I", "input": None}) == "I"
+    with pytest.raises(ValueError, match=r"no text in the embedded field\(s\) \['input'\]"):
+        row_text({"instruction": "I", "input": ""}, EmbedConfig(use_instruction=False))
+    with pytest.raises(ValueError, match="--use_instruction False --use_input False: routing embeds"):
+        EmbedConfig(use_instruction=False, use_input=False, use_output=True)
+    with pytest.raises(ValueError, match="--use_input: expected True or False"):
+        SelectorConfig(kind="mlp", tasks=TASKS, dim=8, use_input="yes")
+
+
+def test_use_output_embeds_the_output_of_training_rows_not_of_held_out_rows(tiny, monkeypatch):
+    """Reference: the token lists the embedder is given, against the texts written by hand."""
+    import moa.tasks.selector as selector
+    from moa.tasks.selector import task_splits, train_on_registry
+
+    _, base, reg_path = tiny
+    model, tok = load_model(base)
+    seen: list[list[list[int]]] = []
+    real = selector.embed_tokens
+    monkeypatch.setattr(selector, "embed_tokens", lambda m, tokens, *a: seen.append(list(tokens)) or real(m, tokens, *a))
+    reg = load_registry(reg_path)
+    sel = train_on_registry(model, tok, reg, "mlp", rows_per_task=4, heldout_per_task=2, steps=5, max_tokens=200,
+                            use_output=True)
+    assert sel.cfg.use_output and sel.cfg.embed_config.fields(training=False) == ("instruction", "input")
+    split = task_splits(reg, reg.tasks, 4, 2)["add"]
+    train_row, held_row = split.rows[split.train[0]], split.rows[split.held[0]]
+    tokens = seen[0]
+    assert tokens[0] == tok.encode(f"{train_row['instruction']}\n\n{train_row['output']}", bos=True, eos=False)
+    assert tokens[3 * 4] == tok.encode(held_row["instruction"], bos=True, eos=False)  # held-out rows follow
+
+
+def test_encoder_and_fields_are_stored_and_routing_embeds_as_trained(tiny, tmp_path):
+    """Reference: the selector's probabilities of the mean token embeddings computed by hand; an old
+    file without these fields (tests/fixtures/legacy) loads as hidden over instruction + input."""
+    from pathlib import Path
+
+    from moa import TaskRoutedModel
+    from moa.tasks.selector import train_on_registry
+
+    _, base, reg_path = tiny
+    model, tok = load_model(base)
+    sel = train_on_registry(model, tok, load_registry(reg_path), "mlp", heldout_per_task=8, steps=100, max_tokens=96,
+                            encoder="input_embedding")
+    path = save_selector(sel, tmp_path / "sel.pt")
+    assert load_selector(path).cfg.embed_config == EmbedConfig(encoder="input_embedding", max_tokens=96)
+    rows = [r for t in TASKS for r in task_rows(t, 2, seed=97)]
+    served = TaskRoutedModel.load(base, reg_path, path)
+    by_hand = torch.stack([model.tok_embeddings.weight[torch.tensor(row_tokens(tok, r, EmbedConfig(max_tokens=96)))]
+                           .mean(0) for r in rows]).detach()
+    assert torch.allclose(served.route(rows).probs, sel.probs(by_hand), atol=1e-6)
+    legacy = load_selector(Path(__file__).parent / "fixtures" / "legacy" / "selector.pt")
+    assert legacy.cfg.embed_config == EmbedConfig(max_tokens=legacy.cfg.max_tokens) and legacy.task_data == {}

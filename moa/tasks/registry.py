@@ -8,6 +8,10 @@ Two forms, loaded into the same `Registry`:
 - a directory tree `ROOT/domain/task/` holding `adapter.pth` (+ `adapter_params.json`) and
   `train.json` (the task's training rows).
 
+The seeds' form, a data config (JSON `{domain: {task: data_path}}` or a tree `ROOT/domain/task/train.json`)
+with a separate adapter-pool JSON `{domain: {task: adapter_path}}`, loads into the same `Registry`
+(`load_pool_registry`; command lines: `--data_config D --adapter_pool P`, `registry_from_flags`).
+
 Task names are unique over the whole registry (a task name is a selector class and names its
 adapter): the same task under two domains, or twice in one domain of the JSON, is a `ValueError`
 naming both places. A missing adapter or data file is a `FileNotFoundError` naming the task.
@@ -257,3 +261,91 @@ def balance_tasks(path: str | os.PathLike, n_train: Optional[int] = None) -> Reg
     reg.entries = [replace(e, n_train=target) for e in reg.entries]
     save_registry(reg, path)
     return load_registry(path)
+
+
+# ---- the seeds' form: a data config and an adapter pool -----------------------------------------------
+
+def _read_task_paths(path: Path, flag: str, what: str) -> dict[str, tuple[str, Path]]:
+    """{task: (domain, path)} of a JSON `{domain: {task: PATH}}` whose paths name `what` files
+    (relative paths: relative to the JSON file's folder), in file order."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--{flag} {path}: no such file")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{flag} {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--{flag} {path}: expected {{domain: {{task: \"{what} file path\"}}}}")
+    out: dict[str, tuple[str, Path]] = {}
+    for domain, tasks in raw.items():
+        if not isinstance(tasks, dict):
+            raise ValueError(f"--{flag} {path}: domain {domain!r}: expected an object {{task: \"{what} file path\"}}")
+        for task, value in tasks.items():
+            if not isinstance(value, str):
+                raise ValueError(f"--{flag} {path}: task {domain}/{task}: expected the {what} file's path (a string), "
+                                 f"got {type(value).__name__}")
+            if task in out:
+                raise ValueError(f"--{flag} {path}: duplicate task name {task!r} (in domain {out[task][0]!r} and "
+                                 f"{domain!r}); task names must be unique across the registry")
+            out[task] = (domain, path.parent / value)
+    return out
+
+
+def _read_data_tree(root: Path) -> dict[str, tuple[str, Path]]:
+    """{task: (domain, ROOT/domain/task/train.json)} of a tree of data files, sorted by domain, task."""
+    out: dict[str, tuple[str, Path]] = {}
+    for domain in sorted(p for p in root.iterdir() if p.is_dir()):
+        for task in sorted(p for p in domain.iterdir() if p.is_dir()):
+            if task.name in out:
+                raise ValueError(f"--data_config {root}: duplicate task name {task.name!r} (in domain "
+                                 f"{out[task.name][0]!r} and {domain.name!r}); task names must be unique")
+            out[task.name] = (domain.name, task / TREE_DATA_FILE)
+    if not out:
+        raise ValueError(f"--data_config {root}: no ROOT/domain/task/ folders (each with {TREE_DATA_FILE})")
+    return out
+
+
+def load_pool_registry(data_config: str | os.PathLike, adapter_pool: str | os.PathLike) -> Registry:
+    """The seeds' two configs as one validated `Registry` (Adapters Selector's data config and adapter
+    pool): `data_config`, a JSON `{domain: {task: data_path}}` or a tree `ROOT/domain/task/train.json`,
+    and `adapter_pool`, a JSON `{domain: {task: adapter_path}}` (relative paths: relative to the JSON
+    file's folder). Both must list the same tasks under the same domains: a task in one only, or under
+    another domain, is a `ValueError` naming the task and both files. Tasks in the data config's order;
+    `source`: the pool."""
+    data_config, adapter_pool = Path(data_config), Path(adapter_pool)
+    data = _read_data_tree(data_config) if data_config.is_dir() else _read_task_paths(data_config, "data_config", "data")
+    pool = _read_task_paths(adapter_pool, "adapter_pool", "adapter")
+    for task, (domain, path) in data.items():
+        if task not in pool:
+            raise ValueError(f"task {domain}/{task} is in --data_config {data_config} but not in --adapter_pool "
+                             f"{adapter_pool}")
+        if pool[task][0] != domain:
+            raise ValueError(f"task {task} is in domain {domain!r} in --data_config {data_config} but in domain "
+                             f"{pool[task][0]!r} in --adapter_pool {adapter_pool}")
+        if not path.is_file():
+            raise FileNotFoundError(f"--data_config {data_config}: task {domain}/{task}: data file {path} does not exist")
+    for task, (domain, _) in pool.items():
+        if task not in data:
+            raise ValueError(f"task {domain}/{task} is in --adapter_pool {adapter_pool} but not in --data_config "
+                             f"{data_config}")
+    reg = Registry([TaskEntry(domain, task, pool[task][1], path) for task, (domain, path) in data.items()], adapter_pool)
+    reg.validate()
+    return reg
+
+
+def registry_from_flags(adapter_registry: Optional[str | os.PathLike] = None,
+                        data_config: Optional[str | os.PathLike] = None,
+                        adapter_pool: Optional[str | os.PathLike] = None,
+                        registry_flag: str = "adapter_registry") -> Registry:
+    """The registry a command line names: `--{registry_flag}` (a registry JSON or domain/task/ tree,
+    `load_registry`), or `--data_config` with `--adapter_pool` (`load_pool_registry`)."""
+    if adapter_registry and (data_config or adapter_pool):
+        raise ValueError(f"--{registry_flag} excludes --data_config / --adapter_pool (those two files are the "
+                         "seeds' form of one registry)")
+    if adapter_registry:
+        return load_registry(adapter_registry)
+    if bool(data_config) != bool(adapter_pool):
+        raise ValueError("--data_config and --adapter_pool go together (the tasks' training rows, and their adapters)")
+    if not data_config:
+        raise ValueError(f"give --{registry_flag}, or --data_config with --adapter_pool")
+    return load_pool_registry(data_config, adapter_pool)

@@ -239,7 +239,7 @@ def route_rows(model: Transformer, tokenizer: Any, rows: Sequence[dict], sel: Se
         raise ValueError(f"--fusion topp: the adapters of {adapters.bank.bank.dora_tasks} are DoRA, whose outputs "
                          "do not mix linearly; route them with --fusion top1")
     adapters.restore()
-    probs = sel.probs(embed_rows(model, tokenizer, rows, sel.cfg.max_tokens))  # (R, N)
+    probs = sel.probs(embed_rows(model, tokenizer, rows, sel.cfg.embed_config))  # (R, N), embedded as it was trained
     choice = probs.argmax(-1)
     if fusion == "topp":
         weights = top_p_weights(probs, top_p_adapters)
@@ -267,10 +267,12 @@ def load_task_adapters(model: Transformer, reg: Registry, base_dir: str = "the b
 def load_routing(model: Transformer, adapter_registry: str, selector: str,
                  base_dir: str = "the base model") -> tuple[Selector, TaskAdapters]:
     """Read the registry and its selector, and attach the registry's adapters to `model` (bare base;
-    `load_task_adapters`). The registry's tasks must be the selector's classes, in its order."""
+    `load_task_adapters`). The registry's tasks must be the selector's classes, in any order (an updated
+    selector keeps its old classes' indices): the adapters are taken in the selector's class order."""
     reg = load_registry(adapter_registry)
     sel = load_selector(selector)
     check_tasks(sel, reg.tasks, f"--adapter_registry {adapter_registry}")
+    reg = Registry([reg.entry(t) for t in sel.cfg.tasks], reg.source)
     return sel, load_task_adapters(model, reg, base_dir)
 
 

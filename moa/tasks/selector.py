@@ -12,8 +12,16 @@ Two kinds, one file format:
   furthest from the origin wins; `ip` works best with few keys (`n_clusters 1` = the task mean).
 
 A selector file (`torch.save`, loadable with `weights_only=True`) holds the config (kind, tasks in
-class order, embedding settings, ...), the standardisation statistics, the parameters or keys, and
-the held-out report of its training.
+class order, embedding settings: encoder, fields, max_tokens, ...), the standardisation statistics,
+the parameters or keys, each task's training data as it was (`task_data`: file, SHA-256, rows used;
+what `moa.tasks.selector_update` compares), and the held-out report of its training.
+
+(Over 400 lines: the selector, its file, and the dataset it is trained on from a registry, which
+shares its config; the in-place updates are `moa.tasks.selector_update`.)
+
+Class order: a selector trained afresh takes the registry's task order; an updated one keeps its old
+classes' indices and appends the added ones (`moa.tasks.selector_update`), so routing matches the
+registry's adapters to the selector's classes by name (`check_tasks`), never by position.
 """
 from __future__ import annotations
 
@@ -31,11 +39,12 @@ from torch import nn
 
 from moa.checks import check_int, load_tensors
 from moa.files.atomic import atomic_write_files
+from moa.files.settings import sha256_file
 from moa.train.data import load_rows
-from moa.tasks.embedding import embed_rows
+from moa.tasks.embedding import EmbedConfig, EmbeddingCache, embed_tokens, row_tokens
 
-if TYPE_CHECKING:  # a type hint only: the registry is read by the caller
-    from moa.tasks.registry import Registry
+if TYPE_CHECKING:  # type hints only: the registry is read by the caller
+    from moa.tasks.registry import Registry, TaskEntry
 
 SELECTOR_KINDS = ("mlp", "nearest")
 METRICS = ("cos", "ip", "l2")
@@ -50,6 +59,12 @@ class SelectorConfig:
     tasks: list[str]
     dim: int
     max_tokens: int = 256  # tokens of each row's text embedded (moa.tasks.embedding.row_tokens)
+    # What is embedded (moa.tasks.embedding.EmbedConfig); files written before these fields load as
+    # "hidden" over instruction + input, which is what that code embedded.
+    encoder: str = "hidden"
+    use_instruction: bool = True
+    use_input: bool = True
+    use_output: bool = False  # training rows only
     standardize: bool = True  # z-score embeddings with the training rows' mean/std first
     hidden: int = 256  # mlp
     steps: int = 300  # mlp: full-batch AdamW steps
@@ -76,12 +91,19 @@ class SelectorConfig:
             raise ValueError(f"--temperature: expected > 0, got {self.temperature!r}")
         if not self.calibration > 0:
             raise ValueError(f"selector calibration temperature: expected > 0, got {self.calibration!r}")
+        _ = self.embed_config  # raises on invalid embedding settings (encoder, fields, max_tokens)
+
+    @property
+    def embed_config(self) -> EmbedConfig:
+        """How rows are embedded for this selector, at training and at routing time."""
+        return EmbedConfig(self.encoder, self.max_tokens, self.use_instruction, self.use_input, self.use_output)
 
 
 @dataclass
 class Selector:
     """A trained selector. `mean`, `std` (dim,): standardisation; `mlp` (kind mlp) or `keys` (K, dim)
-    with `key_task` (K,) int64 (kind nearest); `report`: held-out accuracy of its training."""
+    with `key_task` (K,) int64 (kind nearest); `report`: held-out accuracy of its training;
+    `task_data`: {task: `task_fingerprint`} of the rows it was trained on (empty in older files)."""
 
     cfg: SelectorConfig
     mean: torch.Tensor
@@ -90,6 +112,7 @@ class Selector:
     keys: Optional[torch.Tensor] = None
     key_task: Optional[torch.Tensor] = None
     report: dict[str, Any] = field(default_factory=dict)
+    task_data: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def _features(self, emb: torch.Tensor) -> torch.Tensor:
         if emb.dim() != 2 or emb.shape[1] != self.cfg.dim:
@@ -177,20 +200,37 @@ def fit_selector(cfg: SelectorConfig, emb: torch.Tensor, labels: torch.Tensor) -
     std = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones(cfg.dim)
     sel = Selector(cfg, mean, std)
     feats = sel._features(x)
-    generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.kind == "nearest":
-        space = F.normalize(feats, dim=-1) if cfg.metric == "cos" else feats
-        keys, key_task = [], []
-        for t in range(n_tasks):
-            c = kmeans(space[labels == t], cfg.n_clusters, generator)
-            keys.append(c)
-            key_task.append(torch.full((c.shape[0],), t, dtype=torch.long))
-        sel.keys, sel.key_task = torch.cat(keys), torch.cat(key_task)
+        sel.keys, sel.key_task = fit_keys(sel, feats, labels, range(n_tasks), torch.Generator().manual_seed(cfg.seed))
         return sel
     torch.manual_seed(cfg.seed)  # the MLP's initialisation
     mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, n_tasks))
+    sel.mlp = train_mlp(mlp, feats, labels, cfg)
+    return sel
+
+
+def fit_keys(sel: Selector, feats: torch.Tensor, labels: torch.Tensor, tasks: Sequence[int],
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest-key selector's keys of the classes `tasks`: `cfg.n_clusters` k-means centroids of
+    each one's rows in the metric's space (standardised features `feats` (n, dim), unit-normalised for
+    `cos`). Returns keys (K, dim) and key_task (K,) int64 (the class of each key)."""
+    space = F.normalize(feats, dim=-1) if sel.cfg.metric == "cos" else feats
+    keys, key_task = [torch.zeros(0, sel.cfg.dim)], [torch.zeros(0, dtype=torch.long)]
+    for t in tasks:
+        c = kmeans(space[labels == t], sel.cfg.n_clusters, generator)
+        keys.append(c)
+        key_task.append(torch.full((c.shape[0],), t, dtype=torch.long))
+    return torch.cat(keys), torch.cat(key_task)
+
+
+def train_mlp(mlp: nn.Sequential, feats: torch.Tensor, labels: torch.Tensor, cfg: SelectorConfig) -> nn.Sequential:
+    """`cfg.steps` full-batch AdamW steps of `mlp` (from its current parameters) on standardised
+    features (n, dim) with labels (n,): cross-entropy weighted so that every class present counts
+    alike, even when the rows are not balanced. Returns it in eval mode, frozen."""
+    n_tasks = len(cfg.tasks)
     counts = torch.bincount(labels, minlength=n_tasks).float()
     class_weight = counts.sum() / (n_tasks * counts)  # balanced loss even if the rows are not
+    mlp.requires_grad_(True).train()
     opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     with torch.enable_grad():
         for _ in range(cfg.steps):
@@ -198,8 +238,7 @@ def fit_selector(cfg: SelectorConfig, emb: torch.Tensor, labels: torch.Tensor) -
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    sel.mlp = mlp.eval().requires_grad_(False)
-    return sel
+    return mlp.eval().requires_grad_(False)
 
 
 CALIBRATION_RANGE = (0.01, 100.0)  # the temperatures searched (log-spaced), beyond which nothing changes
@@ -250,36 +289,134 @@ def routing_report(sel: Selector, emb: torch.Tensor, labels: torch.Tensor) -> di
 
 # ---- the selector's dataset from the registry ---------------------------------------------------------
 
-def selector_rows(reg: Registry, rows_per_task: Optional[int], heldout_per_task: int,
-                  seed: int = 0) -> tuple[list[dict], list[int], list[dict], list[int]]:
+@dataclass
+class TaskSplit:
+    """One task's rows for the selector: its data file's rows (the first `n_train` when the registry
+    sets it), and which of them (indices into `rows`) are held out and which are its balanced training
+    rows, both in the selector's row order (`row_order`)."""
+
+    task: str
+    data: Path
+    rows: list[dict]
+    held: list[int]
+    train: list[int]
+
+
+def row_order(task: str, n_rows: int, seed: int) -> list[int]:
+    """The order in which the selector takes a task's rows (0 .. n_rows-1): by a random key drawn for
+    each row index from one stream per (seed, task). So a task's order never depends on the other
+    tasks, and the first n rows of a file keep their relative order whatever follows them (`n_train`):
+    an update (another task added, a balance) takes the rows it took before, which the embedding
+    cache then holds."""
+    rng = random.Random(f"{seed}/{task}")  # a string seed is hashed with SHA-512: the same in every run
+    keys = [rng.random() for _ in range(n_rows)]
+    return sorted(range(n_rows), key=keys.__getitem__)
+
+
+def task_splits(reg: Registry, tasks: Sequence[str], rows_per_task: Optional[int], heldout_per_task: int,
+                seed: int = 0) -> dict[str, TaskSplit]:
     """Turn the tasks' own training rows into the selector's dataset (DLP-LoRA's data maker).
 
-    Per task (in registry order): its data file's rows, the first `n_train` of them when the
-    registry sets it, shuffled with `seed`; the first `heldout_per_task` are held out, and the same
-    number of the rest is taken from every task (balanced): the smallest task's count, capped at
-    `rows_per_task`. Returns (train rows, train labels, held-out rows, held-out labels).
+    Per task of `tasks` (registered in `reg`): its rows in `row_order`; the first `heldout_per_task`
+    are held out, and the same number of the rest is taken from every task (balanced): the smallest
+    task's count, capped at `rows_per_task`.
     """
     if heldout_per_task < 0:
         raise ValueError(f"--heldout_per_task: expected >= 0, got {heldout_per_task}")
-    rng = random.Random(seed)
-    pools = []
-    for e in reg.entries:
+    if rows_per_task is not None:
+        check_int("rows_per_task", rows_per_task, 1)
+    loaded = {}
+    for task in tasks:
+        e = reg.entry(task)
         rows = load_rows(e.data)[: e.n_train]
-        rng.shuffle(rows)
         if len(rows) <= heldout_per_task:
             raise ValueError(f"task {e.task}: {len(rows)} rows in {e.data}, not more than --heldout_per_task "
                              f"{heldout_per_task}")
-        pools.append(rows)
-    n = min(len(p) - heldout_per_task for p in pools)
+        loaded[task] = (e.data, rows, row_order(task, len(rows), seed))
+    n = min(len(rows) - heldout_per_task for _, rows, _ in loaded.values())
     if rows_per_task is not None:
         n = min(n, rows_per_task)
+    return {task: TaskSplit(task, data, rows, order[:heldout_per_task], order[heldout_per_task: heldout_per_task + n])
+            for task, (data, rows, order) in loaded.items()}
+
+
+def selector_rows(reg: Registry, rows_per_task: Optional[int], heldout_per_task: int,
+                  seed: int = 0) -> tuple[list[dict], list[int], list[dict], list[int]]:
+    """`task_splits` of every registered task as (train rows, train labels, held-out rows, held-out
+    labels), labels = registry order."""
+    splits = task_splits(reg, reg.tasks, rows_per_task, heldout_per_task, seed)
     train, train_y, held, held_y = [], [], [], []
-    for t, rows in enumerate(pools):
-        held += rows[:heldout_per_task]
-        held_y += [t] * heldout_per_task
-        train += rows[heldout_per_task: heldout_per_task + n]
-        train_y += [t] * n
+    for t, split in enumerate(splits.values()):
+        held += [split.rows[i] for i in split.held]
+        held_y += [t] * len(split.held)
+        train += [split.rows[i] for i in split.train]
+        train_y += [t] * len(split.train)
     return train, train_y, held, held_y
+
+
+@dataclass
+class SelectorData:
+    """Embedded rows: training (n, dim) with class labels (n,) int64, held-out (h, dim) with (h,)."""
+
+    train_emb: torch.Tensor
+    train_y: torch.Tensor
+    held_emb: torch.Tensor
+    held_y: torch.Tensor
+
+
+def embed_splits(model: Any, tokenizer: Any, cfg: SelectorConfig, splits: dict[str, TaskSplit],
+                 train_rows: dict[str, Sequence[int]], embed_batch_size: int = 16,
+                 cache: Optional[EmbeddingCache] = None) -> SelectorData:
+    """Embed, for every class of `cfg.tasks`, its training rows `train_rows[task]` (indices into its
+    split's rows; as training rows, `cfg.use_output` included) and its held-out rows (as rows to route),
+    in one pass (`cache.embed` when given: only rows it does not hold are run)."""
+    tokens: list[list[int]] = []
+    labels: list[int] = []
+    counts = []
+    for held in (False, True):
+        for c, task in enumerate(cfg.tasks):
+            split = splits[task]
+            for i in (split.held if held else train_rows.get(task, ())):
+                try:
+                    tokens.append(row_tokens(tokenizer, split.rows[i], cfg.embed_config, training=not held))
+                except ValueError as e:
+                    raise ValueError(f"task {task}: {split.data} row {i}: {e}") from None
+                labels.append(c)
+        counts.append(len(tokens))
+    if cache is not None:
+        emb = cache.embed(model, tokens, cfg.encoder, embed_batch_size)
+    else:
+        emb = embed_tokens(model, tokens, embed_batch_size, cfg.encoder)
+    y = torch.tensor(labels, dtype=torch.long)
+    n = counts[0]  # training rows first, then the held-out ones
+    return SelectorData(emb[:n], y[:n], emb[n:], y[n:])
+
+
+def task_fingerprint(entry: TaskEntry) -> dict[str, Any]:
+    """What decides a task's rows for the selector: its data file (path, SHA-256 of its content) and
+    how many of its rows are used (`rows`: the first `n_train`, or all)."""
+    return {"data": str(entry.data), "sha256": sha256_file(entry.data),
+            "rows": len(load_rows(entry.data)[: entry.n_train])}
+
+
+def finish_training(sel: Selector, reg: Registry, splits: dict[str, TaskSplit], data: SelectorData,
+                    calibrate: bool = True) -> Selector:
+    """Store in `sel` its training report (accuracy on its training rows, the rows per task; the
+    held-out `routing_report`) and its tasks' `task_fingerprint`s; with `calibrate` and held-out rows,
+    fit the softmax temperature on them (`calibrate_temperature`, in the report as "calibration")."""
+    counts = torch.bincount(data.train_y, minlength=len(sel.cfg.tasks)).tolist()
+    first = splits[sel.cfg.tasks[0]]
+    sel.cfg.calibration = 1.0
+    # No training rows: a nearest-key update that only drops keys.
+    train = routing_report(sel, data.train_emb, data.train_y)["accuracy"] if data.train_y.numel() else None
+    sel.report = {"train_rows_per_task": len(first.train), "heldout_rows_per_task": len(first.held),
+                  "train_rows": dict(zip(sel.cfg.tasks, counts)), "train": train}
+    if data.held_y.numel():
+        sel.report["heldout"] = routing_report(sel, data.held_emb, data.held_y)
+        if calibrate:
+            sel.report["calibration"] = calibrate_temperature(sel, data.held_emb, data.held_y)
+    sel.task_data = {t: task_fingerprint(reg.entry(t)) for t in sel.cfg.tasks}
+    return sel
 
 
 # ---- file ----------------------------------------------------------------------------------------------
@@ -289,7 +426,7 @@ def save_selector(sel: Selector, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob: dict[str, Any] = {"format": FORMAT, "config": dataclasses.asdict(sel.cfg), "mean": sel.mean,
-                            "std": sel.std, "report": sel.report}
+                            "std": sel.std, "report": sel.report, "task_data": sel.task_data}
     if sel.cfg.kind == "mlp":
         blob["mlp"] = {k: v.detach().clone() for k, v in sel.mlp.state_dict().items()}
     else:
@@ -299,7 +436,8 @@ def save_selector(sel: Selector, path: str | os.PathLike) -> Path:
 
 
 def load_selector(path: str | os.PathLike) -> Selector:
-    """Read a selector file written by `save_selector`; errors name the file."""
+    """Read a selector file written by `save_selector`; errors name the file. Files written before a
+    config field existed load with its default (encoder "hidden" over instruction + input, calibration 1)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--selector {path}: no such file")
@@ -314,7 +452,7 @@ def load_selector(path: str | os.PathLike) -> Selector:
     except (TypeError, ValueError) as e:
         raise ValueError(f"--selector {path}: its config does not load ({e}); retrain it with "
                          "scripts/train_selector.py") from None
-    sel = Selector(cfg, blob["mean"], blob["std"], report=blob.get("report", {}))
+    sel = Selector(cfg, blob["mean"], blob["std"], report=blob.get("report", {}), task_data=blob.get("task_data", {}))
     if cfg.kind == "mlp":
         sel.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(cfg.tasks)))
         sel.mlp.load_state_dict(blob["mlp"])
@@ -325,28 +463,32 @@ def load_selector(path: str | os.PathLike) -> Selector:
 
 
 def check_tasks(sel: Selector, tasks: Sequence[str], where: str) -> None:
-    """`ValueError` unless the selector's classes are exactly `tasks`, in that order."""
-    if list(sel.cfg.tasks) != list(tasks):
-        raise ValueError(f"--selector (trained for tasks {sel.cfg.tasks}) does not fit {where}, which lists {list(tasks)} "
-                         "(retrain it with scripts/train_selector.py after adding/deleting tasks)")
+    """`ValueError` unless the selector's classes are exactly `tasks`, in any order (routing matches
+    the registry's adapters to the selector's classes by name)."""
+    if sorted(sel.cfg.tasks) != sorted(tasks):
+        extra = [t for t in tasks if t not in sel.cfg.tasks]
+        gone = [t for t in sel.cfg.tasks if t not in tasks]
+        raise ValueError(f"--selector (trained for tasks {sel.cfg.tasks}) does not fit {where}, which lists "
+                         f"{list(tasks)} (new there: {extra}; not there: {gone}); update it with "
+                         "scripts/train_selector.py --update SELECTOR --action add|delete, or retrain it")
 
 
 def train_on_registry(model: Any, tokenizer: Any, reg: Registry, kind: str, rows_per_task: Optional[int] = None,
                       heldout_per_task: int = 32, embed_batch_size: int = 16, calibrate: bool = True,
-                      **options: Any) -> Selector:
-    """Embed the registry's training rows with the bare base `model` (`selector_rows`), fit a
-    selector of `kind` (`options`: the other `SelectorConfig` fields), and store its held-out routing
-    report (`routing_report`, plus the rows used per task) in `selector.report`. With `calibrate` and
-    held-out rows, the softmax temperature is then fitted on them (`calibrate_temperature`, in the
-    report as "calibration")."""
+                      cache: Optional[EmbeddingCache] = None, **options: Any) -> Selector:
+    """Embed the registry's training rows with the bare base `model` (`task_splits`; through `cache`
+    when given), fit a selector of `kind` (`options`: the other `SelectorConfig` fields; classes in
+    registry order), and store its held-out routing report and calibration (`finish_training`)."""
     cfg = SelectorConfig(kind=kind, tasks=reg.tasks, dim=model.args.dim, **options)
-    train, train_y, held, held_y = selector_rows(reg, rows_per_task, heldout_per_task, cfg.seed)
-    emb = embed_rows(model, tokenizer, train + held, cfg.max_tokens, embed_batch_size)
-    sel = fit_selector(cfg, emb[: len(train)], torch.tensor(train_y))
-    sel.report = {"train_rows_per_task": len(train) // len(reg.tasks), "heldout_rows_per_task": heldout_per_task,
-                  "train": routing_report(sel, emb[: len(train)], torch.tensor(train_y))["accuracy"]}
-    if held:
-        sel.report["heldout"] = routing_report(sel, emb[len(train):], torch.tensor(held_y))
-        if calibrate:
-            sel.report["calibration"] = calibrate_temperature(sel, emb[len(train):], torch.tensor(held_y))
-    return sel
+    return fit_on_registry(model, tokenizer, reg, cfg, rows_per_task, heldout_per_task, embed_batch_size,
+                           calibrate, cache)
+
+
+def fit_on_registry(model: Any, tokenizer: Any, reg: Registry, cfg: SelectorConfig, rows_per_task: Optional[int],
+                    heldout_per_task: int, embed_batch_size: int = 16, calibrate: bool = True,
+                    cache: Optional[EmbeddingCache] = None) -> Selector:
+    """`train_on_registry` for a given config: classes `cfg.tasks` (registered tasks, in any order)."""
+    splits = task_splits(reg, cfg.tasks, rows_per_task, heldout_per_task, cfg.seed)
+    data = embed_splits(model, tokenizer, cfg, splits, {t: s.train for t, s in splits.items()}, embed_batch_size,
+                        cache)
+    return finish_training(fit_selector(cfg, data.train_emb, data.train_y), reg, splits, data, calibrate)
