@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from llama.checkpoint import load_model  # noqa: E402
 from moa.cli import str2bool  # noqa: E402
 from moa.files.lock import OutputLock  # noqa: E402
-from moa.tasks.embedding import ENCODERS, EmbeddingCache, base_identity  # noqa: E402
+from moa.tasks.embedding import ENCODERS, EmbedConfig, EmbeddingCache, base_identity  # noqa: E402
 from moa.tasks.registry import registry_from_flags  # noqa: E402
 from moa.tasks.selector import (METRICS, SELECTOR_KINDS, Selector, load_selector, save_selector,  # noqa: E402
                                 train_on_registry)
@@ -41,6 +41,7 @@ from moa.tasks.selector_update import UPDATE_ACTIONS, UPDATE_MODES, plan_update,
 # Flags an update takes from the old selector (its kind, embedding, structure and row split); None = not given.
 KEPT_BY_UPDATE = ("kind", "encoder", "max_tokens", "use_instruction", "use_input", "use_output", "hidden", "metric",
                   "n_clusters", "temperature", "standardize", "seed")
+EMBEDDING = ("encoder", "max_tokens", "use_instruction", "use_input", "use_output")  # EmbedConfig's fields
 TRAINING = ("steps", "lr")  # config fields an update may change
 DEFAULT_KIND = "mlp"
 DEFAULT_HELDOUT = 32
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             old = load_selector(a.update)
             kept_flags_check(a, old)
             plan_update(old, reg, a.action)  # a mismatch stops here, before the model is loaded
+        else:
+            EmbedConfig(**{f: getattr(a, f) for f in EMBEDDING if getattr(a, f) is not None})  # checked before loading
         cache = None
         if a.embed_cache != NO_CACHE:
             cache = EmbeddingCache(a.embed_cache or Path(a.out).parent / "embed_cache", base_identity(a.ckpt_dir))
