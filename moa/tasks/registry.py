@@ -108,29 +108,37 @@ def _no_duplicate_keys(path: Path):
     return hook
 
 
-def _read_json(path: Path) -> Registry:
+def _domain_tasks(path: Path, where: str, expected: str) -> list[tuple[str, str, Any]]:
+    """(domain, task, value) of a JSON file `{domain: {task: value}}`, in file order (a key twice in
+    one object is an error); `where` starts each message, `expected` describes a value."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected {{domain: {{task: {{\"adapter\": path, \"data\": path}}}}}}")
-    entries = []
+        raise ValueError(f"{where}: expected {{domain: {{task: {expected}}}}}")
+    out = []
     for domain, tasks in raw.items():
         if not isinstance(tasks, dict):
-            raise ValueError(f"{path}: domain {domain!r}: expected an object {{task: {{adapter, data}}}}")
-        for task, spec in tasks.items():
-            if not isinstance(spec, dict) or not {"adapter", "data"} <= set(spec):
-                raise ValueError(f"{path}: task {domain}/{task}: expected an object with \"adapter\" and \"data\"")
-            unknown = sorted(set(spec) - {"adapter", "data", "n_train"})
-            if unknown:
-                raise ValueError(f"{path}: task {domain}/{task}: unknown field(s) {unknown} "
-                                 "(expected adapter, data, n_train)")
-            for field in ("adapter", "data"):
-                if not isinstance(spec[field], str):
-                    raise ValueError(f"{path}: task {domain}/{task}: field {field!r} must be a path string")
-            entries.append(TaskEntry(domain, task, path.parent / spec["adapter"], path.parent / spec["data"],
-                                     spec.get("n_train")))
+            raise ValueError(f"{where}: domain {domain!r}: expected an object {{task: {expected}}}")
+        out += [(domain, task, value) for task, value in tasks.items()]
+    return out
+
+
+def _read_json(path: Path) -> Registry:
+    entries = []
+    for domain, task, spec in _domain_tasks(path, str(path), '{"adapter": path, "data": path}'):
+        if not isinstance(spec, dict) or not {"adapter", "data"} <= set(spec):
+            raise ValueError(f"{path}: task {domain}/{task}: expected an object with \"adapter\" and \"data\"")
+        unknown = sorted(set(spec) - {"adapter", "data", "n_train"})
+        if unknown:
+            raise ValueError(f"{path}: task {domain}/{task}: unknown field(s) {unknown} "
+                             "(expected adapter, data, n_train)")
+        for field in ("adapter", "data"):
+            if not isinstance(spec[field], str):
+                raise ValueError(f"{path}: task {domain}/{task}: field {field!r} must be a path string")
+        entries.append(TaskEntry(domain, task, path.parent / spec["adapter"], path.parent / spec["data"],
+                                 spec.get("n_train")))
     return Registry(entries, path)
 
 
@@ -270,24 +278,15 @@ def _read_task_paths(path: Path, flag: str, what: str) -> dict[str, tuple[str, P
     (relative paths: relative to the JSON file's folder), in file order."""
     if not path.is_file():
         raise FileNotFoundError(f"--{flag} {path}: no such file")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--{flag} {path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"--{flag} {path}: expected {{domain: {{task: \"{what} file path\"}}}}")
     out: dict[str, tuple[str, Path]] = {}
-    for domain, tasks in raw.items():
-        if not isinstance(tasks, dict):
-            raise ValueError(f"--{flag} {path}: domain {domain!r}: expected an object {{task: \"{what} file path\"}}")
-        for task, value in tasks.items():
-            if not isinstance(value, str):
-                raise ValueError(f"--{flag} {path}: task {domain}/{task}: expected the {what} file's path (a string), "
-                                 f"got {type(value).__name__}")
-            if task in out:
-                raise ValueError(f"--{flag} {path}: duplicate task name {task!r} (in domain {out[task][0]!r} and "
-                                 f"{domain!r}); task names must be unique across the registry")
-            out[task] = (domain, path.parent / value)
+    for domain, task, value in _domain_tasks(path, f"--{flag} {path}", f'"{what} file path"'):
+        if not isinstance(value, str):
+            raise ValueError(f"--{flag} {path}: task {domain}/{task}: expected the {what} file's path (a string), "
+                             f"got {type(value).__name__}")
+        if task in out:
+            raise ValueError(f"--{flag} {path}: duplicate task name {task!r} (in domain {out[task][0]!r} and "
+                             f"{domain!r}); task names must be unique across the registry")
+        out[task] = (domain, path.parent / value)
     return out
 
 
