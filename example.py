@@ -5,8 +5,10 @@
         --max_gen_len 200 --min_gen_len 120 --max_batch_size 200 --temperature 0.1 --top_p 0.75
 
 Also runs as plain `python example.py ...`. Without --adapter_path the bare base model answers (a
-baseline). Writes one JSON line per test row, in the test file's order (DESIGN §3 "predictions");
-an interrupted run resumes where it stopped. How prompts are cut, batched and split across ranks:
+baseline). With a task registry (--adapter_registry, or the seeds' --data_config with --adapter_pool)
+and --selector, each row runs on the task adapter(s) the selector picks (moa/tasks/routing.py).
+Writes one JSON line per test row, in the test file's order (DESIGN §3 "predictions"); an
+interrupted run resumes where it stopped. How prompts are cut, batched and split across ranks:
 moa/infer/generate.py.
 """
 from __future__ import annotations
@@ -31,8 +33,13 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
                    help="task-adapter registry (JSON {domain: {task: {adapter, data}}} or a domain/task/ tree): "
                         "each row runs with the adapter(s) --selector picks (instead of --adapter_path); plain "
                         "LoRAs share batches, any other adapter (Soft MoA, HydraLoRA, ...) runs its rows attached")
+    p.add_argument("--data_config", default=None,
+                   help="instead of --adapter_registry, the seeds' two files: the data config, JSON {domain: {task: "
+                        "data_path}} or a tree domain/task/train.json (with --adapter_pool)")
+    p.add_argument("--adapter_pool", default=None,
+                   help="the seeds' adapter pool, JSON {domain: {task: adapter_path}} (with --data_config)")
     p.add_argument("--selector", default=None, help="selector file from scripts/train_selector.py (with "
-                   "--adapter_registry)")
+                   "--adapter_registry, or --data_config and --adapter_pool)")
     p.add_argument("--fusion", default="top1", choices=["top1", "topp"],
                    help="top1: the selector's most probable task adapter per row; topp: the fusion of the "
                         "adapters whose probabilities reach --top_p_adapters, weighted by them (DLP-LoRA); plain "

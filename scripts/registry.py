@@ -10,8 +10,9 @@
 
 `balance` sets every task's `n_train` (rows the selector trains on) to N, default the smallest
 task's row count. `import` writes the seeds' data config (JSON {domain: {task: data_path}} or a tree
-domain/task/train.json) and adapter pool (JSON {domain: {task: adapter_path}}) as one registry JSON,
-which example.py and TaskRoutedModel read. After adding, deleting or balancing tasks, update the
+domain/task/train.json) and adapter pool (JSON {domain: {task: adapter_path}}) as one registry JSON
+(example.py, train_selector.py and TaskRoutedModel also read the two files as they are: --data_config
+--adapter_pool, `load_pool_registry`). After adding, deleting or balancing tasks, update the
 selector (scripts/train_selector.py --update SELECTOR --action add|delete|balance).
 
 Any adapter main_finetune.py writes can be registered: a plain LoRA (kind `lora`: routed per row in the

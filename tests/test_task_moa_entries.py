@@ -6,10 +6,14 @@ References: every row generated alone with its own adapter loaded through the si
 example.py --adapter_path (`load_trained_adapter` on a freshly loaded base; the CLI itself for the
 example.py test), greedy, fp32, token for token. "Clean" is checked against the model as loaded: the
 same module classes, state_dict keys and values, requires_grad, and logits of the bare base outside rows.
+The seeds' two files (`--data_config D --adapter_pool P`, `load_pool_registry`) are checked against the
+registry JSON that `scripts/registry.py import` writes from them (records and text equal).
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -323,3 +327,103 @@ def test_example_py_routes_moa_entries_top1_as_each_adapter_alone(setup, tmp_pat
         ref = [json.loads(line)["generate"] for line in (tmp_path / f"{t}.jsonl").read_text().splitlines()]
         assert [r["generate"] for r, row in zip(routed, test) if row["task"] == t] == \
             [g for g, row in zip(ref, test) if row["task"] == t], t
+
+
+def seeds_files(root: Path, paths: dict[str, Path], folder: Path, tasks: list[str]) -> tuple[Path, Path]:
+    """The seeds' two files for `tasks` (in that order) in `folder`: a data config and an adapter pool,
+    their paths relative to `folder` (as the seeds write them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data_config.json"
+    pool = folder / "adapter_pool.json"
+    data.write_text(json.dumps({"demo": {t: os.path.relpath(root / "data" / f"{t}.json", folder) for t in tasks}}))
+    pool.write_text(json.dumps({"demo": {t: os.path.relpath(paths[t], folder) for t in tasks}}))
+    return data, pool
+
+
+def test_example_py_with_the_seeds_two_files_writes_the_records_of_the_imported_registry(setup, tmp_path, capsys):
+    """example.py --data_config D --adapter_pool P against --adapter_registry of the JSON that
+    `scripts/registry.py import` writes from the same two files: the same records, line for line; a rerun
+    with either file changed is refused naming it."""
+    root, base, paths, _ = setup
+    tasks = ["hydra", "lora1", "soft_b"]
+    data, pool = seeds_files(root, paths, tmp_path / "seeds", tasks)
+    imported = tmp_path / "imported.json"
+    assert registry_main(["import", "--data_config", str(data), "--adapter_pool", str(pool),
+                          "--registry", str(imported)]) == 0
+    assert load_registry(imported).tasks == tasks
+    test = [r for t in ("soft_b", "hydra", "lora1", "soft_b") for r in rows_of(t, 1, seed=13)]
+    test[3] = rows_of("soft_b", 2, seed=13)[1]
+    sel = save_selector(exact_selector(base, test, tasks), tmp_path / "sel.pt")
+    common = ["--ckpt_dir", str(base), "--data_path", str(write_rows(tmp_path / "test.json", test)), "--max_gen_len",
+              "6", "--min_gen_len", "6", "--temperature", "0", "--max_batch_size", "2", "--progress", "False",
+              "--dtype", "float32", "--selector", str(sel)]
+    pair = ["--data_config", str(data), "--adapter_pool", str(pool)]
+    example_main(common + ["--adapter_registry", str(imported), "--save_path", str(tmp_path / "reg.jsonl")])
+    example_main(common + pair + ["--save_path", str(tmp_path / "pair.jsonl")])
+    records = {n: [json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+               for n in ("reg", "pair")}
+    assert records["pair"] == records["reg"]
+    assert [r["selected_task"] for r in records["pair"]] == [r["task"] for r in test]
+    assert all(r["adapter_weights"] == {row["task"]: 1.0} for r, row in zip(records["pair"], test))
+    settings = json.loads((tmp_path / "pair.jsonl.settings.json").read_text())["settings"]
+    assert settings["data_config"] == str(data) and settings["adapter_pool"] == str(pool)
+    assert settings["data_config_file"].startswith("size ") and "adapter_registry" not in settings
+
+    capsys.readouterr()
+    example_main(common + pair + ["--save_path", str(tmp_path / "pair.jsonl")])
+    assert "already holds predictions for all 4 rows: left alone" in capsys.readouterr().out
+    for changed, key in ((pool, "adapter_pool_file"), (data, "data_config_file")):
+        original = changed.read_text()
+        changed.write_text(original + "\n")  # the same tasks, another file
+        with pytest.raises(SystemExit, match=rf"pair.jsonl was written with other settings \({key} 'size"):
+            example_main(common + pair + ["--save_path", str(tmp_path / "pair.jsonl")])
+        changed.write_text(original)
+
+
+def test_example_py_routing_flags_name_the_two_registry_forms(setup, tmp_path, capsys):
+    """Both registry forms at once, one of the two files alone, a selector without a registry, and an
+    adapter with the pair: each refused on the command line, naming the flags, before any file is read."""
+    args = ["--ckpt_dir", "no_model", "--data_path", "x.json", "--save_path", str(tmp_path / "o.jsonl")]
+    pair = ["--data_config", "data.json", "--adapter_pool", "pool.json"]
+    cases = [(["--adapter_registry", "tasks.json", "--selector", "s.pt"] + pair,
+              "--adapter_registry excludes --data_config / --adapter_pool"),
+             (["--data_config", "data.json", "--selector", "s.pt"], "--data_config and --adapter_pool go together"),
+             (["--adapter_pool", "pool.json", "--selector", "s.pt"], "--data_config and --adapter_pool go together"),
+             (pair, "--data_config / --adapter_pool and --selector go together"),
+             (["--selector", "s.pt"], "--selector goes with the registry it was trained on: --adapter_registry, "
+                                      "or --data_config with --adapter_pool"),
+             (pair + ["--selector", "s.pt", "--adapter_path", "a.pth"],
+              "--data_config / --adapter_pool and --adapter_path exclude each other")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit):
+            example_main(args + flags)
+        assert message in capsys.readouterr().err, flags
+
+
+def test_task_routed_model_loads_the_seeds_two_files_as_the_imported_registry(setup, tmp_path):
+    """TaskRoutedModel.load with `load_pool_registry(D, P)` against the registry JSON imported from the same
+    files: the same routing and text per row; a selector of other tasks is refused naming both files."""
+    from moa import TaskRoutedModel
+    from moa.tasks.registry import load_pool_registry
+
+    root, base, paths, _ = setup
+    tasks = ["soft_a", "lora0"]
+    data, pool = seeds_files(root, paths, tmp_path / "seeds", tasks)
+    imported = tmp_path / "imported.json"
+    assert registry_main(["import", "--data_config", str(data), "--adapter_pool", str(pool),
+                          "--registry", str(imported)]) == 0
+    test = [r for t in ("lora0", "soft_a", "soft_a") for r in rows_of(t, 1, seed=21)]
+    test[2] = rows_of("soft_a", 2, seed=21)[1]
+    sel = save_selector(exact_selector(base, test, tasks), tmp_path / "sel.pt")
+    served = TaskRoutedModel.load(base, load_pool_registry(data, pool), sel)
+    ref = TaskRoutedModel.load(base, imported, sel)
+    assert served.tasks == ref.tasks == tasks and served.adapters.kinds == ["moa", "lora"]
+    outs = served.generate(test, max_gen_len=6, max_batch_size=2)
+    assert outs == ref.generate(test, max_gen_len=6, max_batch_size=2)
+    assert [o["selected_task"] for o in outs] == [r["task"] for r in test]
+    other = exact_selector(base, test, tasks)
+    other.cfg.tasks = ["soft_a", "lora1"]
+    other = save_selector(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=re.escape(f"does not fit --data_config {data} with --adapter_pool {pool}, "
+                                                   "which lists ['soft_a', 'lora0']")):
+        TaskRoutedModel.load(base, load_pool_registry(data, pool), other)

@@ -56,6 +56,7 @@ from moa.files.lock import OutputLock
 from moa.files.settings import adapter_identity, data_identity, file_identity, jsonable, model_identity
 from moa.infer.predictions import (complete_already, merge_partials, partial_header, partial_path, prediction_record,
                                    read_partials)
+from moa.tasks.registry import registry_from_flags, registry_named
 from moa.tasks.routing import RoutingPlan, check_routing_flags, plan_task_routing
 from moa.train.data import build_prompt, load_rows
 from moa.train.distributed import init_distributed, on_rank0
@@ -71,6 +72,8 @@ class InferenceConfig:
     save_path: str
     adapter_path: Optional[str] = None
     adapter_registry: Optional[str] = None  # task adapters picked/fused per row by --selector (moa/tasks/routing.py)
+    data_config: Optional[str] = None  # with adapter_pool: the seeds' two files instead of adapter_registry
+    adapter_pool: Optional[str] = None
     selector: Optional[str] = None
     fusion: str = "top1"  # top1 | topp
     top_p_adapters: float = 0.9
@@ -99,7 +102,12 @@ class InferenceConfig:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"--dtype: expected auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         check_routing_flags(self.adapter_path, self.adapter_registry, self.selector, self.fusion,
-                            self.top_p_adapters)
+                            self.top_p_adapters, self.data_config, self.adapter_pool)
+
+    @property
+    def routed(self) -> bool:
+        """Whether each row runs on the task adapter(s) the selector picks (a registry is named)."""
+        return registry_named(self.adapter_registry, self.data_config, self.adapter_pool)
 
 
 @dataclass
@@ -234,7 +242,7 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
                           show_progress: bool, routing: Optional[RoutingPlan] = None) -> tuple[int, float]:
     """Generate `batches` and append their prediction records (with the row index) to `partial`, which
     gets `header` as its first line when new; flushed and synced after every batch. With `routing`
-    (--adapter_registry), each batch first gets its rows' task adapters, and each record the choice.
+    (a task registry and --selector), each batch first gets its rows' task adapters, and each record the choice.
 
     Returns (new tokens kept, seconds of generation).
     """
@@ -309,12 +317,14 @@ def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceS
     if on_rank0(lambda: complete_already(save, settings, len(rows), cfg.overwrite, "example.py"), rank, world):
         return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
 
+    # The registry's files are read (and checked) before the model is loaded.
+    registry = registry_from_flags(cfg.adapter_registry, cfg.data_config, cfg.adapter_pool) if cfg.routed else None
     model, tokenizer = load_model(cfg.ckpt_dir, dtype=_DTYPES[dtype_name], device=device)
     context = model.args.max_seq_len
     loaded = load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir) if cfg.adapter_path else LoadedAdapter(None, [])
     routing = None
-    if cfg.adapter_registry:
-        routing = plan_task_routing(model, tokenizer, rows, cfg.adapter_registry, cfg.selector, cfg.fusion,
+    if registry is not None:
+        routing = plan_task_routing(model, tokenizer, rows, registry, cfg.selector, cfg.fusion,
                                     cfg.top_p_adapters, base_dir=cfg.ckpt_dir)
     # Routed rows run at the registry adapters' (smallest) training max_seq_len, as one adapter does at its own.
     train_len = loaded.max_seq_len if routing is None else routing.max_seq_len
@@ -358,8 +368,14 @@ def _settings(cfg: InferenceConfig, dtype_name: str) -> dict[str, Any]:
     }
     if cfg.adapter_registry:
         settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
-                        registry_file=file_identity(cfg.adapter_registry),
-                        selector=os.path.abspath(cfg.selector) if cfg.selector else None,
+                        registry_file=file_identity(cfg.adapter_registry))
+    if cfg.data_config:  # the seeds' two files: both recorded, as the registry file is
+        settings.update(data_config=os.path.abspath(cfg.data_config),
+                        data_config_file=file_identity(cfg.data_config),
+                        adapter_pool=os.path.abspath(cfg.adapter_pool),
+                        adapter_pool_file=file_identity(cfg.adapter_pool))
+    if cfg.routed:
+        settings.update(selector=os.path.abspath(cfg.selector) if cfg.selector else None,
                         selector_file=file_identity(cfg.selector) if cfg.selector else None,
                         fusion=cfg.fusion, top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
     return jsonable(settings)

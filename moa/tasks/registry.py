@@ -54,14 +54,23 @@ class TaskEntry:
 @dataclass
 class Registry:
     """Tasks in file order (that order is the selector's class order). `source`: the JSON file or
-    directory it was read from (None for one built in memory)."""
+    directory it was read from (None for one built in memory); for the seeds' form the adapter pool,
+    with `data_config` the data config it was read with (None otherwise)."""
 
     entries: list[TaskEntry]
     source: Optional[Path] = None
+    data_config: Optional[Path] = None
 
     @property
     def tasks(self) -> list[str]:
         return [e.task for e in self.entries]
+
+    @property
+    def flags(self) -> str:
+        """The command-line flags that name this registry's files, for messages."""
+        if self.data_config is not None:
+            return f"--data_config {self.data_config} with --adapter_pool {self.source}"
+        return f"--adapter_registry {self.source}" if self.source is not None else "the registry"
 
     def entry(self, task: str) -> TaskEntry:
         """The entry of `task`; `ValueError` listing the known tasks when it is not registered."""
@@ -310,7 +319,7 @@ def load_pool_registry(data_config: str | os.PathLike, adapter_pool: str | os.Pa
     and `adapter_pool`, a JSON `{domain: {task: adapter_path}}` (relative paths: relative to the JSON
     file's folder). Both must list the same tasks under the same domains: a task in one only, or under
     another domain, is a `ValueError` naming the task and both files. Tasks in the data config's order;
-    `source`: the pool."""
+    `source`: the pool, `data_config`: the data config."""
     data_config, adapter_pool = Path(data_config), Path(adapter_pool)
     data = _read_data_tree(data_config) if data_config.is_dir() else _read_task_paths(data_config, "data_config", "data")
     pool = _read_task_paths(adapter_pool, "adapter_pool", "adapter")
@@ -327,9 +336,25 @@ def load_pool_registry(data_config: str | os.PathLike, adapter_pool: str | os.Pa
         if task not in data:
             raise ValueError(f"task {domain}/{task} is in --adapter_pool {adapter_pool} but not in --data_config "
                              f"{data_config}")
-    reg = Registry([TaskEntry(domain, task, pool[task][1], path) for task, (domain, path) in data.items()], adapter_pool)
+    reg = Registry([TaskEntry(domain, task, pool[task][1], path) for task, (domain, path) in data.items()],
+                   adapter_pool, data_config)
     reg.validate()
     return reg
+
+
+def registry_named(adapter_registry: Optional[str | os.PathLike] = None,
+                   data_config: Optional[str | os.PathLike] = None,
+                   adapter_pool: Optional[str | os.PathLike] = None,
+                   registry_flag: str = "adapter_registry") -> bool:
+    """Whether a command line names a registry, `--{registry_flag}` or `--data_config` with
+    `--adapter_pool`; both forms at once, or one of the two files alone, is a `ValueError` naming the
+    flags. Reads no file (checked before anything is loaded)."""
+    if adapter_registry and (data_config or adapter_pool):
+        raise ValueError(f"--{registry_flag} excludes --data_config / --adapter_pool (those two files are the "
+                         "seeds' form of one registry)")
+    if bool(data_config) != bool(adapter_pool):
+        raise ValueError("--data_config and --adapter_pool go together (the tasks' training rows, and their adapters)")
+    return bool(adapter_registry or data_config)
 
 
 def registry_from_flags(adapter_registry: Optional[str | os.PathLike] = None,
@@ -337,14 +362,16 @@ def registry_from_flags(adapter_registry: Optional[str | os.PathLike] = None,
                         adapter_pool: Optional[str | os.PathLike] = None,
                         registry_flag: str = "adapter_registry") -> Registry:
     """The registry a command line names: `--{registry_flag}` (a registry JSON or domain/task/ tree,
-    `load_registry`), or `--data_config` with `--adapter_pool` (`load_pool_registry`)."""
-    if adapter_registry and (data_config or adapter_pool):
-        raise ValueError(f"--{registry_flag} excludes --data_config / --adapter_pool (those two files are the "
-                         "seeds' form of one registry)")
+    `load_registry`), or `--data_config` with `--adapter_pool` (`load_pool_registry`); the flags are
+    checked by `registry_named`, and naming none is a `ValueError` too."""
+    if not registry_named(adapter_registry, data_config, adapter_pool, registry_flag):
+        raise ValueError(f"give --{registry_flag}, or --data_config with --adapter_pool")
     if adapter_registry:
         return load_registry(adapter_registry)
-    if bool(data_config) != bool(adapter_pool):
-        raise ValueError("--data_config and --adapter_pool go together (the tasks' training rows, and their adapters)")
-    if not data_config:
-        raise ValueError(f"give --{registry_flag}, or --data_config with --adapter_pool")
     return load_pool_registry(data_config, adapter_pool)
+
+
+def as_registry(registry: "Registry | str | os.PathLike") -> Registry:
+    """`registry` itself, or the validated registry read from that path (a registry JSON or domain/task/
+    tree, `load_registry`); the seeds' two files come as a `Registry` (`load_pool_registry`)."""
+    return registry if isinstance(registry, Registry) else registry_from_flags(registry)

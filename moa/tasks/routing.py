@@ -1,5 +1,6 @@
 """Per-row task-adapter routing for generation (`example.py --adapter_registry FILE --selector PATH
-[--fusion top1|topp --top_p_adapters P]`).
+[--fusion top1|topp --top_p_adapters P]`; the seeds' two files instead of the registry:
+`--data_config D --adapter_pool P`).
 
 Before any adapter is attached, the selector reads every row's base-model embedding and gives task
 probabilities (R, N). Each row then runs with adapter weights (N,): one-hot on its most probable
@@ -24,7 +25,8 @@ is that one adapter alone runs on it, which is top-1 routing.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import torch
@@ -32,7 +34,7 @@ import torch
 from llama.model import Transformer
 from moa.tasks.embedding import embed_rows
 from moa.tasks.fusion import AttachedBank, attach_bank, load_bank, top_p_weights
-from moa.tasks.registry import Registry, load_registry
+from moa.tasks.registry import Registry, as_registry, registry_named
 from moa.tasks.selector import Selector, check_tasks, load_selector
 from moa.tasks.swap import LORA_KIND, MOA_KIND, AdapterSwap, load_swap_adapter
 
@@ -55,14 +57,22 @@ def check_fusion(fusion: str, top_p_adapters: float) -> None:
 
 
 def check_routing_flags(adapter_path: Optional[str], adapter_registry: Optional[str], selector: Optional[str],
-                        fusion: str, top_p_adapters: float) -> None:
-    """`ValueError` naming the flag for an inconsistent combination of the routing flags."""
+                        fusion: str, top_p_adapters: float, data_config: Optional[str] = None,
+                        adapter_pool: Optional[str] = None) -> None:
+    """`ValueError` naming the flag for an inconsistent combination of the routing flags (the registry
+    named by `--adapter_registry`, or by `--data_config` with `--adapter_pool`: `registry_named`).
+    Reads no file."""
     check_fusion(fusion, top_p_adapters)
-    if adapter_registry and adapter_path:
-        raise ValueError("--adapter_registry and --adapter_path exclude each other (the registry's selector "
-                         "picks the adapter of each row)")
-    if bool(adapter_registry) != bool(selector):
-        raise ValueError("--adapter_registry and --selector go together (the selector trained on that registry)")
+    routed = registry_named(adapter_registry, data_config, adapter_pool)
+    named = "--adapter_registry" if adapter_registry else "--data_config / --adapter_pool"
+    if routed and adapter_path:
+        raise ValueError(f"{named} and --adapter_path exclude each other (the registry's selector picks the "
+                         "adapter of each row)")
+    if routed and not selector:
+        raise ValueError(f"{named} and --selector go together (the selector trained on that registry)")
+    if selector and not routed:
+        raise ValueError("--selector goes with the registry it was trained on: --adapter_registry, or "
+                         "--data_config with --adapter_pool")
 
 
 @dataclass
@@ -264,21 +274,23 @@ def load_task_adapters(model: Transformer, reg: Registry, base_dir: str = "the b
     return TaskAdapters(model, reg.tasks, bank, bank_tasks, AdapterSwap(model, swaps), where)
 
 
-def load_routing(model: Transformer, adapter_registry: str, selector: str,
+def load_routing(model: Transformer, registry: Registry | str | os.PathLike, selector: str | os.PathLike,
                  base_dir: str = "the base model") -> tuple[Selector, TaskAdapters]:
-    """Read the registry and its selector, and attach the registry's adapters to `model` (bare base;
-    `load_task_adapters`). The registry's tasks must be the selector's classes, in any order (an updated
-    selector keeps its old classes' indices): the adapters are taken in the selector's class order."""
-    reg = load_registry(adapter_registry)
+    """Read the selector (and the registry, when given by path: a registry JSON or domain/task/ tree; a
+    `Registry` is taken as it is, e.g. the seeds' two files read by `registry_from_flags`), and attach
+    the registry's adapters to `model` (bare base; `load_task_adapters`). The registry's tasks must be
+    the selector's classes, in any order (an updated selector keeps its old classes' indices): the
+    adapters are taken in the selector's class order."""
+    reg = as_registry(registry)
     sel = load_selector(selector)
-    check_tasks(sel, reg.tasks, f"--adapter_registry {adapter_registry}")
-    reg = Registry([reg.entry(t) for t in sel.cfg.tasks], reg.source)
+    check_tasks(sel, reg.tasks, reg.flags)
+    reg = replace(reg, entries=[reg.entry(t) for t in sel.cfg.tasks])
     return sel, load_task_adapters(model, reg, base_dir)
 
 
-def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], adapter_registry: str,
-                      selector: str, fusion: str = "top1", top_p_adapters: float = 0.9,
+def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], registry: Registry | str | os.PathLike,
+                      selector: str | os.PathLike, fusion: str = "top1", top_p_adapters: float = 0.9,
                       base_dir: str = "the base model") -> RoutingPlan:
     """`load_routing`, then `route_rows` (example.py's one pass over a test file)."""
-    sel, adapters = load_routing(model, adapter_registry, selector, base_dir)
+    sel, adapters = load_routing(model, registry, selector, base_dir)
     return route_rows(model, tokenizer, rows, sel, adapters, fusion, top_p_adapters)

@@ -5,6 +5,8 @@ wanted (the seeds' `ModelWithSelector(...).generate(datapoint)`).
     outs = model.generate([{"instruction": "What is 2 + 3?"}, "Is the sky green?"], max_gen_len=64)
     outs[0]["generate"], outs[0]["selected_task"], outs[0]["adapter_weights"]
     model.generate(rows, fusion="topp", top_p_adapters=0.9)   # again, the same loaded model
+    # the seeds' two files instead of a registry JSON (moa.tasks.registry.load_pool_registry):
+    TaskRoutedModel.load("models/smollm2", load_pool_registry("data_config.json", "adapter_pool.json"), "selector.pt")
 
 The base, the registry's adapters (`moa.tasks.routing.TaskAdapters`: the plain LoRAs as one bank, the
 other adapters read once and held for swapping) and the selector are loaded once. Each call embeds its
@@ -27,6 +29,7 @@ from llama.generation import generate
 from llama.model import Transformer
 from moa.checks import check_int
 from moa.infer.generate import make_batches, make_prompts
+from moa.tasks.registry import Registry, as_registry
 from moa.tasks.routing import RoutingPlan, TaskAdapters, load_routing, route_rows
 from moa.tasks.selector import Selector
 
@@ -41,12 +44,16 @@ class TaskRoutedModel:
         self.model, self.tokenizer, self.selector, self.adapters = model, tokenizer, selector, adapters
 
     @classmethod
-    def load(cls, base_dir: str | os.PathLike, adapter_registry: str | os.PathLike, selector: str | os.PathLike,
+    def load(cls, base_dir: str | os.PathLike, registry: Registry | str | os.PathLike, selector: str | os.PathLike,
              *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TaskRoutedModel":
-        """The base of `base_dir`, the adapters of the registry file and the selector file trained on it."""
+        """The base of `base_dir`, the adapters of `registry` and the selector file trained on it.
+        `registry`: a registry JSON or domain/task/ tree (as `--adapter_registry`), or a `Registry`, e.g.
+        the seeds' data config and adapter pool, `load_pool_registry(data_config, adapter_pool)`. The
+        registry is read and checked before the base is loaded."""
+        reg = as_registry(registry)
         model, tokenizer = load_model(base_dir, dtype=dtype, device=device)
         model.eval()
-        sel, adapters = load_routing(model, str(adapter_registry), str(selector), base_dir=str(base_dir))
+        sel, adapters = load_routing(model, reg, selector, base_dir=str(base_dir))
         return cls(model, tokenizer, sel, adapters)
 
     @property
