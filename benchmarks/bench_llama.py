@@ -3,6 +3,8 @@
     python benchmarks/bench_llama.py                       # SmolLM2-135M shape, random weights, fp32, CPU (#3)
     python benchmarks/bench_llama.py --device cuda --dtype bfloat16
     python benchmarks/bench_llama.py --model smollm2       # the real SmolLM2-135M-Instruct GGUF (#4)
+    python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8
+                                   # ours in example.py's default dtype against transformers' fp32 (#18)
 
 `--model shape` (issue #3): random weights of SmolLM2-135M's shape (speed does not depend on them);
 forward+backward time of a `--train_batch` x `--train_len` batch (cross-entropy over every position)
@@ -17,7 +19,9 @@ chat-formatted GSM8K questions against that transformers model.
 
 Generation: both sides run the full `--new_tokens` per row (no stop token), so both produce
 batch x new_tokens tokens; tokens/s = that / the wall time of one generate call (prefill included),
-median of `--repeat` calls after a warm-up call. "rows identical" counts rows whose new tokens agree.
+median of `--repeat` calls after a warm-up call. "rows identical" counts rows whose new tokens agree
+(only meaningful when both sides run one dtype). `--ours_dtype` (smollm2 only) loads ours in another
+dtype than transformers' `--dtype`; `auto` is example.py's default, resolved by the same probe.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from llama.checkpoint import load_model  # noqa: E402
 from llama.generation import generate  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
+from moa.infer.dtype import resolve_dtype  # noqa: E402
 from tests.hf_reference import hf_twin  # noqa: E402
 
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
@@ -147,10 +152,11 @@ def bench_smollm2(args: argparse.Namespace, dtype: torch.dtype) -> None:
         t0 = time.perf_counter()
         ckpt = import_gguf(gguf_path, Path(tmp) / "smollm2", torch.float32)
         t_import = time.perf_counter() - t0
+        ours_dtype, dtype_report = resolve_dtype(args.ours_dtype or args.dtype, args.device)
         loads = []
         for _ in range(3):
             t0 = time.perf_counter()
-            ours, tokenizer = load_model(ckpt, dtype=dtype, device=args.device, max_seq_len=1024)
+            ours, tokenizer = load_model(ckpt, dtype=ours_dtype, device=args.device, max_seq_len=1024)
             loads.append(time.perf_counter() - t0)
         t_load = sorted(loads)[1]
         t0 = time.perf_counter()
@@ -164,14 +170,17 @@ def bench_smollm2(args: argparse.Namespace, dtype: torch.dtype) -> None:
         table = [(bs, *generation_speed(ours, theirs, prompts[:bs], args.new_tokens, args.device, args.repeat))
                  for bs in batch_sizes]
 
-    print(f"\nSmolLM2-135M-Instruct ({gguf_path.name}), {args.dtype}, {device_name(args.device)}")
+    ours_name = str(ours_dtype).removeprefix("torch.")
+    print(f"\nSmolLM2-135M-Instruct ({gguf_path.name}), ours {ours_name} ({dtype_report}), transformers "
+          f"{args.dtype}, {device_name(args.device)}")
     print("| measure | ours | transformers (GGUF) |")
     print("|---|---|---|")
     print(f"| import GGUF -> base-model directory, fp32 (s) | {t_import:.1f} | - |")
     print(f"| load model (s) | {t_load:.2f} (from the directory) | {t_hf_load:.2f} (from the GGUF) |")
     for bs, ours_tps, theirs_tps, agree in table:
         print(f"| greedy generation bs {bs}, {args.new_tokens} new tokens, chat-formatted GSM8K (tokens/s; "
-              f"{ours_tps / theirs_tps:.2f}x, rows identical {agree}/{bs}) | {ours_tps:.1f} | {theirs_tps:.1f} |")
+              f"{ours_tps / theirs_tps:.2f}x, rows identical "
+              f"{f'{agree}/{bs}' if ours_dtype == dtype else 'n/a: two dtypes'}) | {ours_tps:.1f} | {theirs_tps:.1f} |")
 
 
 def main() -> None:
@@ -180,6 +189,8 @@ def main() -> None:
                    help="shape: random weights of SmolLM2's shape (#3); smollm2: the real GGUF model (#4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--ours_dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="--model smollm2: our model's dtype (default: --dtype); auto as example.py")
     p.add_argument("--train_batch", type=int, default=4, help="--model shape: forward+backward batch")
     p.add_argument("--train_len", type=int, default=256, help="--model shape: forward+backward length")
     p.add_argument("--batch_sizes", default=None,

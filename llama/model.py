@@ -187,24 +187,28 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.
     return torch.where(wavelen < old_ctx / high_ff, inv_freq, scaled)
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by angles with cos/sin (B, T, hd/2).
+def rope_table(angles: torch.Tensor) -> torch.Tensor:
+    """The rotary table of `angles` (..., hd/2) fp32: the unit complex numbers exp(i * angle), complex64."""
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the rotary table `rope` (B, T, hd/2)
+    complex64 (`rope_table`): each pair, read as the complex number x[2i] + i x[2i+1], is multiplied
+    by exp(i * angle), one elementwise pass (as Meta's reference code).
 
     Meta's checkpoints store wq/wk rows in this interleaved layout (transformers' use a half split).
     Computed in fp32, returned in x's dtype.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    return torch.view_as_real(xc * rope[:, :, None, :]).flatten(-2).type_as(x)
 
 
 @dataclass
 class ForwardMeta:
     """What every block needs besides its input, built once per forward by `Transformer`.
 
-    cos, sin: (B, T, head_dim/2) fp32 rotary tables at each token's position.
+    rope: (B, T, head_dim/2) complex64 rotary table at each token's position (`rope_table`).
     attn_mask: (B, 1, T, S) bool, True where a query may read a key; None means plain causal
         attention over this chunk (no cache, no padding).
     token_mask: (B, T) bool, True at real tokens; None when every token is real.
@@ -214,8 +218,7 @@ class ForwardMeta:
     """
 
     start_pos: int
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rope: torch.Tensor
     attn_mask: Optional[torch.Tensor]
     token_mask: Optional[torch.Tensor]
     is_causal: bool = True
@@ -323,8 +326,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary_emb(q, meta.cos, meta.sin).transpose(1, 2)
-        k = apply_rotary_emb(k, meta.cos, meta.sin).transpose(1, 2)
+        q = apply_rotary_emb(q, meta.rope).transpose(1, 2)
+        k = apply_rotary_emb(k, meta.rope).transpose(1, 2)
         v = v.transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(meta.start_pos, k, v)
@@ -468,7 +471,7 @@ class Transformer(nn.Module):
             attn_mask = (attn_mask | diag)[:, None]  # (B, 1, T, S)
 
         angles = positions[..., None].float() * self._inv_freq  # (B, T, hd/2)
-        return ForwardMeta(start_pos, angles.cos(), angles.sin(), attn_mask, token_mask)
+        return ForwardMeta(start_pos, rope_table(angles), attn_mask, token_mask)
 
     def _decode_meta(self, bsz: int, start_pos: int) -> ForwardMeta:
         """The metadata of a one-token decode step at cache slot `start_pos`, rows all real: no mask
@@ -484,7 +487,7 @@ class Transformer(nn.Module):
             attn_mask = None
             positions = torch.full((bsz, 1), start_pos, dtype=torch.long, device=valid.device)
         angles = positions[..., None].float() * self._inv_freq  # (B, 1, hd/2)
-        return ForwardMeta(start_pos, angles.cos(), angles.sin(), attn_mask, None, is_causal=False)
+        return ForwardMeta(start_pos, rope_table(angles), attn_mask, None, is_causal=False)
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0,
                       token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

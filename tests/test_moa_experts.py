@@ -199,8 +199,8 @@ def test_prompt_block_adds_before_wo_matches_manual_block_fp32_rtol1e_5():
     x = model.tok_embeddings(tokens)
     xn = block.attention_norm(x)
     lora = lambda site, z: z @ site.weight.T + z @ site.lora_A.T @ site.lora_B.T * site.scale  # noqa: E731
-    q = apply_rotary_emb(lora(attn.wq, xn).view(2, 6, 4, 8), meta.cos, meta.sin).transpose(1, 2)
-    k = apply_rotary_emb(attn.wk(xn).view(2, 6, 2, 8), meta.cos, meta.sin).transpose(1, 2)
+    q = apply_rotary_emb(lora(attn.wq, xn).view(2, 6, 4, 8), meta.rope).transpose(1, 2)
+    k = apply_rotary_emb(attn.wk(xn).view(2, 6, 2, 8), meta.rope).transpose(1, 2)
     v = attn.wv(xn).view(2, 6, 2, 8).transpose(1, 2)
     base = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                           is_causal=True).transpose(1, 2).flatten(2)
@@ -252,8 +252,8 @@ def test_moa_block_seven_types_matches_manual_block_fp32_rtol1e_5(mode, swi_x):
         assert 0.1 < kept < 0.9  # a real selection
     lora = lambda site, z, slot: z @ site.weight.T + w[slot] * (z @ site.lora_A.T @ site.lora_B.T) * 2  # noqa: E731
     xn = block.attention_norm(x)
-    q = apply_rotary_emb(lora(attn.wq, xn, "lora.wq").view(bsz, seqlen, heads, 8), meta.cos, meta.sin)
-    k = apply_rotary_emb(lora(attn.wk, xn, "lora.wk").view(bsz, seqlen, kv, 8), meta.cos, meta.sin)
+    q = apply_rotary_emb(lora(attn.wq, xn, "lora.wq").view(bsz, seqlen, heads, 8), meta.rope)
+    k = apply_rotary_emb(lora(attn.wk, xn, "lora.wk").view(bsz, seqlen, kv, 8), meta.rope)
     v = lora(attn.wv, xn, "lora.wv").view(bsz, seqlen, kv, 8)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1)
     base = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)

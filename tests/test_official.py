@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
-from llama.model import apply_rotary_emb, rope_inv_freq
+from llama.model import rope_inv_freq
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
 from moa.files.official import FormatError, import_official
 from tests.helpers import TINY_PARAMS, random_state_dict, rel
@@ -230,6 +230,14 @@ def p_adapter_out(off: dict, p: str, u: torch.Tensor, e: int, hydra: bool) -> to
     return out
 
 
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Meta's RoPE in real arithmetic: pair (x[2i], x[2i+1]) of x (B, T, H, hd) turned by the angle
+    with cos/sin (B, T, hd/2)."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
 def reference_block(base: dict, off: dict, i: int, x: torch.Tensor, case: dict, cos, sin) -> torch.Tensor:
     p = f"layers.{i}."
     sites = [s for s in SHORT if any(k.startswith(p + SHORT[s] + ".") for k in off)]
@@ -242,8 +250,8 @@ def reference_block(base: dict, off: dict, i: int, x: torch.Tensor, case: dict, 
 
     bsz, t, _ = x.shape
     xn = _rms(x, base[p + "attention_norm.weight"])
-    q = apply_rotary_emb(proj("attention.wq", "Q", xn).view(bsz, t, H, HD), cos, sin).transpose(1, 2)
-    k = apply_rotary_emb(proj("attention.wk", "K", xn).view(bsz, t, KV, HD), cos, sin).transpose(1, 2)
+    q = rotate_pairs(proj("attention.wq", "Q", xn).view(bsz, t, H, HD), cos, sin).transpose(1, 2)
+    k = rotate_pairs(proj("attention.wk", "K", xn).view(bsz, t, KV, HD), cos, sin).transpose(1, 2)
     v = proj("attention.wv", "V", xn).view(bsz, t, KV, HD).transpose(1, 2)
     k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
     causal = torch.ones(t, t, dtype=torch.bool).tril()

@@ -4,9 +4,11 @@
 Every site reads its `Route` with `current_route(self.slot)` (handed out by its block for the
 duration of that block's forward; None, outside a block, means weight 1 on every token). Each
 module lists its trainable tensors in `adapter_params()` (the injection seam never guesses them from
-names). Adapter tensors have their own dtype (fp32 by default): inputs are
-cast to it and results cast back to the base's dtype. Homogeneous experts are stacked tensors
-(`A: (E, r, in)`) contracted in one einsum, never a list of modules.
+names). Adapter tensors have their own dtype (fp32 by default, the master weights AdamW updates),
+but an expert computes in its input activations' dtype: the small adapter tensors are cast to it
+(a cast whose backward returns fp32 gradients), the activations never are, so a bf16 base costs no
+(tokens, dim) copies. Homogeneous experts are stacked tensors (`A: (E, r, in)`) contracted in one
+einsum, never a list of modules.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.method.config import P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig, pissa_iterations
-from moa.method.routers import ExpertRouter, Route, current_route
+from moa.method.routers import ExpertRouter, Route, as_dtype, current_route
 
-# delta_fn(z (n, in), row_mask (n,) bool | None, weight (n, 1) | None[, aux=(n, d_aux)]) -> (n, out)
+# delta_fn(z (..., in), row_mask (...) bool | None, weight broadcastable to (..., 1) | None[, aux=(..., d_aux)])
+#   -> (..., out), in z's dtype
 DeltaFn = Callable[..., torch.Tensor]
 
 
@@ -44,26 +47,13 @@ def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Opt
         rows = z.reshape(-1, z.shape[-1]).index_select(0, route.index)  # (n, d_in)
         extra = {} if aux is None else {"aux": aux.reshape(-1, aux.shape[-1]).index_select(0, route.index)}
         delta = delta_fn(rows, None, route.weight, **extra)  # (n, d_out)
-        out.view(-1, d_out).index_add_(0, route.index, delta.to(out.dtype))
+        out.view(-1, d_out).index_add_(0, route.index, as_dtype(delta, out.dtype))
         return out
-    lead = z.shape[:-1]
     weight = row_mask = None
     if route is not None:
-        if route.weight is not None:
-            weight = route.weight
-            if weight.shape[:-1] != lead:
-                weight = weight.expand(*lead, 1)
-            weight = weight.reshape(-1, 1)  # (N, 1)
-        if route.token_mask is not None:
-            row_mask = route.token_mask.reshape(-1)
-    extra = {} if aux is None else {"aux": aux.reshape(-1, aux.shape[-1])}
-    delta = delta_fn(z.reshape(-1, z.shape[-1]), row_mask, weight, **extra)  # (N, d_out)
-    return out.add_(_as_dtype(delta.view(out.shape), out.dtype))
-
-
-def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in `dtype` (t itself when it already is: no dispatch on the decode path)."""
-    return t if t.dtype == dtype else t.to(dtype)
+        weight, row_mask = route.weight, route.token_mask
+    extra = {} if aux is None else {"aux": aux}
+    return out.add_(as_dtype(delta_fn(z, row_mask, weight, **extra), out.dtype))
 
 
 def _uniform_(t: torch.Tensor, bound: float) -> None:
@@ -184,26 +174,35 @@ class LoRALinear(nn.Module):
 
     def _dora_delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
                     weight: Optional[torch.Tensor] = None, aux: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z (n, in), aux = W z (n, out) -> (g - 1) * W z + g * s B A z (n, out), times weight (n, 1) if given."""
-        gain = self.dora_gain()
-        out = (gain - 1) * _as_dtype(aux, gain.dtype) + gain * self.delta(z)  # delta(z) = s B A z
-        return out if weight is None else out * _as_dtype(weight, out.dtype)
+        """z (..., in), aux = W z (..., out) -> (g - 1) * W z + g * s B A z (..., out) in z's dtype, times
+        weight (..., 1) if given."""
+        gain = self.dora_gain()  # fp32: g - 1 is small, so it is formed before any cast
+        out = as_dtype(gain - 1, z.dtype) * aux + as_dtype(gain, z.dtype) * self.delta(z)  # delta(z) = s B A z
+        return out if weight is None else out * as_dtype(weight, out.dtype)
 
     def delta(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z (n, in) -> LoRA output (n, out) in the adapter dtype, times weight (n, 1) if given."""
-        z = _as_dtype(z, self.lora_A.dtype)
-        coef = self.scale if weight is None else _as_dtype(weight, z.dtype) * self.scale  # scalar or (n, 1)
+        """z (..., in) -> LoRA output (..., out) in z's dtype, times weight (..., 1) if given.
+        row_mask (...) bool marks the real tokens for the expert router (MoLoRA/HydraLoRA)."""
+        dt = z.dtype
+        if weight is not None:
+            weight = as_dtype(weight, dt)
+        coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
         if self.mixture == "lora":
             a, b = self._factors()
-            # Weight the rank-r intermediate, not the (n, out) result: r << out.
-            return F.linear(F.linear(z, a) * coef, b)
-        p = self.router(z, row_mask) * coef  # (n, E)
+            h = F.linear(z, as_dtype(a, dt))  # (..., r)
+            # Weight the rank-r intermediate, not the (..., out) result: r << out.
+            return F.linear(h if coef is None else h * coef, as_dtype(b, dt))
+        lead = z.shape[:-1]
+        z = z.reshape(-1, self.in_features)  # (n, in)
+        p = self.router(z, None if row_mask is None else row_mask.reshape(-1))  # (n, E)
+        if coef is not None:
+            p = p * (coef.expand(*lead, 1).reshape(-1, 1) if torch.is_tensor(coef) else coef)
         if self.mixture == "hydra":
-            h = (z @ self.lora_A.t())[:, None, :]  # (n, 1, r), shared A
+            h = F.linear(z, as_dtype(self.lora_A, dt))[:, None, :]  # (n, 1, r), shared A
         else:
-            h = (z @ self.lora_A.flatten(0, 1).t()).unflatten(-1, (self.n_experts, self.rank))  # (n, E, r)
-        return torch.einsum("ner,eor->no", h * p[..., None], self.lora_B)
+            h = F.linear(z, as_dtype(self.lora_A.flatten(0, 1), dt)).unflatten(-1, (self.n_experts, self.rank))
+        return torch.einsum("ner,eor->no", h * p[..., None], as_dtype(self.lora_B, dt)).view(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) in the base dtype -> (..., out): frozen projection plus the routed LoRA."""
@@ -270,22 +269,29 @@ class ParallelAdapter(nn.Module):
 
     def delta(self, u: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """u (n, dim) -> adapter output (n, dim) in the adapter dtype, times weight (n, 1) if given."""
-        z = u.to(self.down.dtype)
-        w = None if weight is None else weight.to(z.dtype)
+        """u (..., dim) -> adapter output (..., dim) in u's dtype, times weight (..., 1) if given."""
+        dt = u.dtype
+        w = None if weight is None else as_dtype(weight, dt)
+        up, up_bias = as_dtype(self.up, dt), as_dtype(self.up_bias, dt)
         if self.n_experts == 1:
-            h = F.silu(F.linear(z, self.down, self.down_bias))  # (n, size)
+            h = F.silu(F.linear(u, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))  # (..., size)
             if w is None:
-                return F.linear(h, self.up, self.up_bias)
-            return F.linear(h * w, self.up) + w * self.up_bias
-        p = self.router(z, row_mask)  # (n, E)
+                return F.linear(h, up, up_bias)
+            if not torch.is_grad_enabled():
+                return F.linear(h, up, up_bias) * w  # two ops: the least dispatch for a decode step
+            # Training weighs the (..., size) activation, which backward then keeps (not a (..., dim)
+            # one), and folds the bias into the same matmul: [h w, w] @ [up, up_bias]^T.
+            return F.linear(torch.cat([h * w, w.expand_as(h[..., :1])], -1), torch.cat([up, up_bias[:, None]], 1))
+        lead = u.shape[:-1]
+        z = u.reshape(-1, self.dim)  # (n, dim)
+        p = self.router(z, None if row_mask is None else row_mask.reshape(-1))  # (n, E)
         if w is not None:
-            p = p * w
+            p = p * w.expand(*lead, 1).reshape(-1, 1)
         if self.shared_down:
-            h = F.silu(F.linear(z, self.down, self.down_bias))[:, None, :]  # (n, 1, size)
+            h = F.silu(F.linear(z, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))[:, None, :]  # (n, 1, size)
         else:
-            h = F.silu(torch.einsum("nd,esd->nes", z, self.down) + self.down_bias)  # (n, E, size)
-        return torch.einsum("nes,eds->nd", h * p[..., None], self.up) + p @ self.up_bias
+            h = F.silu(torch.einsum("nd,esd->nes", z, as_dtype(self.down, dt)) + as_dtype(self.down_bias, dt))
+        return (torch.einsum("nes,eds->nd", h * p[..., None], up) + p @ up_bias).view(*lead, self.dim)
 
 
 class PromptExpert(nn.Module):
@@ -322,16 +328,18 @@ class PromptExpert(nn.Module):
             self.router.reset_parameters()
 
     def prompt_kv(self, wk: nn.Module, wv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt vectors through the frozen wk, wv -> keys, values (E, H, L, hd) in the adapter dtype."""
-        e, plen, kv = self.n_experts, self.prompt_len, self.n_kv_heads
+        """The prompt vectors through the frozen wk, wv -> keys (H, hd, E*L), already divided by sqrt(hd)
+        and transposed for `q @ keys`, and gated values (H, E*L, hd), in the base dtype.
+
+        Query head h reads kv head h // (H / KV), as the attention's GQA; the per-head gate multiplies
+        the values (the same as gating that head's output, and nothing left to do at decode steps)."""
+        e, plen, kv, heads = self.n_experts, self.prompt_len, self.n_kv_heads, self.n_heads
         hd = wk.weight.shape[0] // kv  # the attention's head width
-        dtype = self.vectors.dtype
         prompts = self.vectors.reshape(e * plen, self.dim).to(wk.weight.dtype)
         # The frozen projections only (a LoRA on wk/wv does not apply to the prompt).
-        k = F.linear(prompts, wk.weight, wk.bias).to(dtype).view(e, plen, kv, hd).permute(0, 2, 1, 3)
-        v = F.linear(prompts, wv.weight, wv.bias).to(dtype).view(e, plen, kv, hd).permute(0, 2, 1, 3)
-        # (E, KV, L, hd) -> (E, H, L, hd): query head h reads kv head h // (H / KV), as SDPA's GQA.
-        return k.repeat_interleave(self.n_heads // kv, dim=1), v.repeat_interleave(self.n_heads // kv, dim=1)
+        k = F.linear(prompts, wk.weight, wk.bias).view(e * plen, kv, hd).repeat_interleave(heads // kv, dim=1)
+        v = F.linear(prompts, wv.weight, wv.bias).view(e * plen, kv, hd).repeat_interleave(heads // kv, dim=1)
+        return k.permute(1, 2, 0) / math.sqrt(hd), v.transpose(0, 1) * as_dtype(self.gate[0], v.dtype)
 
     def _cached_prompt_kv(self, wk: nn.Module, wv: nn.Module, cache: Optional[dict[str, torch.Tensor]],
                           start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,23 +358,19 @@ class PromptExpert(nn.Module):
         """x (B, T, dim) attention input, q (B, H, T, hd) RoPE'd queries -> (B, T, H*hd) in q's dtype,
         already multiplied by the gate and the route weight (add it before `wo`).
         cache: the block's KV cache `extra` during generation (the prompt keys/values kept there)."""
-        bsz, _, seqlen, hd = q.shape
-        e = self.n_experts
-        dtype = self.vectors.dtype
-        k, v = self._cached_prompt_kv(wk, wv, cache, start_pos)
-        scores = torch.einsum("bhtd,ehld->bhtel", q.to(dtype), k) / math.sqrt(hd)
-        # One softmax jointly over all E*L prompt positions (as the paper's code), then each set's
-        # share is weighed by the prompt router.
-        att = scores.flatten(-2).softmax(-1).view_as(scores)
-        out = torch.einsum("bhtel,ehld->bthed", att, v)  # (B, T, H, E, hd)
+        bsz, n_heads, seqlen, hd = q.shape
+        dt = q.dtype
+        keys, values = (as_dtype(t, dt) for t in self._cached_prompt_kv(wk, wv, cache, start_pos))
         route = current_route(self.slot)
+        # One softmax jointly over all E*L prompt positions (as the paper's code); plain matmuls, since
+        # CPU's flash-attention kernel is slow for so few keys (its backward, ~10x).
+        att = (q @ keys).softmax(-1)  # (B, H, T, E*L)
         if self.router is not None:
+            # Each set's share is weighed by the prompt router: sum_e r_e sum_l a_{e,l} v_{e,l}.
             row_mask = None if route is None or route.token_mask is None else route.token_mask.reshape(-1)
-            p = self.router(x.reshape(-1, self.dim).to(dtype), row_mask).view(bsz, seqlen, 1, e, 1)
-            out = (out * p).sum(3)  # (B, T, H, hd)
-        else:
-            out = out[:, :, :, 0]
-        scale = self.gate.view(1, 1, self.n_heads, 1)
+            p = self.router(x.reshape(-1, self.dim), row_mask).view(bsz, 1, seqlen, self.n_experts, 1)
+            att = (att.unflatten(-1, (self.n_experts, self.prompt_len)) * p).flatten(-2)
+        out = (att @ values).transpose(1, 2).reshape(bsz, seqlen, n_heads * hd)
         if route is not None and route.weight is not None:
-            scale = scale * route.weight[..., None]  # (B, T|1, H, 1): one product, one saved activation
-        return (out * scale).reshape(bsz, seqlen, self.n_heads * hd).to(q.dtype)
+            out = out * as_dtype(route.weight, dt)  # (B, T|1, 1)
+        return out

@@ -25,6 +25,17 @@ from moa.method.config import PROMPT_SLOT, MoAConfig
 STE_TEMPERATURE = 0.1
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` (t itself when it already is: no dispatch on the decode path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """`lin(x)` computed in x's dtype: the (small, fp32 master) router weights are cast, x is not."""
+    bias = None if lin.bias is None else as_dtype(lin.bias, x.dtype)
+    return F.linear(x, as_dtype(lin.weight, x.dtype), bias)
+
+
 @dataclass
 class Route:
     """How one site is gated in one forward.
@@ -119,16 +130,16 @@ class ExpertRouter(nn.Module):
 
     def forward(self, z: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z (N, in) -> weights (N, E) in z's dtype; row_mask (N,) bool marks real rows (None = all)."""
-        logits = self.proj(z)
+        logits = linear(z, self.proj)
         if self.noise is not None and self.training:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(z))
+            logits = logits + torch.randn_like(logits) * F.softplus(linear(z, self.noise))
         p = F.softmax(logits, dim=-1)
         adapted = None
         if self.kind == "topk":
             top, idx = p.topk(self.top_k, dim=-1)
             w = torch.zeros_like(p).scatter(-1, idx, top / top.sum(-1, keepdim=True))
         elif self.kind == "adamole":
-            tau = torch.sigmoid(self.threshold(z)) / self.n_experts  # (N, 1), at most 1/E <= max p
+            tau = torch.sigmoid(linear(z, self.threshold)) / self.n_experts  # (N, 1), at most 1/E <= max p
             adapted = p - tau
             w = adapted * (adapted >= 0)
             w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
@@ -230,9 +241,10 @@ class BlockRouter(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> logits (..., n) in x's dtype."""
         if hasattr(self, "proj"):
-            return self.proj(x)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return linear(x, self.proj)
+        return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
 
     def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.named_parameters()
@@ -267,16 +279,20 @@ class BlockRouter(nn.Module):
         if self.mode == "none":
             self._record(None, None, token_mask, x)
             return {slot: Route(None, None, token_mask) for slot in self.slots}
-        xr = x.to(self.dtype)
         if self.mode in ("instance", "unipeft"):
-            w = self._sequence_weights(xr, token_mask, start_pos, cache)[:, None, :]  # (B, 1, n)
+            # Pooled in the adapter dtype (a mean over many tokens), once per sequence.
+            w = self._sequence_weights(x.to(self.dtype), token_mask, start_pos, cache)[:, None, :]  # (B, 1, n)
             self._record(w, None, token_mask, x)
-            return {s: Route(w[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
-        w = torch.sigmoid(self._logits(xr))  # (B, T, n)
+            return self._dense_routes(w, token_mask)
+        w = torch.sigmoid(self._logits(x))  # (B, T, n), in x's dtype
         if self.mode == "soft":
             self._record(w, None, token_mask, x)
-            return {s: Route(w[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
-        return self._sparse_routes(xr, w, token_mask, dense=start_pos > 0 and x.shape[1] == 1)
+            return self._dense_routes(w, token_mask)
+        return self._sparse_routes(x, w, token_mask, dense=start_pos > 0 and x.shape[1] == 1)
+
+    def _dense_routes(self, w: torch.Tensor, token_mask: Optional[torch.Tensor]) -> dict[str, Route]:
+        """One dense Route per slot from the weights w (B, T|1, n): column j is slot j's (B, T|1, 1)."""
+        return {slot: Route(col, None, token_mask) for slot, col in zip(self.slots, w.split(1, dim=-1))}
 
     def _sparse_routes(self, x: torch.Tensor, w: torch.Tensor, token_mask: Optional[torch.Tensor],
                        dense: bool = False) -> dict[str, Route]:
@@ -289,19 +305,19 @@ class BlockRouter(nn.Module):
         if self.threshold is None:
             t = torch.full_like(w[..., :1], self.max_threshold)
         else:
-            t = torch.sigmoid(self.threshold(x)) * self.max_threshold  # (B, T, 1)
+            t = torch.sigmoid(linear(x, self.threshold)) * self.max_threshold  # (B, T, 1)
         keep = w >= t  # (B, T, n); ties kept, as the paper's code (torch.ge)
         if token_mask is not None:
             keep = keep & token_mask[..., None]
         g = w * keep
-        if self.threshold_ste and self.threshold is not None:
+        if self.threshold_ste and self.threshold is not None and torch.is_grad_enabled():
             # Straight-through: forward is the hard mask; backward lets t feel d sigmoid((w - t)/temp),
             # on the kept tokens only (a skipped token ran no expert, so it has no output to differentiate).
             s = torch.sigmoid((w.detach() - t) / STE_TEMPERATURE)
             g = g * (1.0 + s - s.detach())
         self._record(w, keep, token_mask, x)
         if dense:
-            return {s: Route(g[..., j:j + 1], None, token_mask) for s, j in self.col.items()}
+            return self._dense_routes(g, token_mask)
         routes = {}
         if PROMPT_SLOT in self.col:  # attention to the prompt cannot skip a token: dense, masked weight
             j = self.col[PROMPT_SLOT]
