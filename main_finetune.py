@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "matmul probe at start shows it faster on this device, else fp32 (default False)")
     flag_bool("grad_checkpointing", False, "recompute each block in backward (activation memory)")
     flag_bool("flash_attention2", False, "flash-attn when installed (CUDA, bf16), else PyTorch SDPA")
+    flag_bool("compile_kernels", False, "fuse RMSNorm and SwiGLU into one kernel each with torch.compile "
+              "(seconds of compiling at the first step; eager with a warning where no compiler works)")
     tr.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     tr.add_argument("--seed", type=int, default=0, help="every RNG is seeded with seed + rank")
     tr.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")

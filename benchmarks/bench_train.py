@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llama.kernels import use_compiled_kernels  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from moa import MoAConfig, RouterStats, attach_adapters  # noqa: E402
 from moa.train.data import IGNORE_INDEX  # noqa: E402
@@ -137,6 +138,8 @@ def peak_tflops(device: torch.device, given: Optional[float]) -> Optional[float]
 
 # ---- --mode compare --------------------------------------------------------------------------------
 def run_compare(args: argparse.Namespace) -> None:
+    if args.compile_kernels:
+        print(use_compiled_kernels(True))
     try:
         import peft
     except ImportError:
@@ -275,6 +278,8 @@ def main() -> None:
     p.add_argument("--prompt_len", type=int, default=None, help="masked tokens at the start of each row "
                    "(default: half of --seq_len)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--compile_kernels", action="store_true",
+                   help="our models with RMSNorm and SwiGLU fused by torch.compile (llama/kernels.py)")
     p.add_argument("--n_layers", type=int, default=LLAMA31_8B["n_layers"], help="llama8b: blocks (smoke tests)")
     p.add_argument("--grad_checkpointing", choices=["both", "on", "off"], default="both", help="llama8b")
     p.add_argument("--attn_impl", choices=["sdpa", "flash_attn"], default="sdpa", help="llama8b")

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from llama.kernels import rms_norm, swiglu
+
 
 def _is_int(v: object, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
@@ -162,10 +164,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 loses the small variance terms), scale in the input dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)  # fp32 inside, the input dtype outside
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
@@ -373,7 +372,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

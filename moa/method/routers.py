@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.kernels import swiglu
 from llama.model import KVCache, is_recomputing
 from moa.method.config import PROMPT_SLOT, MoAConfig
 
@@ -244,7 +245,7 @@ class BlockRouter(nn.Module):
         """x (..., dim) -> logits (..., n) in x's dtype."""
         if hasattr(self, "proj"):
             return linear(x, self.proj)
-        return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
+        return linear(swiglu(linear(x, self.w1), linear(x, self.w3)), self.w2)
 
     def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.named_parameters()

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from llama.checkpoint import load_model
+from llama.kernels import use_compiled_kernels
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from moa.checks import check_int, check_number
@@ -71,6 +72,7 @@ class TrainConfig:
     bf16: bool = False
     grad_checkpointing: bool = False
     flash_attention2: bool = False
+    compile_kernels: bool = False  # RMSNorm and SwiGLU fused by torch.compile (llama/kernels.py)
     device: str = "cpu"
     seed: int = 0
     num_workers: int = 2
@@ -321,6 +323,8 @@ def _build_model(cfg: TrainConfig, moa_cfg: MoAConfig, env: DistEnv,
     attach_adapters(model, moa_cfg)
     model.train()
     model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile_kernels:
+        say(use_compiled_kernels(True))
     if cfg.w_bias:  # also train the base's norms and biases, in fp32 (AdamW steps vanish in bf16)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
