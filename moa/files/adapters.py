@@ -213,11 +213,12 @@ def _describe_base(model: nn.Module, base_dir: str | os.PathLike) -> str:
             f"n_kv_heads {a.n_kv_heads}, vocab_size {a.vocab_size})")
 
 
-def load_trained_adapter(model: nn.Module, adapter_path: str | os.PathLike,
-                         base_dir: str | os.PathLike) -> LoadedAdapter:
+def load_trained_adapter(model: nn.Module, adapter_path: str | os.PathLike, base_dir: str | os.PathLike,
+                         files: Optional[AdapterFiles] = None) -> LoadedAdapter:
     """Attach the adapters described by adapter_params.json beside `adapter_path` to `model` and load
     `adapter_path` into them, strictly; with a base_trained.pth beside it (training with --w_bias),
-    also copy its tensors over the base's.
+    also copy its tensors over the base's. `files`: those files as `read_adapter_files(adapter_path)`
+    already read them (not read again).
 
     A key missing from or left over in adapter.pth is a ValueError naming it; so is a tensor whose
     shape differs from what this base needs (naming the tensor and both shapes: the adapter was
@@ -228,7 +229,7 @@ def load_trained_adapter(model: nn.Module, adapter_path: str | os.PathLike,
     if not path.is_file():
         raise FileNotFoundError(f"--adapter_path {path}: no such file")
     try:
-        files = read_adapter_files(path)
+        files = files or read_adapter_files(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--adapter_path {e}") from None
     except ValueError as e:

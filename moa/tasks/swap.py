@@ -22,11 +22,12 @@ base's shapes or layer count name the file), then held in memory (CPU, as saved)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Mapping, Optional
+from typing import Hashable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -162,28 +163,32 @@ def load_swap_adapter(model: Transformer, task: str, path: str | os.PathLike, ba
     attached; `base_dir` names its base in messages) by loading it once through the single-adapter path
     (`load_trained_adapter`: another base's shapes or layer count, keys that do not match the flags),
     then put the model back. Errors are `ValueError` / `FileNotFoundError` prefixed by `where`."""
-    prefix = f"{where}: " if where else ""
-    try:
+    with _errors_prefixed(where):
         files = read_adapter_files(path)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{prefix}{e}") from None
-    except ValueError as e:
-        raise ValueError(f"{prefix}{e}") from None
     snapshot = ModelSnapshot(model)
     params = dict(model.named_parameters())
     originals = {n: params[n].detach().clone() for n in files.base_trained if n in params}
     try:
-        load_trained_adapter(model, files.path, base_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(prefix + str(e).removeprefix("--adapter_path ")) from None
-    except ValueError as e:
-        raise ValueError(prefix + str(e).removeprefix("--adapter_path ")) from None
+        with _errors_prefixed(where, strip="--adapter_path "):
+            load_trained_adapter(model, files.path, base_dir, files)
     finally:
         with torch.no_grad():
             for name, t in originals.items():
                 params[name].copy_(t)
         snapshot.restore()
     return SwapAdapter(task, files.path, files.cfg, files.state, files.base_trained, files.max_seq_len)
+
+
+@contextlib.contextmanager
+def _errors_prefixed(where: str, strip: str = "") -> Iterator[None]:
+    """Re-raise a `FileNotFoundError` / `ValueError` of the block with "`where`: " in front of its
+    message (`strip` taken off the message's start first)."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        message = str(e).removeprefix(strip)
+        kind = FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError
+        raise kind(f"{where}: {message}" if where else message) from None
 
 
 class AdapterSwap:
