@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
                    help="weights' dtype; auto: bfloat16 where a short matmul probe at start shows it faster on this "
                         "device (CUDA with bf16, CPUs with AMX / avx512_bf16), else float32")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--compile_decode", type=str2bool, nargs="?", const=True, default=False,
+                   help="run the decode steps as one graph captured by torch.compile (CUDA graphs on a GPU): "
+                        "less per-step overhead, after a first step that compiles (seconds to a minute); "
+                        "falls back to eager with a warning where compiling fails")
     p.add_argument("--progress", type=str2bool, nargs="?", const=True, default=True, help="tqdm progress bar")
     a = p.parse_args(argv)
     try:

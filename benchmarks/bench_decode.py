@@ -2,8 +2,10 @@
 per-step dispatch that dominates decoding on a GPU (issue 18, item 2).
 
 A random model of 8 layers, dim 64, batch 1, a 16-token prompt, 64 new tokens (greedy), 1 thread:
-ours bare, ours Soft MoA (the seed command's 7 types), ours Sparse MoA, and transformers'
-`LlamaForCausalLM` (same weights) `generate`. Goals: Soft MoA <= 1.5x ours bare; ours bare below
+ours bare, ours Soft MoA (the seed command's 7 types), ours Sparse MoA, each with the eager decode step
+and with the captured one (`generate(compile_decode=True)`: one torch.compile'd graph; CUDA graphs on a
+GPU; compiled in a warm-up call that is not timed), and transformers' `LlamaForCausalLM` (same weights)
+`generate`. Goals: Soft MoA <= 1.5x ours bare (each step kind against its own bare); ours bare below
 transformers'.
 
     python benchmarks/bench_decode.py                         # this tree
@@ -11,12 +13,14 @@ transformers'.
                                                               # timed in turns in the same run
 
 With `--before ROOT`, each round runs every configuration once under this tree and once under ROOT
-(a folder holding `llama/` and `moa/`), each in its own subprocess, so machine load hits both alike.
+(a folder holding `llama/` and `moa/`), each in its own subprocess, so machine load hits both alike; a
+configuration a tree cannot run (the captured step, before it existed) prints "-".
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -25,7 +29,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
-CONFIGS = ("ours bare", "ours Soft MoA", "ours Sparse MoA", "transformers bare")
+CAPTURED = ", captured step"
+CONFIGS = ("ours bare", "ours Soft MoA", "ours Sparse MoA", "ours bare" + CAPTURED, "ours Soft MoA" + CAPTURED,
+           "ours Sparse MoA" + CAPTURED, "transformers bare")
 SMALL = dict(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256)
 
 
@@ -36,6 +42,8 @@ def _build(config: str, device: str = "cpu"):
     from llama.generation import generate
     from llama.model import ModelArgs, Transformer
 
+    captured = config.endswith(CAPTURED)
+    config = config.removesuffix(CAPTURED)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**SMALL)).eval()
     prompt = [list(range(1, 17))]
@@ -58,6 +66,8 @@ def _build(config: str, device: str = "cpu"):
                     p.normal_(0, 0.02)
         model.eval()
     model.to(device)
+    if captured:
+        return lambda: generate(model, prompt, NEW_TOKENS, stop_tokens=[], compile_decode=True)
     return lambda: generate(model, prompt, NEW_TOKENS, stop_tokens=[])
 
 
@@ -88,7 +98,7 @@ def measure(config: str, repeats: int, device: str = "cpu") -> float:
     torch.set_num_threads(1)
     fn = _build(config, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    fn()  # warm-up
+    fn()  # warm-up (compiles the captured step)
     best = float("inf")
     for _ in range(repeats):
         sync()
@@ -100,7 +110,10 @@ def measure(config: str, repeats: int, device: str = "cpu") -> float:
 
 
 def _child(root: Path, config: str, repeats: int, device: str) -> float:
-    """`measure` in a subprocess importing llama/ and moa/ from `root`."""
+    """`measure` in a subprocess importing llama/ and moa/ from `root`; NaN where that tree cannot run
+    the configuration (a captured step before `compile_decode` existed)."""
+    if config.endswith(CAPTURED) and "compile_decode" not in (root / "llama" / "generation.py").read_text():
+        return float("nan")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(HERE / 'benchmarks')!r}); "
             f"import bench_decode as b; print(b.measure({config!r}, {repeats}, {device!r}))")
@@ -127,13 +140,17 @@ def main() -> None:
     print("| config | " + " | ".join(roots) + " |")
     print("|---|" + "---|" * len(roots))
     for config in CONFIGS:
-        print(f"| {config} | " + " | ".join(f"{med[(r, config)]:.2f}" for r in roots) + " |")
+        print(f"| {config} | " + " | ".join("-" if math.isnan(med[(r, config)]) else f"{med[(r, config)]:.2f}"
+                                           for r in roots) + " |")
     for r in roots:
-        bare = med[(r, "ours bare")]
-        print(f"\n{r}: Soft MoA / bare {med[(r, 'ours Soft MoA')] / bare:.2f}x (goal <= 1.5x), "
-              f"Sparse MoA / bare {med[(r, 'ours Sparse MoA')] / bare:.2f}x, "
-              f"bare / transformers {bare / med[(r, 'transformers bare')]:.2f}x (goal < 1)")
-    print("\n" + json.dumps({f"{r}|{c}": round(v, 3) for (r, c), v in med.items()}))
+        for step in ("", CAPTURED):
+            bare = med[(r, "ours bare" + step)]
+            if math.isnan(bare):
+                continue
+            print(f"\n{r}{step or ', eager step'}: Soft MoA / bare {med[(r, 'ours Soft MoA' + step)] / bare:.2f}x "
+                  f"(goal <= 1.5x), Sparse MoA / bare {med[(r, 'ours Sparse MoA' + step)] / bare:.2f}x, "
+                  f"bare / transformers {bare / med[(r, 'transformers bare')]:.2f}x (goal < 1)")
+    print("\n" + json.dumps({f"{r}|{c}": None if math.isnan(v) else round(v, 3) for (r, c), v in med.items()}))
 
 
 if __name__ == "__main__":

@@ -108,20 +108,22 @@ def bench_smollm2(args: argparse.Namespace, batch_sizes: list[int]) -> None:
             mask[i, width - len(t):] = 1
 
         def run_ours(new: int = n) -> list[list[int]]:
-            return generate(ours, batch, new, stop_tokens=[])
+            return generate(ours, batch, new, stop_tokens=[], compile_decode=args.compile_decode)
 
         def run_theirs(new: int = n) -> torch.Tensor:
             with torch.inference_mode():
                 return theirs.generate(padded, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                        do_sample=False, pad_token_id=0, eos_token_id=None)
 
-        run_ours(1), run_theirs(1)  # warm-up: allocator, caches, lazy initialisation
+        # warm-up: allocator, caches, lazy initialisation (and the captured step's compilation)
+        run_ours(3 if args.compile_decode else 1), run_theirs(1)
         t_ours, out_ours = timed(run_ours, args.device, args.repeat)
         t_theirs, out_theirs = timed(run_theirs, args.device, args.repeat)
         agree = sum(a == b for a, b in zip(out_ours, out_theirs[:, width:].tolist()))
         table.append((bs, sum(map(len, batch)) / bs, bs * n / t_ours, bs * n / t_theirs, t_theirs / t_ours, agree))
 
-    print(f"\nSmolLM2-135M-Instruct (imported GGUF), {args.dtype}, {device_name(args.device)}, greedy, "
+    print(f"\nSmolLM2-135M-Instruct (imported GGUF), {args.dtype}, {device_name(args.device)}, greedy"
+          f"{', our decode step captured' if args.compile_decode else ''}, "
           f"{n} new tokens per row, gsm8k Alpaca prompts")
     print("| batch | mean prompt tokens | ours tokens/s | transformers tokens/s | ours/transformers | rows identical |")
     print("|---|---|---|---|---|---|")
@@ -186,29 +188,31 @@ def bench_llama8b(args: argparse.Namespace, batch_sizes: list[int]) -> None:
     stops = tokenizer.stop_tokens
 
     def batched(new: int = n) -> list[list[int]]:
-        return generate(model, prompts, new, stop_tokens=stops)
+        return generate(model, prompts, new, stop_tokens=stops, compile_decode=args.compile_decode)
 
     def one_by_one(new: int = n) -> list[list[int]]:
         # The paper's loop: one row at a time, each stopping at its own first stop token.
-        return [generate(model, [p], new, stop_tokens=stops)[0] for p in prompts[: args.bs1_rows]]
+        return [generate(model, [p], new, stop_tokens=stops, compile_decode=args.compile_decode)[0]
+                for p in prompts[: args.bs1_rows]]
 
     # Each loop gets a cache of its own batch size, allocated outside the timed calls.
     model.setup_caches(bs, total)
-    batched(1)  # warm-up
+    warm = 3 if args.compile_decode else 1  # a captured step compiles at its first decode step
+    batched(warm)  # warm-up
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_batch, out_batch = timed(batched, args.device, args.repeat)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     model.clear_caches()
     model.setup_caches(1, total)
-    one_by_one(1)  # warm-up
+    one_by_one(warm)  # warm-up
     t_one, out_one = timed(one_by_one, args.device, args.repeat)
     tok_batch, tok_one = sum(map(len, out_batch)), sum(map(len, out_one))
     agree = sum(a == b for a, b in zip(out_one, out_batch))
 
     shape = ", ".join(f"{k}={v}" for k, v in params.items() if LLAMA31_8B[k] != v) or "LLaMA-3.1-8B shape"
     print(f"\n{shape}, random {args.dtype} weights (built in {build_s:.1f} s), {device_name(args.device)}, "
-          f"greedy, up to {n} new tokens per row, gsm8k Alpaca prompts (LLaMA-3 tokenizer, "
+          f"greedy{', captured decode step' if args.compile_decode else ''}, up to {n} new tokens per row, gsm8k Alpaca prompts (LLaMA-3 tokenizer, "
           f"mean {sum(map(len, prompts)) / bs:.0f} tokens)")
     print("| loop | rows | tokens kept | seconds | tokens/s | rows/s | peak GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -235,6 +239,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="default: float32 (smollm2), bfloat16 (llama8b)")
     p.add_argument("--bs1_rows", type=int, default=8, help="llama8b: rows timed in the batch-1 loop")
+    p.add_argument("--compile_decode", action="store_true",
+                   help="ours: the decode steps as one captured graph (generate(compile_decode=True))")
     p.add_argument("--shape", default="", help="llama8b: overrides of the 8B params, e.g. dim=64,n_layers=2 "
                                                "(a smoke test on CPU)")
     args = p.parse_args()

@@ -76,7 +76,7 @@ def left_pad(prompts: list[list[int]], device: str) -> tuple[torch.Tensor, torch
 
 
 def generation_speed(ours: Transformer, theirs, prompts: list[list[int]], new_tokens: int, device: str,
-                     repeat: int) -> tuple[float, float, int]:
+                     repeat: int, compile_decode: bool = False) -> tuple[float, float, int]:
     """Greedy generation of `new_tokens` per prompt on both models.
 
     Returns (our tokens/s, transformers' tokens/s, rows whose new tokens are identical).
@@ -84,7 +84,7 @@ def generation_speed(ours: Transformer, theirs, prompts: list[list[int]], new_to
     padded, mask = left_pad(prompts, device)
 
     def run_ours() -> list[list[int]]:
-        return generate(ours, prompts, new_tokens, stop_tokens=[])
+        return generate(ours, prompts, new_tokens, stop_tokens=[], compile_decode=compile_decode)
 
     def run_theirs() -> list[list[int]]:
         with torch.inference_mode():
@@ -127,7 +127,8 @@ def bench_shape(args: argparse.Namespace, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (max(batch_sizes),), generator=g).tolist()
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
-    table = [(bs, *generation_speed(ours, theirs, prompts[:bs], args.new_tokens, args.device, args.repeat))
+    table = [(bs, *generation_speed(ours, theirs, prompts[:bs], args.new_tokens, args.device, args.repeat,
+                                    args.compile_decode))
              for bs in batch_sizes]
 
     print(f"\nSmolLM2-135M shape, random weights, {args.dtype}, {device_name(args.device)}")
@@ -167,12 +168,13 @@ def bench_smollm2(args: argparse.Namespace, dtype: torch.dtype) -> None:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [1, 8]
         rows = json.loads((ROOT / "data" / "math" / "gsm8k" / "test.json").read_text())[: max(batch_sizes)]
         prompts = [tokenizer.format_dialog([{"role": "user", "content": r["instruction"]}]) for r in rows]
-        table = [(bs, *generation_speed(ours, theirs, prompts[:bs], args.new_tokens, args.device, args.repeat))
-                 for bs in batch_sizes]
+        table = [(bs, *generation_speed(ours, theirs, prompts[:bs], args.new_tokens, args.device, args.repeat,
+                                        args.compile_decode)) for bs in batch_sizes]
 
     ours_name = str(ours_dtype).removeprefix("torch.")
-    print(f"\nSmolLM2-135M-Instruct ({gguf_path.name}), ours {ours_name} ({dtype_report}), transformers "
-          f"{args.dtype}, {device_name(args.device)}")
+    print(f"\nSmolLM2-135M-Instruct ({gguf_path.name}), ours {ours_name} ({dtype_report})"
+          f"{', decode step compiled' if args.compile_decode else ''}, transformers {args.dtype}, "
+          f"{device_name(args.device)}")
     print("| measure | ours | transformers (GGUF) |")
     print("|---|---|---|")
     print(f"| import GGUF -> base-model directory, fp32 (s) | {t_import:.1f} | - |")
@@ -198,6 +200,9 @@ def main() -> None:
     p.add_argument("--prompt_len", type=int, default=32, help="--model shape: longest random prompt")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--compile_decode", action="store_true",
+                   help="ours: decode steps as one captured graph (generate(compile_decode=True)); the warm-up "
+                        "call compiles, the timed ones reuse it")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     (bench_shape if args.model == "shape" else bench_smollm2)(args, dtype)

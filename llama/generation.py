@@ -5,6 +5,7 @@ positions over real tokens only, so each row generates exactly what it would gen
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -35,6 +36,10 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
 
 # Decode steps between two checks of "every row has stopped" (each check waits for the device).
 DONE_CHECK_EVERY = 8
+# A captured decode step reads the whole cache, so its length is a shape of the captured graph: caches
+# made for a captured generation are rounded up to this many slots, so that batches of similar length
+# share one compiled step instead of compiling their own.
+CAPTURED_CACHE_MULTIPLE = 128
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -49,6 +54,41 @@ def decode_one(model: Transformer, token: torch.Tensor, pos: int) -> torch.Tenso
     return model(token[:, None], start_pos=pos)[:, -1]
 
 
+def decode_at_slot(model: Transformer, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """`decode_one` with the cache slot a () int64 tensor: the same logits (B, vocab), computed over
+    shapes that no step changes (`ForwardMeta.slot`), which is what a captured step needs."""
+    return model(token[:, None], slot=slot)[:, -1]
+
+
+# device type -> `decode_at_slot` compiled for it; a device type whose compiler failed maps to the eager one.
+_CAPTURED: dict[str, Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def captured_decode(device: torch.device) -> Callable[[Transformer, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`decode_at_slot` captured as one graph by torch.compile: on a GPU with CUDA graphs (mode
+    "reduce-overhead": the step's hundreds of small kernels replayed by one launch), on a CPU as
+    inductor's fused C++ kernels. Compiled at the first call for each model and batch size (seconds
+    to a minute), reused by every later step and generation. A compiler that fails (no C++
+    toolchain, an unsupported device) switches this device type to the eager step for good, with one
+    warning; the failing step is redone eagerly (its cache writes are idempotent)."""
+    kind = device.type
+    if kind not in _CAPTURED:
+        mode = "reduce-overhead" if kind == "cuda" else None
+        compiled = torch.compile(decode_at_slot, mode=mode, dynamic=False)
+
+        def run(model: Transformer, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+            try:
+                return compiled(model, token, slot)
+            except Exception as e:  # noqa: BLE001: any compiler failure means eager, which re-raises real errors
+                _CAPTURED[kind] = decode_at_slot
+                warnings.warn(f"torch.compile of the decode step failed on {kind} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
+                return decode_at_slot(model, token, slot)
+        _CAPTURED[kind] = run
+    return _CAPTURED[kind]
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -61,6 +101,7 @@ def generate(
     tokenizer: Optional[_HasStopTokens] = None,
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+    compile_decode: bool = False,
 ) -> list[list[int]]:
     """Generate up to `max_gen_len` new tokens for each prompt; returns the new tokens of each row,
     cut before its first stop token.
@@ -70,6 +111,9 @@ def generate(
     temperature: 0 is greedy; otherwise nucleus sampling with `top_p`, reproducible through `generator`.
     callback(step, tokens): called after each step with the step index and the (B,) tokens just chosen.
     max_gen_len is shortened so that prompt + generation fits the model's `max_seq_len`.
+    compile_decode: run the decode steps as one captured graph (`captured_decode`: CUDA graphs on a
+        GPU), the same tokens as eager; the prefill stays eager. Pays off over many steps of one
+        model and batch size, since the first step compiles.
 
     KV cache: a cache the caller made with `model.setup_caches` is reused (replaced by a larger one
     when it is too small) and kept. Without one, a cache is made for this call and removed at the
@@ -92,10 +136,13 @@ def generate(
 
     own_cache = model.cache_shape is None
     if own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len:
-        model.setup_caches(bsz, total_len)
+        cache_len = total_len
+        if compile_decode:
+            cache_len = min(max_seq_len, -(-total_len // CAPTURED_CACHE_MULTIPLE) * CAPTURED_CACHE_MULTIPLE)
+        model.setup_caches(bsz, cache_len)
     try:
         out, n_steps = _generate_loop(model, prompt_tokens, max_gen_len, temperature, top_p, stop_tokens,
-                                      generator, callback)
+                                      generator, callback, compile_decode)
     finally:
         if own_cache:
             model.clear_caches()
@@ -108,7 +155,8 @@ def generate(
 
 def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float,
                    top_p: float, stop_tokens: list[int], generator: Optional[torch.Generator],
-                   callback: Optional[Callable[[int, torch.Tensor], None]]) -> tuple[torch.Tensor, int]:
+                   callback: Optional[Callable[[int, torch.Tensor], None]],
+                   compile_decode: bool = False) -> tuple[torch.Tensor, int]:
     """Prefill then decode into the model's (fitting) KV cache -> (new tokens (B, max_gen_len), steps run).
 
     Whether every row has stopped is read back every `DONE_CHECK_EVERY` steps only (no host sync in
@@ -124,6 +172,9 @@ def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_l
     out = torch.zeros(bsz, max_gen_len, dtype=torch.long, device=device)
     n_steps = 0
     logits = prefill(model, tokens, token_mask)
+    if compile_decode:
+        step_fn = captured_decode(device)
+        slot = torch.tensor(max_prompt, dtype=torch.long, device=device)  # advanced in place: no host value per step
     for step in range(max_gen_len):
         next_token = sample_top_p(logits, temperature, top_p, generator)
         out[:, step] = next_token
@@ -133,7 +184,15 @@ def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_l
         done |= torch.isin(next_token, stop)
         if step + 1 == max_gen_len or ((step + 1) % DONE_CHECK_EVERY == 0 and bool(done.all())):
             break
-        logits = decode_one(model, next_token, max_prompt + step)
+        if compile_decode:
+            # Step 0 runs every guard (and compiles when nothing cached fits); the later steps of this
+            # call change tensor values only, so they skip guard evaluation (hundreds of microseconds
+            # a step with adapters attached).
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=step > 0):
+                logits = step_fn(model, next_token, slot)
+            slot += 1
+        else:
+            logits = decode_one(model, next_token, max_prompt + step)
     return out, n_steps
 
 

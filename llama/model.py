@@ -187,33 +187,50 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.
 
 
 def rope_table(angles: torch.Tensor) -> torch.Tensor:
-    """The rotary table of `angles` (..., hd/2) fp32: the unit complex numbers exp(i * angle), complex64."""
+    """The rotary table of `angles` (..., hd/2) fp32: the unit complex numbers exp(i * angle), complex64.
+
+    Under torch.compile (a captured decode step) the same numbers as real pairs (..., hd/2, 2) =
+    (cos, sin) fp32: inductor generates no code for complex tensors (they would fall back to one
+    eager kernel each), while real arithmetic fuses into the neighbouring kernels."""
+    if torch.compiler.is_compiling():
+        return torch.stack([angles.cos(), angles.sin()], dim=-1)
     return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the rotary table `rope` (B, T, hd/2)
-    complex64 (`rope_table`): each pair, read as the complex number x[2i] + i x[2i+1], is multiplied
-    by exp(i * angle), one elementwise pass (as Meta's reference code).
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the rotary table `rope` (`rope_table`:
+    (B, T, hd/2) complex64, or (B, T, hd/2, 2) real (cos, sin)): each pair, read as the complex number
+    x[2i] + i x[2i+1], is multiplied by exp(i * angle). Complex, that is one elementwise pass (as Meta's
+    reference code); real, the four products that a compiler fuses.
 
     Meta's checkpoints store wq/wk rows in this interleaved layout (transformers' use a half split).
     Computed in fp32, returned in x's dtype.
     """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
-    return torch.view_as_real(xc * rope[:, :, None, :]).flatten(-2).type_as(x)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    if rope.is_complex():
+        return torch.view_as_real(torch.view_as_complex(pairs) * rope[:, :, None, :]).flatten(-2).type_as(x)
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # (B, T, 1, hd/2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
 
 
 @dataclass
 class ForwardMeta:
     """What every block needs besides its input, built once per forward by `Transformer`.
 
-    rope: (B, T, head_dim/2) complex64 rotary table at each token's position (`rope_table`).
+    rope: (B, T, head_dim/2) complex64 rotary table at each token's position (`rope_table`; real
+        (cos, sin) pairs (B, T, head_dim/2, 2) under torch.compile).
     attn_mask: (B, 1, T, S) bool, True where a query may read a key; None means plain causal
         attention over this chunk (no cache, no padding).
     token_mask: (B, T) bool, True at real tokens; None when every token is real.
-    start_pos: the KV-cache slot of the chunk's first token.
+    start_pos: the KV-cache slot of the chunk's first token; -1 in a captured decode step, whose slot
+        is the tensor `slot`.
     is_causal: with attn_mask None, whether attention is causal (False for a one-token decode step
         that reads every cached slot).
+    slot: () int64 on the model's device, the cache slot of a one-token decode step given as a tensor
+        (`Transformer.forward(..., slot=)`), so that every step runs the same shapes and one
+        captured graph (torch.compile, CUDA graphs) serves them all: the step writes its key and
+        value at `slot` and attends over the whole cache, the slots not yet written masked. None otherwise.
     """
 
     start_pos: int
@@ -221,7 +238,13 @@ class ForwardMeta:
     attn_mask: Optional[torch.Tensor]
     token_mask: Optional[torch.Tensor]
     is_causal: bool = True
+    slot: Optional[torch.Tensor] = None
     _varlen: Optional["VarlenIndex"] = None
+
+    @property
+    def continues(self) -> bool:
+        """Whether the chunk follows tokens already in the KV cache (a decode step, a later prefill chunk)."""
+        return self.start_pos > 0 or self.slot is not None
 
     def varlen_index(self) -> "VarlenIndex":
         """Where the real tokens of this padded chunk sit (computed once per forward, on first use)."""
@@ -289,9 +312,14 @@ class KVCache(nn.Module):
         # (e.g. weights computed once from the prompt and reused at every decode step).
         self.extra: dict[str, torch.Tensor] = {}
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there."""
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor,
+               slot: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there.
+        With `slot` (a () int64 tensor; T = 1): write at that slot and return every slot (static shapes)."""
         bsz, _, seqlen, _ = k.shape
+        if slot is not None:
+            index = slot.view(1)
+            return self.k[:bsz].index_copy_(2, index, k), self.v[:bsz].index_copy_(2, index, v)
         end = start_pos + seqlen
         self.k[:bsz, :, start_pos:end] = k
         self.v[:bsz, :, start_pos:end] = v
@@ -329,7 +357,7 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k, meta.rope).transpose(1, 2)
         v = v.transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(meta.start_pos, k, v)
+            k, v = self.cache.update(meta.start_pos, k, v, meta.slot)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
@@ -427,11 +455,17 @@ class Transformer(nn.Module):
         return None if self.cache_valid is None else tuple(self.cache_valid.shape)
 
     # ---- forward --------------------------------------------------------------------------
-    def _meta(self, tokens: torch.Tensor, start_pos: int, token_mask: Optional[torch.Tensor]) -> ForwardMeta:
+    def _meta(self, tokens: torch.Tensor, start_pos: int, token_mask: Optional[torch.Tensor],
+              slot: Optional[torch.Tensor] = None) -> ForwardMeta:
         bsz, seqlen = tokens.shape
         device = tokens.device
         if self._inv_freq is None or self._inv_freq.device != device:
             self._inv_freq = rope_inv_freq(self.args, device)
+        if slot is not None:
+            if self.cache_valid is None or seqlen != 1 or token_mask is not None or start_pos != 0:
+                raise ValueError("slot= is a one-token decode step of unpadded rows into a KV cache "
+                                 "(setup_caches first; no start_pos, no token_mask)")
+            return self._slot_decode_meta(bsz, slot)
         if token_mask is not None and token_mask.shape != tokens.shape:
             raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != tokens shape {tuple(tokens.shape)}")
         end = start_pos + seqlen
@@ -488,13 +522,26 @@ class Transformer(nn.Module):
         angles = positions[..., None].float() * self._inv_freq  # (B, 1, hd/2)
         return ForwardMeta(start_pos, rope_table(angles), attn_mask, None, is_causal=False)
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0,
-                      token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _slot_decode_meta(self, bsz: int, slot: torch.Tensor) -> ForwardMeta:
+        """`_decode_meta` with the slot a () int64 tensor and shapes that do not depend on it: the
+        token reads every cache slot through the cache's own flags (slots past it are not yet valid:
+        generation clears the flags at prefill), so no host value changes from one step to the next."""
+        valid = self.cache_valid[:bsz]
+        valid.index_fill_(1, slot.view(1), True)
+        if self._cache_padded:
+            positions = valid.sum(1, keepdim=True) - 1  # (B, 1): real tokens before this one
+        else:
+            positions = slot.expand(bsz, 1)
+        angles = positions[..., None].float() * self._inv_freq  # (B, 1, hd/2)
+        return ForwardMeta(-1, rope_table(angles), valid[:, None, None, :], None, is_causal=False, slot=slot)
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, token_mask: Optional[torch.Tensor] = None,
+                      *, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final normed hidden states (B, T, dim), without the vocabulary projection.
 
         Training computes logits from these only at label positions.
         """
-        meta = self._meta(tokens, start_pos, token_mask)
+        meta = self._meta(tokens, start_pos, token_mask, slot)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -504,11 +551,13 @@ class Transformer(nn.Module):
                 h = layer(h, meta)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0,
-                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, token_mask: Optional[torch.Tensor] = None,
+                *, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab_size) fp32.
 
         start_pos: cache slot of tokens[:, 0] (0 without a KV cache).
         token_mask: (B, T) bool, True at real tokens (left or right padding), None if all real.
+        slot: for a one-token decode step (T = 1) instead of start_pos, its cache slot as a () int64
+            tensor: the same computation with shapes that do not change from step to step (`ForwardMeta.slot`).
         """
-        return self.output(self.hidden_states(tokens, start_pos, token_mask)).float()
+        return self.output(self.hidden_states(tokens, start_pos, token_mask, slot=slot)).float()

@@ -80,8 +80,9 @@ def adapter_path(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def config(tiny_dir: Path, data: Path, save: Path, **kw) -> InferenceConfig:
+    # fp32: the exact comparisons hold on any CPU (--dtype auto picks bf16 where a probe finds it faster)
     flags = dict(ckpt_dir=str(tiny_dir), data_path=str(data), save_path=str(save), max_gen_len=12,
-                 min_gen_len=4, max_batch_size=4, temperature=0.0, progress=False)
+                 min_gen_len=4, max_batch_size=4, temperature=0.0, progress=False, dtype="float32")
     flags.update(kw)
     return InferenceConfig(**flags)
 
@@ -113,7 +114,7 @@ def test_torchrun_2_gloo_ranks_equal_one_process_file_exact(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "example.py", "--ckpt_dir", str(tiny_dir), "--data_path", str(data),
            "--save_path", str(tmp_path / "two.jsonl"), "--max_gen_len", "12", "--min_gen_len", "4",
-           "--max_batch_size", "2", "--temperature", "0", "--progress", "False"]
+           "--max_batch_size", "2", "--temperature", "0", "--progress", "False", "--dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,7 +214,7 @@ def test_resume_after_sigkill_of_example_py_exact(tiny_dir, tmp_path):
     partial = Path(f"{save}.partial")
     cmd = [sys.executable, "example.py", "--ckpt_dir", str(tiny_dir), "--data_path", str(data),
            "--save_path", str(save), "--max_gen_len", "48", "--min_gen_len", "4", "--max_batch_size", "1",
-           "--temperature", "0", "--progress", "False"]
+           "--temperature", "0", "--progress", "False", "--dtype", "float32"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -298,3 +299,17 @@ def test_smollm2_prediction_equals_direct_generate_on_alpaca_prompt_exact(smollm
     expected = generate(model, [prompt], 10, tokenizer=tokenizer)[0]
     assert out[1]["generate"] == tokenizer.decode(expected) and out[1]["prompt_tokens"] == len(prompt)
     assert out[0]["answer"] == rows[0]["answer"] and out[0]["generate"].strip()
+
+
+def test_compile_decode_writes_the_same_predictions_exact(tiny_dir, adapter_path, tmp_path):
+    # The captured decode step (--compile_decode) against the eager one, through example.py's whole path,
+    # with the trained adapters (and base_trained.pth) attached: the same file, and the flag recorded.
+    data = write_rows(tmp_path / "test.json", tiny_rows(5))
+    run_inference(config(tiny_dir, data, tmp_path / "eager.jsonl", adapter_path=str(adapter_path)))
+    run_inference(config(tiny_dir, data, tmp_path / "captured.jsonl", adapter_path=str(adapter_path),
+                         compile_decode=True))
+    assert (tmp_path / "captured.jsonl").read_bytes() == (tmp_path / "eager.jsonl").read_bytes()
+    settings = json.loads((tmp_path / "captured.jsonl.settings.json").read_text())["settings"]
+    assert settings["compile_decode"] is True
+    assert "compile_decode" not in json.loads((tmp_path / "eager.jsonl.settings.json").read_text())["settings"]
+    assert parse_args(["--ckpt_dir", "m", "--data_path", "d", "--save_path", "p", "--compile_decode"]).compile_decode

@@ -88,6 +88,7 @@ class InferenceConfig:
     dtype: str = "auto"  # auto: bf16 where a short probe shows it faster (moa.infer.dtype), else fp32
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # tqdm bar on rank 0
+    compile_decode: bool = False  # decode steps as one captured graph (llama.generation.captured_decode)
 
     def __post_init__(self) -> None:
         for flag, low in (("max_gen_len", 1), ("min_gen_len", 0), ("max_batch_size", 1)):
@@ -257,7 +258,7 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
             with routing.rows(batch) if routing is not None else contextlib.nullcontext():
                 outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
                                 temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer,
-                                generator=generator)
+                                generator=generator, compile_decode=cfg.compile_decode)
             lines = []
             for p, out in zip(batch, outs):
                 # The batch may run past a row's own budget; a row that reached its budget without a
@@ -366,6 +367,8 @@ def _settings(cfg: InferenceConfig, dtype_name: str) -> dict[str, Any]:
         "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": cfg.max_seq_len,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
     }
+    if cfg.compile_decode:  # the same tokens in fp32; compiled bf16 kernels may round differently
+        settings["compile_decode"] = True
     if cfg.adapter_registry:
         settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
                         registry_file=file_identity(cfg.adapter_registry))

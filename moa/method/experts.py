@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa.method.config import P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig, pissa_iterations
-from moa.method.routers import ExpertRouter, Route, as_dtype, current_route
+from moa.method.routers import ExpertRouter, Route, adapter_linear, as_dtype, current_route
 
 # delta_fn(z (..., in), row_mask (...) bool | None, weight broadcastable to (..., 1) | None[, aux=(..., d_aux)])
 #   -> (..., out), in z's dtype
@@ -190,16 +190,16 @@ class LoRALinear(nn.Module):
         coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
         if self.mixture == "lora":
             a, b = self._factors()
-            h = F.linear(z, as_dtype(a, dt))  # (..., r)
+            h = adapter_linear(z, as_dtype(a, dt))  # (..., r)
             # Weight the rank-r intermediate, not the (..., out) result: r << out.
-            return F.linear(h if coef is None else h * coef, as_dtype(b, dt))
+            return adapter_linear(h if coef is None else h * coef, as_dtype(b, dt))
         lead = z.shape[:-1]
         z = z.reshape(-1, self.in_features)  # (n, in)
         p = self.router(z, None if row_mask is None else row_mask.reshape(-1))  # (n, E)
         if coef is not None:
             p = p * (coef.expand(*lead, 1).reshape(-1, 1) if torch.is_tensor(coef) else coef)
         if self.mixture == "hydra":
-            h = F.linear(z, as_dtype(self.lora_A, dt))[:, None, :]  # (n, 1, r), shared A
+            h = adapter_linear(z, as_dtype(self.lora_A, dt))[:, None, :]  # (n, 1, r), shared A
         else:
             h = F.linear(z, as_dtype(self.lora_A.flatten(0, 1), dt)).unflatten(-1, (self.n_experts, self.rank))
         return torch.einsum("ner,eor->no", h * p[..., None], as_dtype(self.lora_B, dt)).view(*lead, self.out_features)
@@ -274,11 +274,11 @@ class ParallelAdapter(nn.Module):
         w = None if weight is None else as_dtype(weight, dt)
         up, up_bias = as_dtype(self.up, dt), as_dtype(self.up_bias, dt)
         if self.n_experts == 1:
-            h = F.silu(F.linear(u, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))  # (..., size)
+            h = F.silu(adapter_linear(u, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))  # (..., size)
             if w is None:
-                return F.linear(h, up, up_bias)
+                return adapter_linear(h, up, up_bias)
             if not torch.is_grad_enabled():
-                return F.linear(h, up, up_bias) * w  # two ops: the least dispatch for a decode step
+                return adapter_linear(h, up, up_bias) * w  # two ops: the least dispatch for a decode step
             # Training weighs the (..., size) activation, which backward then keeps (not a (..., dim)
             # one), and folds the bias into the same matmul: [h w, w] @ [up, up_bias]^T.
             return F.linear(torch.cat([h * w, w.expand_as(h[..., :1])], -1), torch.cat([up, up_bias[:, None]], 1))
@@ -288,7 +288,7 @@ class ParallelAdapter(nn.Module):
         if w is not None:
             p = p * w.expand(*lead, 1).reshape(-1, 1)
         if self.shared_down:
-            h = F.silu(F.linear(z, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))[:, None, :]  # (n, 1, size)
+            h = F.silu(adapter_linear(z, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))[:, None, :]  # (n, 1, size)
         else:
             h = F.silu(torch.einsum("nd,esd->nes", z, as_dtype(self.down, dt)) + as_dtype(self.down_bias, dt))
         return (torch.einsum("nes,eds->nd", h * p[..., None], up) + p @ up_bias).view(*lead, self.dim)
@@ -342,25 +342,25 @@ class PromptExpert(nn.Module):
         return k.permute(1, 2, 0) / math.sqrt(hd), v.transpose(0, 1) * as_dtype(self.gate[0], v.dtype)
 
     def _cached_prompt_kv(self, wk: nn.Module, wv: nn.Module, cache: Optional[dict[str, torch.Tensor]],
-                          start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`prompt_kv`, computed at prefill (start_pos 0) and kept in the KV cache's `extra` for the
+                          continues: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prompt_kv`, computed at prefill (the chunk at start_pos 0) and kept in the KV cache's `extra` for the
         decode steps of that generation (the adapters do not change within one)."""
         if cache is None:
             return self.prompt_kv(wk, wv)
-        if start_pos > 0 and "prompt_k" in cache:
+        if continues and "prompt_k" in cache:
             return cache["prompt_k"], cache["prompt_v"]
         k, v = self.prompt_kv(wk, wv)
         cache["prompt_k"], cache["prompt_v"] = k.detach(), v.detach()
         return k, v
 
     def forward(self, x: torch.Tensor, q: torch.Tensor, wk: nn.Module, wv: nn.Module,
-                cache: Optional[dict[str, torch.Tensor]] = None, start_pos: int = 0) -> torch.Tensor:
+                cache: Optional[dict[str, torch.Tensor]] = None, continues: bool = False) -> torch.Tensor:
         """x (B, T, dim) attention input, q (B, H, T, hd) RoPE'd queries -> (B, T, H*hd) in q's dtype,
         already multiplied by the gate and the route weight (add it before `wo`).
         cache: the block's KV cache `extra` during generation (the prompt keys/values kept there)."""
         bsz, n_heads, seqlen, hd = q.shape
         dt = q.dtype
-        keys, values = (as_dtype(t, dt) for t in self._cached_prompt_kv(wk, wv, cache, start_pos))
+        keys, values = (as_dtype(t, dt) for t in self._cached_prompt_kv(wk, wv, cache, continues))
         route = current_route(self.slot)
         # One softmax jointly over all E*L prompt positions (as the paper's code); plain matmuls, since
         # CPU's flash-attention kernel is slow for so few keys (its backward, ~10x).

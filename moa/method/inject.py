@@ -21,7 +21,7 @@ from torch import nn
 from llama.model import Attention, FeedForward, ForwardMeta, Transformer, TransformerBlock
 from moa.method.config import LORA_TARGETS, P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig
 from moa.method.experts import LoRALinear, ParallelAdapter, PromptExpert, add_routed
-from moa.method.routers import BlockRouter, collecting_aux_losses, current_route, routing
+from moa.method.routers import BlockRouter, collecting_aux_losses, current_route, set_routes
 
 
 class MoAAttention(Attention):
@@ -33,7 +33,7 @@ class MoAAttention(Attention):
         q, k, v = self.qkv(x, meta)
         out = self.attend(q, k, v, meta)  # (B, T, H*hd)
         extra = None if self.cache is None else self.cache.extra
-        return self.wo(out + self.prompt(x, q, self.wk, self.wv, extra, meta.start_pos))
+        return self.wo(out + self.prompt(x, q, self.wk, self.wv, extra, meta.continues))
 
 
 class MoAFeedForward(FeedForward):
@@ -48,15 +48,18 @@ class MoAFeedForward(FeedForward):
 class MoABlock(TransformerBlock):
     """A block whose type router (`self.type_router`) reads the block input x once per forward and
     hands every site (`self.moa_sites`: slot name -> module) its `Route` for the duration of that
-    forward only (`routing`), so activation checkpointing's recomputation routes again identically."""
+    forward only (`set_routes`), so activation checkpointing's recomputation routes again identically."""
 
     type_router: BlockRouter
     moa_sites: dict[str, nn.Module]
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
-        routes = self.type_router(x, meta.token_mask, meta.start_pos, self.attention.cache)
-        with routing(routes):
+        routes = self.type_router(x, meta.token_mask, meta.continues, self.attention.cache)
+        previous = set_routes(routes)
+        try:
             return super().forward(x, meta)
+        finally:
+            set_routes(previous)
 
 
 class MoATransformer(Transformer):
@@ -70,10 +73,13 @@ class MoATransformer(Transformer):
     def moa_adapter_names(self) -> tuple[str, ...]:
         return adapter_names(self)
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0,
-                      token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, token_mask: Optional[torch.Tensor] = None,
+                      *, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # no router adds a term without autograd (and generation is traced)
+            self.aux_loss = None
+            return super().hidden_states(tokens, start_pos, token_mask, slot=slot)
         with collecting_aux_losses() as terms:
-            h = super().hidden_states(tokens, start_pos, token_mask)
+            h = super().hidden_states(tokens, start_pos, token_mask, slot=slot)
         self.aux_loss = torch.stack(terms).sum() if terms else None
         return h
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -31,10 +32,24 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def adapter_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for an adapter's weight (out, in), one side of it rank-sized
+    (LoRA factors, routers, the parallel adapter), all in x's dtype.
+
+    Under torch.compile (the captured decode step) it is written as the broadcast product summed over
+    `in`: a skinny matmul of a few rows costs its launch, not its arithmetic, and in this form the
+    compiler fuses it with the elementwise work around it (the route weight, the add into the frozen
+    projection) instead of calling a matmul kernel for it. Eagerly, a matmul."""
+    if not torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    out = (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+    return out if bias is None else out + bias
+
+
 def linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     """`lin(x)` computed in x's dtype: the (small, fp32 master) router weights are cast, x is not."""
     bias = None if lin.bias is None else as_dtype(lin.bias, x.dtype)
-    return F.linear(x, as_dtype(lin.weight, x.dtype), bias)
+    return adapter_linear(x, as_dtype(lin.weight, x.dtype), bias)
 
 
 @dataclass
@@ -52,26 +67,40 @@ class Route:
     token_mask: Optional[torch.Tensor] = None
 
 
-# The routes of the block whose forward is running ({slot: Route}); set by `routing()` for exactly
-# that forward (activation checkpointing's recomputation re-runs the block and sets them again).
-_ROUTES: contextvars.ContextVar[Optional[dict[str, Route]]] = contextvars.ContextVar("moa_routes", default=None)
+class _RunningRoutes(threading.local):
+    """The routes of the block whose forward is running ({slot: Route}), per thread; set by
+    `set_routes` for exactly that forward (activation checkpointing's recomputation re-runs the block
+    and sets them again). A thread-local attribute rather than a ContextVar because torch.compile
+    traces it, so a captured decode step (`llama.generation`) includes the routing."""
+
+    routes: Optional[dict[str, Route]] = None
+
+
+_RUNNING = _RunningRoutes()
 # The load-balance terms of the model forward that is running (see `collecting_aux_losses`).
 _AUX_TERMS: contextvars.ContextVar[Optional[list[torch.Tensor]]] = contextvars.ContextVar("moa_aux", default=None)
 
 
+def set_routes(routes: Optional[dict[str, Route]]) -> Optional[dict[str, Route]]:
+    """Hand `routes` to the sites (None: none); returns the routes they replace, for `set_routes(previous)`.
+    A block calls it in a try/finally around its forward (the form torch.compile traces)."""
+    previous, _RUNNING.routes = _RUNNING.routes, routes
+    return previous
+
+
 @contextlib.contextmanager
 def routing(routes: dict[str, Route]) -> Iterator[None]:
-    """Hand `routes` to the sites of one block for the duration of its forward."""
-    token = _ROUTES.set(routes)
+    """Hand `routes` to the sites for the duration of the `with` block (a site run alone, in tests)."""
+    previous = set_routes(routes)
     try:
         yield
     finally:
-        _ROUTES.reset(token)
+        set_routes(previous)
 
 
 def current_route(slot: Optional[str]) -> Optional[Route]:
     """The route of `slot` in the running block's forward; None (weight 1) outside any block."""
-    routes = _ROUTES.get()
+    routes = _RUNNING.routes
     return None if routes is None else routes.get(slot)
 
 
@@ -250,15 +279,15 @@ class BlockRouter(nn.Module):
     def adapter_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.named_parameters()
 
-    def _sequence_weights(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], start_pos: int,
+    def _sequence_weights(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], continues: bool,
                           cache: Optional[KVCache]) -> torch.Tensor:
-        """(B, n) per-sequence weights; during KV decode (start_pos > 0) the ones stored beside the KV
-        cache at prefill (they live as long as that cache)."""
+        """(B, n) per-sequence weights; for a chunk that continues the KV cache (`continues`: decode
+        steps) the ones stored beside the cache at prefill (they live as long as that cache)."""
         bsz = x.shape[0]
-        if start_pos > 0:
+        if continues:
             stored = None if cache is None else cache.extra.get("type_router_weights")
             if stored is None or stored.shape[0] < bsz:
-                raise ValueError(f"--type_router {self.mode}: a decode step (start_pos {start_pos}) needs the "
+                raise ValueError(f"--type_router {self.mode}: a chunk after the start of the KV cache needs the "
                                  "whole prompt run first in one chunk at start_pos 0 with a KV cache")
             return stored[:bsz]
         pooled = masked_mean(x, token_mask)  # (B, dim)
@@ -271,10 +300,11 @@ class BlockRouter(nn.Module):
             cache.extra["type_router_weights"] = w.detach()
         return w
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], start_pos: int = 0,
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor], continues: bool = False,
                 cache: Optional[KVCache] = None) -> dict[str, Route]:
         """Block input x (B, T, dim), token_mask (B, T) bool or None -> {slot: Route}.
 
+        continues: x follows tokens already in the KV cache (`ForwardMeta.continues`: decode steps).
         cache: the block's KV cache during generation (instance/unipeft keep the prefill weights there).
         """
         if self.mode == "none":
@@ -282,14 +312,14 @@ class BlockRouter(nn.Module):
             return {slot: Route(None, None, token_mask) for slot in self.slots}
         if self.mode in ("instance", "unipeft"):
             # Pooled in the adapter dtype (a mean over many tokens), once per sequence.
-            w = self._sequence_weights(x.to(self.dtype), token_mask, start_pos, cache)[:, None, :]  # (B, 1, n)
+            w = self._sequence_weights(x.to(self.dtype), token_mask, continues, cache)[:, None, :]  # (B, 1, n)
             self._record(w, None, token_mask, x)
             return self._dense_routes(w, token_mask)
         w = torch.sigmoid(self._logits(x))  # (B, T, n), in x's dtype
         if self.mode == "soft":
             self._record(w, None, token_mask, x)
             return self._dense_routes(w, token_mask)
-        return self._sparse_routes(x, w, token_mask, dense=start_pos > 0 and x.shape[1] == 1)
+        return self._sparse_routes(x, w, token_mask, dense=continues and x.shape[1] == 1)
 
     def _dense_routes(self, w: torch.Tensor, token_mask: Optional[torch.Tensor]) -> dict[str, Route]:
         """One dense Route per slot from the weights w (B, T|1, n): column j is slot j's (B, T|1, 1)."""
