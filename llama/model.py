@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import math
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -299,6 +300,35 @@ def flash_attn_module():
     return module
 
 
+@functools.lru_cache(maxsize=None)
+def kv_cache_dtype(weight_dtype: torch.dtype, device: torch.device, n_heads: int, n_kv_heads: int,
+                   head_dim: int) -> torch.dtype:
+    """The dtype of a KV cache for weights of `weight_dtype`: the same, except bf16/fp16 on a CPU where a
+    probe finds one decode step's attention faster over an fp32 cache (then fp32, and attention runs in
+    fp32). CPUs without AMX run half-precision SDPA far slower than fp32 (~6x for a one-token query
+    over 200 keys on a 2-core EPYC) while their fp32 kernel reads the keys at memory speed; a GPU
+    keeps the weights' dtype. The probe (a few ms, once per process and head shape) times a batch of
+    8 one-token queries over 256 cached keys in both dtypes."""
+    if device.type != "cpu" or weight_dtype not in (torch.bfloat16, torch.float16):
+        return weight_dtype
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(8, n_heads, 1, head_dim, generator=g)
+    k, v = (torch.randn(8, n_kv_heads, 256, head_dim, generator=g) for _ in range(2))
+    gqa = n_heads != n_kv_heads
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        times = []
+        with torch.inference_mode():
+            for _ in range(4):  # the first call (kernel setup) is not counted
+                t0 = time.perf_counter()
+                F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=gqa)
+                times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return torch.float32 if best_seconds(torch.float32) < best_seconds(weight_dtype) else weight_dtype
+
+
 class KVCache(nn.Module):
     """Keys and values of past tokens, (B, n_kv_heads, S, head_dim), made by `Transformer.setup_caches`."""
 
@@ -317,6 +347,7 @@ class KVCache(nn.Module):
         """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there.
         With `slot` (a () int64 tensor; T = 1): write at that slot and return every slot (static shapes)."""
         bsz, _, seqlen, _ = k.shape
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a no-op unless the cache is fp32 under a bf16 model
         if slot is not None:
             index = slot.view(1)
             return self.k[:bsz].index_copy_(2, index, k), self.v[:bsz].index_copy_(2, index, v)
@@ -357,11 +388,16 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k, meta.rope).transpose(1, 2)
         v = v.transpose(1, 2)
         if self.cache is not None:
-            k, v = self.cache.update(meta.start_pos, k, v, meta.slot)
+            cached_k, cached_v = self.cache.update(meta.start_pos, k, v, meta.slot)
+            if meta.continues:  # a chunk at start_pos 0 reads only its own keys: those just computed
+                k, v = cached_k, cached_v
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
-        """Softmax attention of q (B, H, T, hd) over k, v (B, KV, S, hd) -> (B, T, H*hd)."""
+        """Softmax attention of q (B, H, T, hd) over k, v (B, KV, S, hd) -> (B, T, H*hd) in q's dtype,
+        computed in k's (an fp32 KV cache under a bf16 model: `kv_cache_dtype`)."""
+        if q.dtype != k.dtype:
+            return self.attend(q.to(k.dtype), k, v, meta).to(q.dtype)
         flash = flash_attn_module() if self.attn_impl == "flash_attn" else None
         if flash is not None and meta.attn_mask is None and meta.is_causal:
             out = flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -433,12 +469,16 @@ class Transformer(nn.Module):
     # ---- KV cache -------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
-        """Allocate a KV cache of (max_batch_size, max_seq_len) in every layer (default: the weights' dtype/device)."""
+        """Allocate a KV cache of (max_batch_size, max_seq_len) in every layer (default: the weights'
+        device, and the dtype `kv_cache_dtype` picks: the weights', or fp32 under half-precision weights
+        on a CPU whose fp32 decode attention is faster)."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"setup_caches: max_seq_len {max_seq_len} exceeds the model's max_seq_len "
                              f"{self.args.max_seq_len}")
         w = self.tok_embeddings.weight
-        dtype, device = dtype or w.dtype, device or w.device
+        device = device or w.device
+        dtype = dtype or kv_cache_dtype(w.dtype, torch.device(device), self.args.n_heads, self.args.n_kv_heads,
+                                        self.args.head_dim)
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, dtype, device)

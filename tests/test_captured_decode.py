@@ -132,3 +132,36 @@ def test_slot_step_refuses_what_it_cannot_be() -> None:
     model.setup_caches(1, 16)
     with pytest.raises(ValueError, match="one-token decode step"):
         model(torch.tensor([[3, 4]]), slot=torch.tensor(0))
+
+
+def test_kv_cache_dtype_policy() -> None:
+    from llama.model import kv_cache_dtype
+
+    cpu = torch.device("cpu")
+    assert kv_cache_dtype(torch.float32, cpu, 4, 2, 8) == torch.float32  # fp32 weights: never changed
+    assert kv_cache_dtype(torch.bfloat16, torch.device("meta"), 4, 2, 8) == torch.bfloat16  # not a CPU
+    assert kv_cache_dtype(torch.bfloat16, cpu, 4, 2, 8) in (torch.bfloat16, torch.float32)  # the probe's pick
+    model = make_model("bare")
+    model.setup_caches(2, 16)
+    assert model.layers[0].attention.cache.k.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["bare", "soft"])
+@torch.inference_mode()
+def test_fp32_cache_under_bf16_weights(kind: str) -> None:
+    # A bf16 model decoding over an fp32 cache (what kv_cache_dtype picks on CPUs with slow bf16 attention):
+    # attention runs in fp32 and hands bf16 back; the logits are the bf16 model's within bf16 rounding
+    # (the cache-less forward over the whole sequence as the reference), and the captured step's
+    # index_copy_ takes the cast keys.
+    model = make_model(kind).to(torch.bfloat16)
+    seq = torch.tensor([PROMPTS[0] + [3, 8, 21]])
+    ref = model(seq)[:, -4:].float()
+    for at_slot in (False, True):
+        model.setup_caches(1, 32, dtype=torch.float32)
+        got = [prefill(model, seq[:, :7], None)]
+        for i in range(3):
+            token, pos = seq[:, 7 + i], 7 + i
+            got.append(decode_at_slot(model, token, torch.tensor(pos)) if at_slot else decode_one(model, token, pos))
+        assert model.layers[0].attention.cache.k.dtype == torch.float32
+        model.clear_caches()
+        assert rel(torch.stack(got, 1), ref) < 2e-2
