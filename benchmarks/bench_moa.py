@@ -12,8 +12,9 @@ parallel adapter 16, swi_x 4) and Sparse MoA with the same types, routed at a co
 0.5 after shifting each type router's output bias by the median logit of this batch, so that half
 of the real tokens run each type (the measured share is printed).
 
-Each (configuration, dtype) runs in its own subprocess so that CPU peak memory (peak RSS, and peak
-minus the RSS after building the model) is not mixed between runs; on CUDA the peak is
+Each (configuration, dtype) runs in its own subprocess, with glibc's malloc keeping freed memory
+(`KEEP_FREED`, so that page faults of re-mapped buffers do not decide the comparison), so that CPU
+peak memory (peak RSS, and peak minus the RSS after building the model) is not mixed between runs; on CUDA the peak is
 `torch.cuda.max_memory_allocated`. bf16 rows run the same full model and loss as fp32 on CUDA and on
 CPUs with bf16 instructions (`avx512_bf16` / `amx_bf16`). On a CPU without them bf16 is ~30x slower
 than fp32, so there bf16 rows time the blocks only (loss = mean square of the final hidden states,
@@ -52,6 +53,11 @@ CONFIGS = {
     "sparse_moa_e8_50": dict(MOA, expert_num=8, type_router="sparse", const_threshold=True, max_threshold=0.5),
 }
 DEFAULT_CONFIGS = "bare,lora_r8,soft_moa,sparse_moa_50"
+# Workers run with glibc's malloc keeping freed memory (no mmap'ed blocks, no heap trimming): otherwise
+# the step's largest buffers (the 4 x 256 x 49152 logits and their gradient) are unmapped at free and
+# fault in again at the next step, or not, depending on how earlier allocations left the heap; that
+# moved a 30-layer bf16 step by up to 0.4 s between configurations that compute the same loss.
+KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
 def build(name: str, n_layers: int, dtype: torch.dtype, device: str) -> Transformer:
@@ -221,7 +227,7 @@ def main() -> None:
             passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker")]
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough,
                                   "--worker", f"{name}:{dtype_name}:{n_layers}"],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True, env=dict(os.environ, **KEEP_FREED))
             r = json.loads(out.stdout.strip().splitlines()[-1])
             step_s[name] = r["step_s"]
             if name == "lora_r8":

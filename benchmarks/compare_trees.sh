@@ -8,7 +8,8 @@
 # decoding overhead (bench_decode.py, both trees timed in turns), the training step in bf16 and fp32
 # (bench_train.py: ours against transformers + PEFT, and the bf16 matmul floor), forward+backward per
 # adapter kind (bench_moa.py: Soft MoA / LoRA, Sparse MoA at 50% / Soft MoA), and this tree's generation on
-# the bundled SmolLM2 in example.py's default dtype (auto) and in fp32 against transformers' fp32.
+# the bundled SmolLM2 in example.py's default dtype (auto; eager and with the captured decode step) and in
+# fp32 against transformers' fp32.
 set -u
 BEFORE=$(cd "${1:?usage: compare_trees.sh BEFORE_DIR}" && pwd)
 AFTER=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,5 +28,7 @@ for tree in "$BEFORE" "$AFTER"; do
 done
 echo "### generation, ours auto against transformers fp32"
 (cd "$AFTER" && OMP_NUM_THREADS=2 python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8 --repeat 3 | grep -E "^\||SmolLM2")
+echo "### generation, ours auto with the captured decode step against transformers fp32"
+(cd "$AFTER" && OMP_NUM_THREADS=2 python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8 --repeat 3 --compile_decode | grep -E "^\||SmolLM2")
 echo "### generation, fp32 against fp32"
 (cd "$AFTER" && OMP_NUM_THREADS=2 python benchmarks/bench_llama.py --model smollm2 --batch_sizes 8 --repeat 3 | grep -E "^\||SmolLM2")

@@ -125,9 +125,11 @@ def densify(routes, bsz, seqlen):
     return dense
 
 
-@pytest.mark.parametrize("ste", [False, True])
-def test_sparse_gather_scatter_equals_dense_masked_forward_and_grads_rtol1e_5(ste, monkeypatch):
-    flags = dict(CONFIGS["sparse_moa"], threshold_ste=ste, expert_num=2, lb_loss_coeff=0.1)
+@pytest.mark.parametrize("ste, experts", [(False, 2), (True, 2), (False, 1), (True, 1)])
+def test_sparse_gather_scatter_equals_dense_masked_forward_and_grads_rtol1e_5(ste, experts, monkeypatch):
+    # experts 2: mixtures gather the selected rows of z; experts 1: plain LoRA and the single parallel
+    # adapter run their rank-sized first stage on every token and the rest on the selected rows only.
+    flags = dict(CONFIGS["sparse_moa"], threshold_ste=ste, expert_num=experts, lb_loss_coeff=0.1)
     toks = tokens(bsz=3, seqlen=16)
     mask = torch.ones_like(toks, dtype=torch.bool)
     mask[1, 11:] = False

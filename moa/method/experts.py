@@ -25,24 +25,36 @@ from moa.method.routers import ExpertRouter, Route, adapter_linear, as_dtype, cu
 # delta_fn(z (..., in), row_mask (...) bool | None, weight broadcastable to (..., 1) | None[, aux=(..., d_aux)])
 #   -> (..., out), in z's dtype
 DeltaFn = Callable[..., torch.Tensor]
+# An expert whose delta is up(down(z), weight): down (n, in) -> (n, k) with k rank-sized, up (n, k),
+# weight (n, 1) | None -> (n, out). Both in z's dtype.
+Stages = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]]
 
 
 def add_routed(out: torch.Tensor, z: torch.Tensor, delta_fn: DeltaFn, route: Optional[Route],
-               aux: Optional[torch.Tensor] = None) -> torch.Tensor:
+               aux: Optional[torch.Tensor] = None, stages: Optional[Stages] = None) -> torch.Tensor:
     """out (..., d_out) plus the route-weighted expert output delta_fn(z), z (..., d_in).
 
     aux (..., d_aux), when given, is gathered with z row for row and passed as `delta_fn(..., aux=rows)`
     (DoRA's delta needs the frozen projection of the same tokens).
 
     Dense route: every token runs the expert. Sparse route (`route.index`): only the selected
-    tokens are gathered, run and scatter-added back; the others cost nothing (an empty selection
-    still runs, with zero rows, so the expert's parameters stay in the autograd graph).
+    tokens run it and are scatter-added back (an empty selection still runs, with zero rows, so the
+    expert's parameters stay in the autograd graph). An expert given as `stages` (plain LoRA, the
+    single parallel adapter) runs its rank-sized first stage on every token, one skinny matmul that
+    reads z once, and the rest (the output-sized stage and the scatter) on the selected rows only;
+    gathering the (n, in) rows of z instead would cost a copy forward, and backward a zero-filled
+    (tokens, in) gradient per site, more than the k-wide stage it saves. Others gather the rows of z.
 
     `out` must be a fresh result that no autograd node saved (a projection's output): it is updated
     in place, which saves a copy of the activation (and CPU's out-of-place `index_add` is a slow
     scatter); autograd's version check would raise, not mis-compute, if that were ever violated.
     """
     d_out = out.shape[-1]
+    if route is not None and route.index is not None and stages is not None:
+        down, up = stages
+        h = down(z.reshape(-1, z.shape[-1])).index_select(0, route.index)  # (n, k) of the selected tokens
+        out.view(-1, d_out).index_add_(0, route.index, as_dtype(up(h, route.weight), out.dtype))
+        return out
     if route is not None and route.index is not None:
         rows = z.reshape(-1, z.shape[-1]).index_select(0, route.index)  # (n, d_in)
         extra = {} if aux is None else {"aux": aux.reshape(-1, aux.shape[-1]).index_select(0, route.index)}
@@ -187,12 +199,9 @@ class LoRALinear(nn.Module):
         dt = z.dtype
         if weight is not None:
             weight = as_dtype(weight, dt)
-        coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
         if self.mixture == "lora":
-            a, b = self._factors()
-            h = adapter_linear(z, as_dtype(a, dt))  # (..., r)
-            # Weight the rank-r intermediate, not the (..., out) result: r << out.
-            return adapter_linear(h if coef is None else h * coef, as_dtype(b, dt))
+            return self._lora_up(self._lora_down(z), weight)
+        coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
         lead = z.shape[:-1]
         z = z.reshape(-1, self.in_features)  # (n, in)
         p = self.router(z, None if row_mask is None else row_mask.reshape(-1))  # (n, E)
@@ -204,10 +213,25 @@ class LoRALinear(nn.Module):
             h = F.linear(z, as_dtype(self.lora_A.flatten(0, 1), dt)).unflatten(-1, (self.n_experts, self.rank))
         return torch.einsum("ner,eor->no", h * p[..., None], as_dtype(self.lora_B, dt)).view(*lead, self.out_features)
 
+    def _lora_down(self, z: torch.Tensor) -> torch.Tensor:
+        """Plain LoRA's first stage: z (..., in) -> A z (..., r) in z's dtype."""
+        return adapter_linear(z, as_dtype(self._factors()[0], z.dtype))
+
+    def _lora_up(self, h: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """Plain LoRA's second stage: h = A z (..., r) -> s B (h * weight) (..., out) in h's dtype.
+        The rank-r intermediate is weighted, not the (..., out) result: r << out."""
+        dt = h.dtype
+        if weight is not None:
+            weight = as_dtype(weight, dt)
+        coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
+        return adapter_linear(h if coef is None else h * coef, as_dtype(self._factors()[1], dt))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) in the base dtype -> (..., out): frozen projection plus the routed LoRA."""
         if not self.dora:
-            return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, current_route(self.slot))
+            stages = (self._lora_down, self._lora_up) if self.mixture == "lora" else None
+            return add_routed(F.linear(x, self.weight, self.bias), x, self.delta, current_route(self.slot),
+                              stages=stages)
         base = F.linear(x, self.weight)  # W z, no bias: DoRA rescales the weight's rows only
         out = base + self.bias if self.bias is not None else base.clone()  # base is saved for the delta's backward
         return add_routed(out, x, self._dora_delta, current_route(self.slot), aux=base)
@@ -267,21 +291,35 @@ class ParallelAdapter(nn.Module):
         if self.router is not None:
             self.router.reset_parameters()
 
+    def stages(self) -> Optional[Stages]:
+        """(down, up) for `add_routed` when the adapter is a single one (E = 1), else None."""
+        return (self.down_stage, self.up_stage) if self.n_experts == 1 else None
+
+    def down_stage(self, u: torch.Tensor) -> torch.Tensor:
+        """E = 1: u (..., dim) -> SiLU(down u + down_bias) (..., size) in u's dtype."""
+        return F.silu(adapter_linear(u, as_dtype(self.down, u.dtype), as_dtype(self.down_bias, u.dtype)))
+
+    def up_stage(self, h: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """E = 1: h (..., size) -> (up h + up_bias) * weight (..., dim) in h's dtype."""
+        dt = h.dtype
+        up, up_bias = as_dtype(self.up, dt), as_dtype(self.up_bias, dt)
+        if weight is None:
+            return adapter_linear(h, up, up_bias)
+        w = as_dtype(weight, dt)
+        if not torch.is_grad_enabled():
+            return adapter_linear(h, up, up_bias) * w  # two ops: the least dispatch for a decode step
+        # Training weighs the (..., size) activation, which backward then keeps (not a (..., dim)
+        # one), and folds the bias into the same matmul: [h w, w] @ [up, up_bias]^T.
+        return adapter_linear(torch.cat([h * w, w.expand_as(h[..., :1])], -1), torch.cat([up, up_bias[:, None]], 1))
+
     def delta(self, u: torch.Tensor, row_mask: Optional[torch.Tensor] = None,
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """u (..., dim) -> adapter output (..., dim) in u's dtype, times weight (..., 1) if given."""
         dt = u.dtype
+        if self.n_experts == 1:
+            return self.up_stage(self.down_stage(u), weight)
         w = None if weight is None else as_dtype(weight, dt)
         up, up_bias = as_dtype(self.up, dt), as_dtype(self.up_bias, dt)
-        if self.n_experts == 1:
-            h = F.silu(adapter_linear(u, as_dtype(self.down, dt), as_dtype(self.down_bias, dt)))  # (..., size)
-            if w is None:
-                return adapter_linear(h, up, up_bias)
-            if not torch.is_grad_enabled():
-                return adapter_linear(h, up, up_bias) * w  # two ops: the least dispatch for a decode step
-            # Training weighs the (..., size) activation, which backward then keeps (not a (..., dim)
-            # one), and folds the bias into the same matmul: [h w, w] @ [up, up_bias]^T.
-            return F.linear(torch.cat([h * w, w.expand_as(h[..., :1])], -1), torch.cat([up, up_bias[:, None]], 1))
         lead = u.shape[:-1]
         z = u.reshape(-1, self.dim)  # (n, dim)
         p = self.router(z, None if row_mask is None else row_mask.reshape(-1))  # (n, E)

@@ -42,7 +42,8 @@ class MoAFeedForward(FeedForward):
     p_adapter: ParallelAdapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_routed(super().forward(x), x, self.p_adapter.delta, current_route(P_ADAPTER_SLOT))
+        return add_routed(super().forward(x), x, self.p_adapter.delta, current_route(P_ADAPTER_SLOT),
+                          stages=self.p_adapter.stages())
 
 
 class MoABlock(TransformerBlock):
