@@ -23,11 +23,13 @@ for dtype in bfloat16 float32; do
   done
 done
 for tree in "$BEFORE" "$AFTER"; do
-  echo "### forward+backward per adapter kind, $tree"
-  (cd "$tree" && OMP_NUM_THREADS=2 python benchmarks/bench_moa.py | tail -11)
+  echo "### forward+backward per adapter kind, $tree (glibc keeping freed memory in both: see bench_moa.py)"
+  (cd "$tree" && MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776 OMP_NUM_THREADS=2 python benchmarks/bench_moa.py | tail -11)
 done
-echo "### generation, ours auto against transformers fp32"
-(cd "$AFTER" && OMP_NUM_THREADS=2 python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8 --repeat 3 | grep -E "^\||SmolLM2")
+for tree in "$BEFORE" "$AFTER"; do
+  echo "### generation, ours auto against transformers fp32, $tree"
+  (cd "$tree" && OMP_NUM_THREADS=2 python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8 --repeat 3 | grep -E "^\||SmolLM2")
+done
 echo "### generation, ours auto with the captured decode step against transformers fp32"
 (cd "$AFTER" && OMP_NUM_THREADS=2 python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8 --repeat 3 --compile_decode | grep -E "^\||SmolLM2")
 echo "### generation, fp32 against fp32"
