@@ -185,6 +185,8 @@ def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_l
         if step + 1 == max_gen_len or ((step + 1) % DONE_CHECK_EVERY == 0 and bool(done.all())):
             break
         if compile_decode:
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse its memory
             # Step 0 runs every guard (and compiles when nothing cached fits); the later steps of this
             # call change tensor values only, so they skip guard evaluation (hundreds of microseconds
             # a step with adapters attached).

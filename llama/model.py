@@ -347,7 +347,8 @@ class KVCache(nn.Module):
         """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there.
         With `slot` (a () int64 tensor; T = 1): write at that slot and return every slot (static shapes)."""
         bsz, _, seqlen, _ = k.shape
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a no-op unless the cache is fp32 under a bf16 model
+        if k.dtype != self.k.dtype:  # an fp32 cache under a bf16 model (`kv_cache_dtype`)
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if slot is not None:
             index = slot.view(1)
             return self.k[:bsz].index_copy_(2, index, k), self.v[:bsz].index_copy_(2, index, v)
@@ -462,7 +463,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block in backward (training memory)
-        self.cache_valid: Optional[torch.Tensor] = None  # (B, S) bool: which cache slots hold real tokens
+        # (B, S) bool: which cache slots hold real tokens. A (non-persistent) buffer, as the caches' k and v:
+        # a captured decode step updates it in place, which CUDA graphs allow for buffers only.
+        self.register_buffer("cache_valid", None, persistent=False)
         self._inv_freq: Optional[torch.Tensor] = None
         self._cache_padded = True  # whether a cache slot before the newest may hold a pad (host flag)
 
