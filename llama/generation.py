@@ -136,10 +136,7 @@ def generate(
 
     own_cache = model.cache_shape is None
     if own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len:
-        cache_len = total_len
-        if compile_decode:
-            cache_len = min(max_seq_len, -(-total_len // CAPTURED_CACHE_MULTIPLE) * CAPTURED_CACHE_MULTIPLE)
-        model.setup_caches(bsz, cache_len)
+        model.setup_caches(bsz, _cache_length(total_len, max_seq_len, compile_decode))
     try:
         out, n_steps = _generate_loop(model, prompt_tokens, max_gen_len, temperature, top_p, stop_tokens,
                                       generator, callback, compile_decode)
@@ -151,6 +148,14 @@ def generate(
         cut = next((j for j, t in enumerate(row) if t in stop_tokens), len(row))
         result.append(row[:cut])
     return result
+
+
+def _cache_length(total_len: int, max_seq_len: int, compile_decode: bool) -> int:
+    """Slots of a cache made for one call: what it needs, rounded up to `CAPTURED_CACHE_MULTIPLE` (at
+    most the model's `max_seq_len`) for a captured step, whose graph has the cache length as a shape."""
+    if not compile_decode:
+        return total_len
+    return min(max_seq_len, -(-total_len // CAPTURED_CACHE_MULTIPLE) * CAPTURED_CACHE_MULTIPLE)
 
 
 def _generate_loop(model: Transformer, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float,

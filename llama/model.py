@@ -568,13 +568,11 @@ class Transformer(nn.Module):
     def _slot_decode_meta(self, bsz: int, slot: torch.Tensor) -> ForwardMeta:
         """`_decode_meta` with the slot a () int64 tensor and shapes that do not depend on it: the
         token reads every cache slot through the cache's own flags (slots past it are not yet valid:
-        generation clears the flags at prefill), so no host value changes from one step to the next."""
+        generation clears the flags at prefill), so no host value changes from one step to the next.
+        Its position is the number of real tokens before it, padded prompts or not."""
         valid = self.cache_valid[:bsz]
         valid.index_fill_(1, slot.view(1), True)
-        if self._cache_padded:
-            positions = valid.sum(1, keepdim=True) - 1  # (B, 1): real tokens before this one
-        else:
-            positions = slot.expand(bsz, 1)
+        positions = valid.sum(1, keepdim=True) - 1  # (B, 1)
         angles = positions[..., None].float() * self._inv_freq  # (B, 1, hd/2)
         return ForwardMeta(-1, rope_table(angles), valid[:, None, None, :], None, is_causal=False, slot=slot)
 

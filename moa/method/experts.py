@@ -156,14 +156,19 @@ class LoRALinear(nn.Module):
 
     def lora_weight(self) -> torch.Tensor:
         """dW = s B A, (out, in) fp32 (a plain LoRA site); with PiSSA s (B A - B0 A0)."""
-        a, b = self._factors()
-        return (b.float() @ a.float()) * self.scale
+        return (self._factor_b().float() @ self._factor_a().float()) * self.scale
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the site's delta: the trained ones, or with PiSSA `[A; A0]`, `[B, -B0]` (rank 2r)."""
-        if self.pissa_niter is None:
-            return self.lora_A, self.lora_B
-        return torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1)
+    def _factor_a(self) -> torch.Tensor:
+        """A of the site's delta: the trained one, or with PiSSA `[A; A0]` (rank 2r)."""
+        return self.lora_A if self.pissa_niter is None else torch.cat([self.lora_A, self.pissa_A0])
+
+    def _factor_b(self) -> torch.Tensor:
+        """B of the site's delta: the trained one, or with PiSSA `[B, -B0]` (rank 2r)."""
+        return self.lora_B if self.pissa_niter is None else torch.cat([self.lora_B, -self.pissa_B0], dim=1)
+
+    def _coef(self, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor | float]:
+        """What multiplies the rank-r intermediate: the route weight times the LoRA scale (None: 1)."""
+        return weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
 
     def dora_gain(self) -> torch.Tensor:
         """g = m / ||W + s B A|| per output row, (out,) in the adapter dtype; the norm carries no gradient."""
@@ -196,12 +201,10 @@ class LoRALinear(nn.Module):
               weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z (..., in) -> LoRA output (..., out) in z's dtype, times weight (..., 1) if given.
         row_mask (...) bool marks the real tokens for the expert router (MoLoRA/HydraLoRA)."""
-        dt = z.dtype
-        if weight is not None:
-            weight = as_dtype(weight, dt)
         if self.mixture == "lora":
             return self._lora_up(self._lora_down(z), weight)
-        coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
+        dt = z.dtype
+        coef = self._coef(None if weight is None else as_dtype(weight, dt))
         lead = z.shape[:-1]
         z = z.reshape(-1, self.in_features)  # (n, in)
         p = self.router(z, None if row_mask is None else row_mask.reshape(-1))  # (n, E)
@@ -215,16 +218,13 @@ class LoRALinear(nn.Module):
 
     def _lora_down(self, z: torch.Tensor) -> torch.Tensor:
         """Plain LoRA's first stage: z (..., in) -> A z (..., r) in z's dtype."""
-        return adapter_linear(z, as_dtype(self._factors()[0], z.dtype))
+        return adapter_linear(z, as_dtype(self._factor_a(), z.dtype))
 
     def _lora_up(self, h: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
         """Plain LoRA's second stage: h = A z (..., r) -> s B (h * weight) (..., out) in h's dtype.
         The rank-r intermediate is weighted, not the (..., out) result: r << out."""
-        dt = h.dtype
-        if weight is not None:
-            weight = as_dtype(weight, dt)
-        coef = weight if self.scale == 1 else (self.scale if weight is None else weight * self.scale)
-        return adapter_linear(h if coef is None else h * coef, as_dtype(self._factors()[1], dt))
+        coef = self._coef(None if weight is None else as_dtype(weight, h.dtype))
+        return adapter_linear(h if coef is None else h * coef, as_dtype(self._factor_b(), h.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) in the base dtype -> (..., out): frozen projection plus the routed LoRA."""
