@@ -10,8 +10,8 @@ a temporary name and renamed only once all of them are complete.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import torch
 

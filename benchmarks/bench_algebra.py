@@ -30,15 +30,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from llama.checkpoint import load_params  # noqa: E402
-from moa.files.adapters import write_adapter_files  # noqa: E402
-from moa.lora.algebra import (ExtractReport, extract_lora_svd, lora_delta, merge_into_base, read_plain_lora)  # noqa: E402
-from moa.files.peft import export_peft, import_peft  # noqa: E402
-from scripts.lora_tools import energy_tables  # noqa: E402
+from llama.checkpoint import load_params
+from moa.files.adapters import write_adapter_files
+from moa.files.peft import export_peft, import_peft
+from moa.lora.algebra import ExtractReport, extract_lora_svd, lora_delta, merge_into_base, read_plain_lora
+from scripts.lora_tools import energy_tables
 
 TARGETS = "Q,K,V,O,FFN_DOWN"
 

@@ -19,6 +19,7 @@ configuration a tree cannot run (the captured step, before it existed) prints "-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -75,8 +76,10 @@ def _hf_generate(model, prompt, device: str):
     """transformers' LlamaForCausalLM with `model`'s weights (tests/hf_reference.py's twin), greedy `generate`."""
     import torch
 
-    sys.path.insert(0, str(HERE / "tests"))
-    from hf_reference import hf_twin
+    spec = importlib.util.spec_from_file_location("hf_reference", HERE / "tests" / "hf_reference.py")
+    hf_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_reference)
+    hf_twin = hf_reference.hf_twin
 
     hf = hf_twin(model).eval().to(device)
     ids = torch.tensor(prompt, device=device)
@@ -114,9 +117,9 @@ def _child(root: Path, config: str, repeats: int, device: str) -> float:
     the configuration (a captured step before `compile_decode` existed)."""
     if config.endswith(CAPTURED) and "compile_decode" not in (root / "llama" / "generation.py").read_text():
         return float("nan")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(HERE / 'benchmarks')!r}); "
-            f"import bench_decode as b; print(b.measure({config!r}, {repeats}, {device!r}))")
+    # PYTHONPATH comes before the installed (editable) package, so `root`'s llama/ and moa/ are the ones imported
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), str(HERE / "benchmarks")]))
+    code = f"import bench_decode as b; print(b.measure({config!r}, {repeats}, {device!r}))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

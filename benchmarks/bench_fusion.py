@@ -23,20 +23,18 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(HERE))
 
-from llama.checkpoint import load_model  # noqa: E402
-from llama.generation import generate  # noqa: E402
-from moa.lora.algebra import lora_sites  # noqa: E402
-from moa.method.config import MoAConfig  # noqa: E402
-from moa.tasks.fusion import attach_bank, build_bank  # noqa: E402
+from llama.checkpoint import load_model
+from llama.generation import generate
+from moa.lora.algebra import lora_sites
+from moa.method.config import MoAConfig
+from moa.tasks.fusion import attach_bank, build_bank
 
 BATCH, NEW_TOKENS = 8, 64
 LORA = MoAConfig(lora_layers="0-30", lora_rank=8, lora_alpha=8.0, lora_targets="Q,K,V,O,FFN_DOWN",
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = statistics.median(times["bank N=8: 8 rows, 1 adapter"])
     print(f"batch {BATCH}, {NEW_TOKENS} new tokens, fp32, {a.threads} threads, median of {a.repeats}; "
           f"rows 0 and 5 of the mixed batch equal their adapter alone (greedy)")
-    print(f"| configuration | s | x bank 1 adapter |\n|---|---:|---:|")
+    print("| configuration | s | x bank 1 adapter |\n|---|---:|---:|")
     for name, ts in times.items():
         s = statistics.median(ts)
         print(f"| {name} | {s:.2f} | {s / ref:.2f} |")

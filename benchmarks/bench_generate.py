@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.checkpoint import load_model  # noqa: E402
-from llama.generation import generate  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.tokenizer import load_tokenizer  # noqa: E402
-from moa.train.data import build_prompt, load_rows  # noqa: E402
+from llama.checkpoint import load_model
+from llama.generation import generate
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import load_tokenizer
+from moa.train.data import build_prompt, load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

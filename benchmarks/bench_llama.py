@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +36,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from llama.checkpoint import load_model  # noqa: E402
-from llama.generation import generate  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from moa.infer.dtype import resolve_dtype  # noqa: E402
-from tests.hf_reference import hf_twin  # noqa: E402
+from llama.checkpoint import load_model
+from llama.generation import generate
+from llama.model import ModelArgs, Transformer
+from moa.infer.dtype import resolve_dtype
+from tests.hf_reference import hf_twin
 
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
                norm_eps=1e-5, rope_theta=100000.0)

@@ -33,11 +33,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from llama import ModelArgs, Transformer  # noqa: E402
-from moa import MoAConfig, RouterStats, attach_adapters, count_adapter_parameters  # noqa: E402
-from moa.method.routers import BlockRouter  # noqa: E402
+from llama import ModelArgs, Transformer
+from moa import MoAConfig, RouterStats, attach_adapters, count_adapter_parameters
+from moa.method.routers import BlockRouter
 
 SMOLLM2_135M = dict(dim=576, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256, norm_eps=1e-5,
                     rope_theta=100000.0, max_seq_len=2048)

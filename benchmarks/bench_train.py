@@ -33,18 +33,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.kernels import use_compiled_kernels  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from moa import MoAConfig, RouterStats, attach_adapters  # noqa: E402
-from moa.train.data import IGNORE_INDEX  # noqa: E402
-from moa.train.schedule import ADAMW_BETAS, make_adamw  # noqa: E402
-from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward, peak_memory_mb  # noqa: E402
+from llama.kernels import use_compiled_kernels
+from llama.model import ModelArgs, Transformer
+from moa import MoAConfig, RouterStats, attach_adapters
+from moa.train.data import IGNORE_INDEX
+from moa.train.schedule import ADAMW_BETAS, make_adamw
+from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward, peak_memory_mb
 
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
                norm_eps=1e-5, rope_theta=100000.0)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llama.model import flash_attn_module, pack_rows, unpack_rows, varlen_index  # noqa: E402
+from llama.model import flash_attn_module, pack_rows, unpack_rows, varlen_index
 
 
 def padded_batch(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, device: str):

@@ -13,19 +13,15 @@ checks the same count against the CPU allocator's measured peak at a small shape
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from bench_train import LLAMA31_8B, adapter_configs
 from torch._subclasses import FakeTensorMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import LLAMA31_8B, adapter_configs  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from moa import MoAConfig, attach_adapters  # noqa: E402
-from moa.train.memory import CATEGORIES, count_step_peak, block_label_step  # noqa: E402
-from moa.train.schedule import make_adamw  # noqa: E402
+from llama.model import ModelArgs, Transformer
+from moa import MoAConfig, attach_adapters
+from moa.train.memory import CATEGORIES, block_label_step, count_step_peak
+from moa.train.schedule import make_adamw
 
 GOAL_GB = 20.0
 SOFT_MOA = "ours Soft MoA (seed command)"

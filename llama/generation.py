@@ -79,7 +79,7 @@ def captured_decode(device: torch.device) -> Callable[[Transformer, torch.Tensor
         def run(model: Transformer, token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
             try:
                 return compiled(model, token, slot)
-            except Exception as e:  # noqa: BLE001: any compiler failure means eager, which re-raises real errors
+            except Exception as e:  # any compiler failure means eager, which re-raises real errors
                 _CAPTURED[kind] = decode_at_slot
                 warnings.warn(f"torch.compile of the decode step failed on {kind} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); decoding eagerly",

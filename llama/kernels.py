@@ -49,7 +49,7 @@ def _with_fallback(name: str, compiled: Callable[..., torch.Tensor]) -> Callable
     def run(*args: torch.Tensor | float) -> torch.Tensor:
         try:
             return compiled(*args)
-        except Exception as e:  # noqa: BLE001: any compiler failure means eager, which re-raises real errors
+        except Exception as e:  # any compiler failure means eager, which re-raises real errors
             _active[name] = EAGER[name]
             warnings.warn(f"torch.compile of {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "running it eagerly", RuntimeWarning, stacklevel=2)

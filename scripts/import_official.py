@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moa.files.official import import_official  # noqa: E402
+from moa.files.official import import_official
 
 
 def main(argv: Optional[list[str]] = None) -> int:

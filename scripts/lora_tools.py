@@ -15,20 +15,16 @@ A user's mistake exits with status 1 and one line `lora_tools COMMAND: error: ..
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llama.checkpoint import load_params  # noqa: E402
-from moa.checks import check_writable  # noqa: E402
-from moa.cli import one_line_errors  # noqa: E402
-from moa.files.adapters import write_adapter_files  # noqa: E402
-from moa.lora.algebra import (ExtractReport, extract_lora_svd, kept_energy, merge_into_base,  # noqa: E402
-                              read_plain_lora)
-from moa.lora.combine import COMBINE_METHODS, combine  # noqa: E402
-from moa.method.config import LORA_TARGETS  # noqa: E402
-from moa.files.peft import export_peft, import_peft  # noqa: E402
+from llama.checkpoint import load_params
+from moa.checks import check_writable
+from moa.cli import one_line_errors
+from moa.files.adapters import write_adapter_files
+from moa.files.peft import export_peft, import_peft
+from moa.lora.algebra import ExtractReport, extract_lora_svd, kept_energy, merge_into_base, read_plain_lora
+from moa.lora.combine import COMBINE_METHODS, combine
+from moa.method.config import LORA_TARGETS
 
 _TARGET_OF_PATH = {path: t for t, (_, path) in LORA_TARGETS.items()}  # 'attention.wq' -> 'Q'
 

@@ -16,14 +16,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from llama.checkpoint import load_model  # noqa: E402
-from moa.files.adapters import write_adapter_files  # noqa: E402
-from moa.train.data import load_rows  # noqa: E402
-from moa.tasks.lorahub import INITS, LoraHubConfig, lorahub  # noqa: E402
+from llama.checkpoint import load_model
+from moa.files.adapters import write_adapter_files
+from moa.tasks.lorahub import INITS, LoraHubConfig, lorahub
+from moa.train.data import load_rows
 
 
 def main(argv: list[str] | None = None) -> int:

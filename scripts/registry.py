@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moa.checks import check_writable  # noqa: E402
-from moa.cli import one_line_errors  # noqa: E402
-from moa.files.lock import OutputLock  # noqa: E402
-from moa.tasks.registry import (Registry, add_task, balance_tasks, delete_task, registry_from_flags,  # noqa: E402
-                                save_registry, task_row_counts)
-from moa.tasks.swap import describe_adapter  # noqa: E402
+from moa.checks import check_writable
+from moa.cli import one_line_errors
+from moa.files.lock import OutputLock
+from moa.tasks.registry import (
+    Registry,
+    add_task,
+    balance_tasks,
+    delete_task,
+    registry_from_flags,
+    save_registry,
+    task_row_counts,
+)
+from moa.tasks.swap import describe_adapter
 
 
 def format_registry(reg: Registry) -> str:

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from moa.files.atomic import atomic_write_text  # noqa: E402
-from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE  # noqa: E402
+from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE
+from moa.files.atomic import atomic_write_text
 
 LOSS_SUMMARY = "loss_score.jsonl"  # evaluate_loss.py's summary lines, beside its per-row files
 

@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from llama.checkpoint import load_model  # noqa: E402
-from moa import RouterStats  # noqa: E402
-from moa.files.atomic import atomic_write_files, atomic_write_json  # noqa: E402
-from moa.cli import str2bool  # noqa: E402
-from moa.train.data import load_rows, pad_right  # noqa: E402
-from moa.infer.generate import encode_prompt  # noqa: E402
-from moa.files.adapters import load_trained_adapter  # noqa: E402
+from llama.checkpoint import load_model
+from moa import RouterStats
+from moa.cli import str2bool
+from moa.files.adapters import load_trained_adapter
+from moa.files.atomic import atomic_write_files, atomic_write_json
+from moa.infer.generate import encode_prompt
+from moa.train.data import load_rows, pad_right
 
 
 def row_tokens(tokenizer: Any, rows: list[dict], max_seq_len: int, with_output: bool) -> list[list[int]]:

@@ -16,9 +16,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from moa.files.atomic import atomic_write_text  # noqa: E402
+from moa.files.atomic import atomic_write_text
 
 
 def read_rows(path: Path) -> list[dict]:

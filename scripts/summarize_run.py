@@ -16,10 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moa.eval.intervals import wilson_interval  # noqa: E402
-from moa.files.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from moa.eval.intervals import wilson_interval
+from moa.files.atomic import atomic_write_json, atomic_write_text
 
 MATH_SETS = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 

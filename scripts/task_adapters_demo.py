@@ -26,20 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llama.checkpoint import load_model, load_params  # noqa: E402
-from moa.files.adapters import write_adapter_files  # noqa: E402
-from moa.train.checkpointing import checkpoint_path, load_training_checkpoint  # noqa: E402
-from moa.method.config import MoAConfig  # noqa: E402
-from moa.train.data import load_rows  # noqa: E402
-from moa.infer.generate import InferenceConfig, run_inference  # noqa: E402
-from moa.tasks.lorahub import LoraHubConfig, lorahub  # noqa: E402
-from moa.tasks.registry import Registry, TaskEntry, load_registry, save_registry  # noqa: E402
-from moa.eval.scoring import score_generation  # noqa: E402
-from moa.tasks.selector import load_selector, save_selector, train_on_registry  # noqa: E402
-from moa.train.trainer import TrainConfig, finetune  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama.checkpoint import load_model, load_params
+from llama.model import ModelArgs
+from moa.eval.scoring import score_generation
+from moa.files.adapters import write_adapter_files
+from moa.infer.generate import InferenceConfig, run_inference
+from moa.method.config import MoAConfig
+from moa.tasks.lorahub import LoraHubConfig, lorahub
+from moa.tasks.registry import Registry, TaskEntry, load_registry, save_registry
+from moa.tasks.selector import load_selector, save_selector, train_on_registry
+from moa.train.checkpointing import checkpoint_path, load_training_checkpoint
+from moa.train.data import load_rows
+from moa.train.trainer import TrainConfig, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 # task -> (domain, training file, test file, max_gen_len) under --data_root

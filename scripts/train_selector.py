@@ -25,18 +25,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from llama.checkpoint import load_model  # noqa: E402
-from moa.cli import str2bool  # noqa: E402
-from moa.files.lock import OutputLock  # noqa: E402
-from moa.tasks.embedding import ENCODERS, EmbedConfig, EmbeddingCache, base_identity  # noqa: E402
-from moa.tasks.registry import registry_from_flags  # noqa: E402
-from moa.tasks.selector import (METRICS, SELECTOR_KINDS, Selector, load_selector, save_selector,  # noqa: E402
-                                train_on_registry)
-from moa.tasks.selector_update import UPDATE_ACTIONS, UPDATE_MODES, plan_update, update_selector  # noqa: E402
+from llama.checkpoint import load_model
+from moa.cli import str2bool
+from moa.files.lock import OutputLock
+from moa.tasks.embedding import ENCODERS, EmbedConfig, EmbeddingCache, base_identity
+from moa.tasks.registry import registry_from_flags
+from moa.tasks.selector import METRICS, SELECTOR_KINDS, Selector, load_selector, save_selector, train_on_registry
+from moa.tasks.selector_update import UPDATE_ACTIONS, UPDATE_MODES, plan_update, update_selector
 
 # Flags an update takes from the old selector (its kind, embedding, structure and row split); None = not given.
 KEPT_BY_UPDATE = ("kind", "encoder", "max_tokens", "use_instruction", "use_input", "use_output", "hidden", "metric",

@@ -9,9 +9,9 @@ import torch
 from llama.checkpoint import load_model, load_params, load_state_dict
 from moa import MoAConfig, attach_adapters, save_adapter
 from moa.files.adapters import write_adapter_files
+from moa.files.peft import export_peft, from_peft_state
 from moa.lora.algebra import extract_lora_svd, kept_energy, lora_delta, merge_into_base, read_plain_lora
 from moa.lora.combine import COMBINE_METHODS, combine
-from moa.files.peft import export_peft, from_peft_state
 from tests.helpers import make_lora_adapter, rel, write_meta_model_dir
 from tests.hf_reference import hf_twin
 

@@ -19,7 +19,7 @@ import torch
 
 from moa.cli import one_line_errors
 from moa.files.adapters import ADAPTER_PARAMS, file_sha256, read_adapter_files
-from moa.files.atomic import STALE_AFTER_S, _HOST, atomic_write_json, atomic_write_text
+from moa.files.atomic import _HOST, STALE_AFTER_S, atomic_write_json, atomic_write_text
 from moa.tasks.selector import load_selector
 from tests.helpers import make_lora_adapter
 

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from llama.tokenizer import load_tokenizer
-from moa.train.data import (IGNORE_INDEX, InstructionDataset, build_prompt, collate, load_rows, question_key,
-                      split_test_overlap, tokenize_rows)
+from moa.train.data import (
+    IGNORE_INDEX,
+    InstructionDataset,
+    build_prompt,
+    collate,
+    load_rows,
+    question_key,
+    split_test_overlap,
+    tokenize_rows,
+)
 from tests.helpers import write_byte_tokenizer
 
 

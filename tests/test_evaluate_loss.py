@@ -18,7 +18,7 @@ import torch
 import moa.eval.loss as loss_mod
 from evaluate_loss import main, parse_args
 from llama.checkpoint import load_model
-from moa.eval.loss import LossConfig, evaluate_loss, row_nll_sums, loss_examples
+from moa.eval.loss import LossConfig, evaluate_loss, loss_examples, row_nll_sums
 from moa.train.data import InstructionDataset, build_prompt, collate
 from tests.helpers import make_lora_adapter
 

@@ -23,8 +23,8 @@ import moa.infer.generate as inference
 from example import parse_args
 from llama.checkpoint import load_model
 from llama.generation import generate
-from moa.train.data import build_prompt
 from moa.infer.generate import InferenceConfig, encode_prompt, format_summary, resolve_max_seq_len, run_inference
+from moa.train.data import build_prompt
 from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)

@@ -14,10 +14,10 @@ import torch
 from llama.checkpoint import load_model
 from llama.generation import generate
 from moa import load_adapter
-from moa.train.data import IGNORE_INDEX
 from moa.lora.algebra import lora_sites, read_plain_lora
 from moa.tasks.fusion import BankLinear, attach_bank, load_bank
 from moa.tasks.lorahub import LoraHubConfig, few_shot_loss, lorahub, lorahub_search
+from moa.train.data import IGNORE_INDEX
 from scripts.lorahub import main as lorahub_main
 from tests.helpers import rel, write_meta_model_dir
 from tests.task_helpers import make_task_adapter, merged_logits, task_rows, write_rows

@@ -6,21 +6,26 @@ label mask, AdamW) on real CPU tensors, its peak read from the allocator's event
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_train import adapter_configs, make_batch
 from torch._subclasses import FakeTensorMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_train import adapter_configs, make_batch  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from moa import MoAConfig, attach_adapters  # noqa: E402
-from moa.train.memory import (ADAPTERS, WEIGHTS, LiveBytes, block_label_step, count_step_peak,  # noqa: E402
-                              frozen_state, measured_cpu_peak, storage_bytes, trainable_state)
-from moa.train.schedule import make_adamw  # noqa: E402
-from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward  # noqa: E402
+from llama.model import ModelArgs, Transformer
+from moa import MoAConfig, attach_adapters
+from moa.train.memory import (
+    ADAPTERS,
+    WEIGHTS,
+    LiveBytes,
+    block_label_step,
+    count_step_peak,
+    frozen_state,
+    measured_cpu_peak,
+    storage_bytes,
+    trainable_state,
+)
+from moa.train.schedule import make_adamw
+from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64)
 BATCH, SEQ, PROMPT = 4, 48, 16

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from llama import ModelArgs, Transformer
-from moa import (MoAConfig, RouterStats, adapter_state_dict, attach_adapters, collect_aux_loss, load_adapter,
-                 load_adapter_state_dict, merge_lora, save_adapter)
+from moa import (
+    MoAConfig,
+    RouterStats,
+    adapter_state_dict,
+    attach_adapters,
+    collect_aux_loss,
+    load_adapter,
+    load_adapter_state_dict,
+    merge_lora,
+    save_adapter,
+)
 from tests.helpers import rel
 
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)

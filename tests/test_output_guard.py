@@ -14,9 +14,11 @@ import pytest
 
 from moa.files.lock import OutputLock
 from moa.files.settings import sidecar_path
+from tests import test_example
 from tests.helpers import make_lora_adapter
-from tests.test_example import tiny_dir, tiny_rows, write_rows  # noqa: F401  (tiny_dir: a fixture)
+from tests.test_example import tiny_rows, write_rows
 
+tiny_dir = test_example.tiny_dir  # the module-scoped fixture, shared with test_example.py
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Runs example.py after wrapping os.replace so that the process SIGKILLs itself right after renaming

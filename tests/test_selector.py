@@ -18,8 +18,16 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from moa.tasks.embedding import EmbedConfig, embed_rows, row_tokens
 from moa.tasks.registry import add_task, load_registry
-from moa.tasks.selector import (SelectorConfig, fit_selector, load_selector, routing_report, save_selector,
-                          selector_rows, similarity, task_scores)
+from moa.tasks.selector import (
+    SelectorConfig,
+    fit_selector,
+    load_selector,
+    routing_report,
+    save_selector,
+    selector_rows,
+    similarity,
+    task_scores,
+)
 from scripts.train_selector import main as train_selector_main
 from tests.helpers import write_meta_model_dir
 from tests.task_helpers import make_task_adapter, task_rows, write_rows

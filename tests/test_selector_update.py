@@ -22,8 +22,15 @@ import moa.tasks.selector as selector
 from llama.checkpoint import load_model
 from moa.tasks.embedding import EmbedConfig, EmbeddingCache, base_identity, embed_rows
 from moa.tasks.registry import add_task, balance_tasks, delete_task, load_pool_registry, load_registry
-from moa.tasks.selector import (SelectorConfig, fit_selector, load_selector, row_order, save_selector, task_splits,
-                                train_on_registry)
+from moa.tasks.selector import (
+    SelectorConfig,
+    fit_selector,
+    load_selector,
+    row_order,
+    save_selector,
+    task_splits,
+    train_on_registry,
+)
 from moa.tasks.selector_update import plan_update, update_selector, warm_start_mlp
 from scripts.registry import main as registry_main
 from scripts.train_selector import main as train_selector_main

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import slice_data  # noqa: E402
+import slice_data
 
 
 def test_with_output_skips_rows_without_a_reference_keeping_order(tmp_path):

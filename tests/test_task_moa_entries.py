@@ -129,7 +129,7 @@ def test_registry_records_each_entry_kind_and_the_cli_lists_it(setup, tmp_path, 
     assert "d/soft: moa adapter (Soft MoA (LoRA + prompt + parallel adapter))" in printed
     assert json.loads(out.read_text())["d"]["soft"].keys() == {"adapter", "data"}  # the kind is never stored
     # A plain LoRA whose training also changed base tensors (--w_bias) is served by attaching it too.
-    lora_cfg, state = MoAConfig(lora_layers="0-1", lora_targets="Q", lora_rank=2, type_router="none"), {}
+    lora_cfg = MoAConfig(lora_layers="0-1", lora_targets="Q", lora_rank=2, type_router="none")
     model, _ = load_model(base)
     attach_adapters(model, lora_cfg)
     write_adapter_files(tmp_path / "wb" / "adapter.pth", lora_cfg, adapter_state_dict(model),

@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # when run by torchrun as a script
-    sys.path.insert(0, str(REPO))
 
-import extract_adapter_from_checkpoint  # noqa: E402
-import main_finetune  # noqa: E402
+import extract_adapter_from_checkpoint
+import main_finetune
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from moa import MoAConfig, adapter_state_dict, attach_adapters, load_adapter_state_dict  # noqa: E402
 from moa.files.adapters import file_sha256  # noqa: E402

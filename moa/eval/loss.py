@@ -46,9 +46,9 @@ from llama.checkpoint import load_model
 from llama.model import Transformer
 from moa.checks import check_int, require_rows
 from moa.files.adapters import load_trained_adapter
-from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
 from moa.files.lock import OutputLock
 from moa.files.settings import adapter_identity, data_identity, jsonable, model_identity
+from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
 from moa.infer.predictions import complete_already, merge_partials, partial_header, partial_path, read_partials
 from moa.train.data import IGNORE_INDEX, Example, InstructionDataset, collate, load_rows, tokenize_rows
 from moa.train.distributed import init_distributed, on_rank0

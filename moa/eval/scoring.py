@@ -22,11 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from moa.eval.rules import (COMMONSENSE_SETS, COMMONSENSE_WORDS, MATH_SETS, OPTIONAL_COMMONSENSE_SETS,  # noqa: F401
-                            TOLERANCE, Benchmark, Mode, Rule, extract_letter, extract_number, extract_strict_letter,
-                            extract_strict_number, extract_word, number_is_correct, parse_number_answer, rule_for,
-                            score_generation)
 from moa.checks import check_writable
+from moa.eval.rules import (  # noqa: F401
+    COMMONSENSE_SETS,
+    COMMONSENSE_WORDS,
+    MATH_SETS,
+    OPTIONAL_COMMONSENSE_SETS,
+    TOLERANCE,
+    Benchmark,
+    Mode,
+    Rule,
+    extract_letter,
+    extract_number,
+    extract_strict_letter,
+    extract_strict_number,
+    extract_word,
+    number_is_correct,
+    parse_number_answer,
+    rule_for,
+    score_generation,
+)
 from moa.files.atomic import atomic_write_text
 
 SUMMARY_FILE = "acc_score.jsonl"

@@ -14,7 +14,6 @@ import tempfile
 import time
 from typing import Any, Callable
 
-
 # Our temporaries: `.NAME.HOST-PID-XXXXXXXX.tmp` (mkstemp's 8 random characters); earlier code wrote
 # `.NAME.XXXXXXXX.tmp`. A temporary left by a killed writer is removed by the next write to NAME: on
 # this host when its pid is no longer running, otherwise (another host, or the older names) once it has

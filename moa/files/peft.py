@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from llama.model import ModelArgs
 from llama.torchfile import new_temp_dir
-from moa.lora.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape
 from moa.files.adapters import write_adapter_files
+from moa.lora.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape
 from moa.method.config import LORA_TARGETS, MoAConfig
 
 PEFT_WEIGHTS = "adapter_model.safetensors"

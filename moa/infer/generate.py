@@ -51,11 +51,17 @@ from llama.generation import generate
 from llama.model import Transformer
 from moa.checks import check_int, require_rows
 from moa.files.adapters import LoadedAdapter, load_trained_adapter
-from moa.infer.dtype import resolve_dtype
 from moa.files.lock import OutputLock
 from moa.files.settings import adapter_identity, data_identity, file_identity, jsonable, model_identity
-from moa.infer.predictions import (complete_already, merge_partials, partial_header, partial_path, prediction_record,
-                                   read_partials)
+from moa.infer.dtype import resolve_dtype
+from moa.infer.predictions import (
+    complete_already,
+    merge_partials,
+    partial_header,
+    partial_path,
+    prediction_record,
+    read_partials,
+)
 from moa.tasks.registry import registry_from_flags, registry_named
 from moa.tasks.routing import RoutingPlan, check_routing_flags, plan_task_routing
 from moa.train.data import build_prompt, load_rows

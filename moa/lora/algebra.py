@@ -22,13 +22,16 @@ import torch
 from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths, stored_dtype
 from llama.hf import is_hf_dir
 from llama.model import ModelArgs
-from moa.files.atomic import atomic_write_files, write_json
+from moa.files.adapters import (
+    ADAPTER_PARAMS,
+    BASE_TRAINED,
+    adapter_file,
+    load_trained_adapter,
+    read_adapter_files,
+    read_adapter_params,
+)
 from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
-from moa.files.adapters import load_trained_adapter
-from moa.files.adapters import (ADAPTER_PARAMS, BASE_TRAINED, adapter_file, read_adapter_files,
-                                read_adapter_params, write_adapter_files)
 from moa.method.state import merge_lora
-
 
 # ---- plain LoRA files ----------------------------------------------------------------------------
 

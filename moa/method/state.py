@@ -6,12 +6,16 @@ Keys are the parameter names inside the (unwrapped) `Transformer`, e.g.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from moa.method.experts import LoRALinear
 from moa.method.inject import MoABlock, adapter_buffers, adapter_names, moa_config
+
+if TYPE_CHECKING:
+    from moa.method.config import MoAConfig
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from moa.lora.algebra import indices_to_spans, lora_sites, read_plain_lora
 from moa.method.config import LORA_TARGETS, MoAConfig, parse_spans
 from moa.method.inject import MoATransformer
 
+
 @dataclass
 class AdapterBank:
     """N plain LoRAs in one layout. `tasks[i]` names adapter i; `cfg`: the common plain-LoRA config

@@ -27,8 +27,8 @@ from llama.model import Transformer
 from moa.checks import check_int
 from moa.lora.combine import combine
 from moa.method.config import MoAConfig
-from moa.train.data import InstructionDataset, collate, tokenize_rows
 from moa.tasks.fusion import AttachedBank, attach_bank, bank_loras, compose_ab, load_bank
+from moa.train.data import InstructionDataset, collate, tokenize_rows
 from moa.train.loss import CausalLMLoss, count_labels
 
 INITS = ("uniform", "zero")

@@ -40,8 +40,8 @@ from torch import nn
 from moa.checks import check_int, load_tensors
 from moa.files.atomic import atomic_write_files
 from moa.files.settings import sha256_file
-from moa.train.data import load_rows
 from moa.tasks.embedding import EmbedConfig, EmbeddingCache, embed_tokens, row_tokens
+from moa.train.data import load_rows
 
 if TYPE_CHECKING:  # type hints only: the registry is read by the caller
     from moa.tasks.registry import Registry, TaskEntry

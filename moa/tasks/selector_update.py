@@ -47,8 +47,16 @@ from torch import nn
 
 from moa.tasks.embedding import EmbeddingCache
 from moa.tasks.registry import Registry
-from moa.tasks.selector import (Selector, embed_splits, finish_training, fit_keys, fit_on_registry, task_fingerprint,
-                                task_splits, train_mlp)
+from moa.tasks.selector import (
+    Selector,
+    embed_splits,
+    finish_training,
+    fit_keys,
+    fit_on_registry,
+    task_fingerprint,
+    task_splits,
+    train_mlp,
+)
 
 UPDATE_ACTIONS = ("add", "balance", "delete")
 UPDATE_MODES = ("new", "mix")

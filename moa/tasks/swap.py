@@ -33,8 +33,14 @@ import torch
 from torch import nn
 
 from llama.model import Transformer
-from moa.files.adapters import (ADAPTER_PARAMS, BASE_TRAINED, adapter_file, load_trained_adapter, read_adapter_files,
-                                read_adapter_params)
+from moa.files.adapters import (
+    ADAPTER_PARAMS,
+    BASE_TRAINED,
+    adapter_file,
+    load_trained_adapter,
+    read_adapter_files,
+    read_adapter_params,
+)
 from moa.lora.algebra import check_plain_lora
 from moa.method.config import MoAConfig, parse_spans
 from moa.method.inject import attach_adapters

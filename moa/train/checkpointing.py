@@ -29,9 +29,9 @@ from torch import nn
 from moa.checks import load_tensors
 from moa.files.atomic import atomic_write_files
 from moa.method.config import MoAConfig
+from moa.method.state import adapter_state_dict, load_adapter_state_dict
 from moa.train.run_dir import check_resume_args
 from moa.train.schedule import WarmupCosine
-from moa.method.state import adapter_state_dict, load_adapter_state_dict
 
 CHECKPOINT_FORMAT = "moa-train-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -34,15 +34,16 @@ from llama.kernels import use_compiled_kernels
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from moa.checks import check_int, check_number
+from moa.files.lock import OutputLock
 from moa.method.config import MoAConfig
 from moa.method.inject import MoABlock, adapter_names, attach_adapters
 from moa.train.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
-from moa.files.lock import OutputLock
-from moa.train.run_dir import claim_output_dir, record_run, train_settings
 from moa.train.data import InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
+
 # The loss and the process-group names are also importable from here, where they used to live.
 from moa.train.distributed import DistEnv, init_distributed, on_rank0, wrap_ddp  # noqa: F401
 from moa.train.loss import LOGITS_CHUNK_ELEMENTS, CausalLMLoss, count_labels, label_cross_entropy  # noqa: F401
+from moa.train.run_dir import claim_output_dir, record_run, train_settings
 from moa.train.schedule import WarmupCosine, make_adamw, scaled_lr
 
 Say = Callable[..., None]
