@@ -9,7 +9,7 @@ scored given the row's Alpaca prompt, exactly the tokens and labels training use
 per test row in the test file's order (`nll`: mean per token, `tokens`, `instruction`, `input`,
 `nll_sum`, `cut_tokens`) and appends one summary line to loss_score.jsonl beside it:
 {"set", "nll_per_token" (total NLL / total tokens), "rows", "tokens", "adapter", "data_path",
-"save_path"}. An interrupted run resumes where it stopped. Details: moa/eval/loss.py.
+"save_path"}. An interrupted run resumes where it stopped. Details: moa/infer/loss.py.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None):
-    from moa.eval.loss import LossConfig
+    from moa.infer.loss import LossConfig
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     check_writable("save_path", cfg.save_path)  # and loss_score.jsonl beside it; before any model is loaded
-    from moa.eval.loss import evaluate_loss, format_summary
+    from moa.infer.loss import evaluate_loss, format_summary
 
     try:
         summary = evaluate_loss(cfg)

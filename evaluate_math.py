@@ -3,7 +3,7 @@
     python evaluate_math.py --predict_file DIR/AddSub_predict_X.jsonl [--mode strict]
 
 Prints a table, writes `<file>_scored.jsonl` beside each prediction file and appends one
-line to `DIR/acc_score.jsonl` (DESIGN §3 "scores", §3a; the rules live in moa/eval/scoring.py).
+line to `DIR/acc_score.jsonl` (docs/formats.md "scores", docs/inference-and-evaluation.md "the scoring rule"; the rules live in moa/eval/scoring.py).
 """
 import argparse
 
@@ -11,9 +11,7 @@ from moa.cli import one_line_errors
 from moa.eval.scoring import MATH_SETS, run_scoring_cli
 
 
-@one_line_errors("evaluate_math.py", status=1)
-def main() -> None:
-    """Parse the flags, then score and print (moa.eval.scoring.run_scoring_cli)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict_file", required=True,
                         help=f"a prediction file of any of {', '.join(MATH_SETS)}; "
@@ -21,7 +19,13 @@ def main() -> None:
     parser.add_argument("--mode", choices=("standard", "strict"), default="standard",
                         help="strict also reads only an explicit final answer and reports it "
                              "beside the standard score (never instead of it)")
-    args = parser.parse_args()
+    return parser
+
+
+@one_line_errors("evaluate_math.py", status=1)
+def main() -> None:
+    """Parse the flags, then score and print (moa.eval.scoring.run_scoring_cli)."""
+    args = build_parser().parse_args()
     run_scoring_cli("evaluate_math.py", args.predict_file, "math", args.mode)
 
 

@@ -5,9 +5,9 @@
         --max_gen_len 200 --min_gen_len 120 --max_batch_size 200 --temperature 0.1 --top_p 0.75
 
 Also runs as plain `python example.py ...`. Without --adapter_path the bare base model answers (a
-baseline). With a task registry (--adapter_registry, or the seeds' --data_config with --adapter_pool)
+baseline). With a task registry (--adapter_registry, or Adapters Selector's --data_config with --adapter_pool)
 and --selector, each row runs on the task adapter(s) the selector picks (moa/tasks/routing.py).
-Writes one JSON line per test row, in the test file's order (DESIGN §3 "predictions"); an
+Writes one JSON line per test row, in the test file's order (docs/formats.md, "predictions"); an
 interrupted run resumes where it stopped. How prompts are cut, batched and split across ranks:
 moa/infer/generate.py.
 """
@@ -20,9 +20,10 @@ import sys
 from moa.checks import check_writable
 from moa.cli import one_line_errors, str2bool
 from moa.infer.generate import InferenceConfig, format_summary, run_inference
+from moa.tasks.routing import check_routing_flags, generation_routing
 
 
-def parse_args(argv: list[str] | None = None) -> InferenceConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt_dir", required=True,
@@ -34,10 +35,11 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
                         "each row runs with the adapter(s) --selector picks (instead of --adapter_path); plain "
                         "LoRAs share batches, any other adapter (Soft MoA, HydraLoRA, ...) runs its rows attached")
     p.add_argument("--data_config", default=None,
-                   help="instead of --adapter_registry, the seeds' two files: the data config, JSON {domain: {task: "
+                   help="instead of --adapter_registry, a data config and an adapter pool (the Adapters Selector "
+                        "data-config format): the data config, JSON {domain: {task: "
                         "data_path}} or a tree domain/task/train.json (with --adapter_pool)")
     p.add_argument("--adapter_pool", default=None,
-                   help="the seeds' adapter pool, JSON {domain: {task: adapter_path}} (with --data_config)")
+                   help="the adapter pool, JSON {domain: {task: adapter_path}} (with --data_config)")
     p.add_argument("--selector", default=None, help="selector file from scripts/train_selector.py (with "
                    "--adapter_registry, or --data_config and --adapter_pool)")
     p.add_argument("--fusion", default="top1", choices=["top1", "topp"],
@@ -70,9 +72,17 @@ def parse_args(argv: list[str] | None = None) -> InferenceConfig:
                         "less per-step overhead, after a first step that compiles (seconds to a minute); "
                         "falls back to eager with a warning where compiling fails")
     p.add_argument("--progress", type=str2bool, nargs="?", const=True, default=True, help="tqdm progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> InferenceConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
-        return InferenceConfig(**vars(a))
+        cfg = InferenceConfig(**vars(a))
+        check_routing_flags(cfg.adapter_path, cfg.adapter_registry, cfg.selector, cfg.fusion, cfg.top_p_adapters,
+                            cfg.data_config, cfg.adapter_pool)
+        return cfg
     except ValueError as e:
         p.error(str(e))
 
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     check_writable("save_path", cfg.save_path)  # before any model is loaded
     try:
-        summary = run_inference(cfg)
+        # The task registry's routing is built here, from moa.tasks, and handed to generation.
+        summary = run_inference(cfg, routing=generation_routing(cfg))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"example.py: error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports

@@ -40,11 +40,15 @@ def extract(checkpoint: str) -> dict[str, str]:
     return written
 
 
-@one_line_errors("extract_adapter_from_checkpoint.py")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write adapter.pth + adapter_params.json from a checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint-{epoch}.pth written by main_finetune.py")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@one_line_errors("extract_adapter_from_checkpoint.py")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         written = extract(args.checkpoint)
     except (ValueError, OSError) as e:  # not our checkpoint, missing, unwritable folder, disk full

@@ -27,7 +27,7 @@ REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="MoA fine-tuning of a frozen LLaMA base (see DESIGN.md).")
+    p = argparse.ArgumentParser(description="MoA fine-tuning of a frozen LLaMA base (see docs/training.md).")
 
     def flag_bool(name: str, default: bool, help: str) -> None:
         p.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, metavar="True|False",
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="every RNG is seeded with seed + rank")
     tr.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
 
-    ad = p.add_argument_group("adapters (DESIGN §1; defaults: every type off)")
+    ad = p.add_argument_group("adapters (docs/method.md; defaults: every type off)")
     for f in dataclasses.fields(MoAConfig):
         if isinstance(f.default, bool):
             flag_bool(f.name, f.default, f.metadata["help"])

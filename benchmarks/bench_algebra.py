@@ -1,4 +1,4 @@
-"""Issue #9's measurements on SmolLM2-135M: time and peak memory of merge / extract / export-peft /
+"""LoRA algebra measurements on SmolLM2-135M: time and peak memory of merge / extract / export-peft /
 import-peft, and the rank-vs-kept-energy table of a real fine-tuning delta.
 
     python scripts/import_gguf.py --out models/smollm2          # once (~30 s); models/ is git-ignored
@@ -35,9 +35,15 @@ import torch
 
 from llama.checkpoint import load_params
 from moa.files.adapters import write_adapter_files
-from moa.files.peft import export_peft, import_peft
-from moa.lora.algebra import ExtractReport, extract_lora_svd, lora_delta, merge_into_base, read_plain_lora
-from scripts.lora_tools import energy_tables
+from moa.lora.algebra import (
+    ExtractReport,
+    energy_tables,
+    extract_lora_svd,
+    lora_delta,
+    merge_into_base,
+    read_plain_lora,
+)
+from moa.lora.peft import export_peft, import_peft
 
 TARGETS = "Q,K,V,O,FFN_DOWN"
 

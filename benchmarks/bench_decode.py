@@ -1,8 +1,8 @@
 """Decoding overhead: ms per new token where compute is negligible, so that what remains is the
-per-step dispatch that dominates decoding on a GPU (issue 18, item 2).
+per-step dispatch that dominates decoding on a GPU.
 
 A random model of 8 layers, dim 64, batch 1, a 16-token prompt, 64 new tokens (greedy), 1 thread:
-ours bare, ours Soft MoA (the seed command's 7 types), ours Sparse MoA, each with the eager decode step
+ours bare, ours Soft MoA (the paper's Soft MoA command's 7 types), ours Sparse MoA, each with the eager decode step
 and with the captured one (`generate(compile_decode=True)`: one torch.compile'd graph; CUDA graphs on a
 GPU; compiled in a warm-up call that is not timed), and transformers' `LlamaForCausalLM` (same weights)
 `generate`. Goals: Soft MoA <= 1.5x ours bare (each step kind against its own bare); ours bare below
@@ -19,7 +19,6 @@ configuration a tree cannot run (the captured step, before it existed) prints "-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -36,8 +35,23 @@ CONFIGS = ("ours bare", "ours Soft MoA", "ours Sparse MoA", "ours bare" + CAPTUR
 SMALL = dict(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256)
 
 
-def _build(config: str, device: str = "cpu"):
-    """A callable generating the new tokens of one configuration, fresh random weights (seed 0), on `device`."""
+PRESETS = {"ours Soft MoA": "soft_moa", "ours Sparse MoA": "sparse_moa"}  # of moa/method/presets.py
+
+
+def adapter_flags(config: str) -> dict | None:
+    """The `MoAConfig` keywords of `config`: its preset over SMALL's layers; None for a bare model. Computed by
+    this tree (an older tree under `--before` may predate the presets) and handed to `measure`."""
+    preset = PRESETS.get(config.removesuffix(CAPTURED))
+    if preset is None:
+        return None
+    from moa.method.presets import get_preset
+
+    return dict(get_preset(preset).flag_values(SMALL["n_layers"]))
+
+
+def _build(config: str, device: str = "cpu", flags: dict | None = None):
+    """A callable generating the new tokens of one configuration, fresh random weights (seed 0), on `device`;
+    `flags`: its adapters' `MoAConfig` keywords (`adapter_flags(config)`)."""
     import torch
 
     from llama.generation import generate
@@ -54,12 +68,7 @@ def _build(config: str, device: str = "cpu"):
         from moa import MoAConfig, attach_adapters
         from moa.method.inject import reset_adapter_parameters
 
-        span = f"0-{SMALL['n_layers']}"
-        flags = dict(lora_layers=span, lora_rank=8, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN",
-                     hydra_moe=True, p_adapter_layers=span, p_adapter_size=16, p_adapter_hydra=True, swi_x=4)
-        flags.update(dict(prompt_layers=span, prompt_len=10) if config == "ours Soft MoA"
-                     else dict(type_router="sparse", max_threshold=0.5))
-        attach_adapters(model, MoAConfig(**flags))
+        attach_adapters(model, MoAConfig(**(adapter_flags(config) if flags is None else flags)))
         reset_adapter_parameters(model)
         with torch.no_grad():  # non-zero adapters, so every expert and router really computes
             for p in model.parameters():
@@ -75,11 +84,7 @@ def _build(config: str, device: str = "cpu"):
 def _hf_generate(model, prompt, device: str):
     """transformers' LlamaForCausalLM with `model`'s weights (tests/hf_reference.py's twin), greedy `generate`."""
     import torch
-
-    spec = importlib.util.spec_from_file_location("hf_reference", HERE / "tests" / "hf_reference.py")
-    hf_reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hf_reference)
-    hf_twin = hf_reference.hf_twin
+    from references import hf_twin
 
     hf = hf_twin(model).eval().to(device)
     ids = torch.tensor(prompt, device=device)
@@ -94,12 +99,13 @@ def _hf_generate(model, prompt, device: str):
 NEW_TOKENS = 64
 
 
-def measure(config: str, repeats: int, device: str = "cpu") -> float:
-    """Best-of-`repeats` ms per new token of one configuration, in this process (1 CPU thread)."""
+def measure(config: str, repeats: int, device: str = "cpu", flags: dict | None = None) -> float:
+    """Best-of-`repeats` ms per new token of one configuration, in this process (1 CPU thread); `flags` as
+    `_build`."""
     import torch
 
     torch.set_num_threads(1)
-    fn = _build(config, device)
+    fn = _build(config, device, flags)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn()  # warm-up (compiles the captured step)
     best = float("inf")
@@ -119,7 +125,7 @@ def _child(root: Path, config: str, repeats: int, device: str) -> float:
         return float("nan")
     # PYTHONPATH comes before the installed (editable) package, so `root`'s llama/ and moa/ are the ones imported
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), str(HERE / "benchmarks")]))
-    code = f"import bench_decode as b; print(b.measure({config!r}, {repeats}, {device!r}))"
+    code = f"import bench_decode as b; print(b.measure({config!r}, {repeats}, {device!r}, {adapter_flags(config)!r}))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

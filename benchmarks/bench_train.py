@@ -1,14 +1,14 @@
-"""Training step time and memory (issue #6), two modes.
+"""Training step time and memory, two modes.
 
 `--mode compare` (default; CPU, a few minutes): SmolLM2-135M shape, random weights, 4 x 256, fp32:
 our LoRA r8 vs transformers + PEFT LoRA r8 on the same weights in the same run (goal: ours <= 0.8x),
-plus our Soft MoA (the seed command's 7 types) and Sparse MoA, printed as one table.
+plus our Soft MoA (the paper's Soft MoA command's 7 types) and Sparse MoA, printed as one table.
 
     pip install peft                                  # benchmark only, not a project dependency
     python benchmarks/bench_train.py                  # SmolLM2-135M shape, 4 x 256, fp32, CPU
 
 `--mode llama8b` (a GPU with >= 24 GB): LLaMA-3.1-8B shape with random bf16 weights built on the
-device, the seed command's Soft MoA adapters in fp32, bf16 autocast, batch 8 x 300, with and without
+device, the paper's Soft MoA command's adapters in fp32, bf16 autocast, batch 8 x 300, with and without
 activation checkpointing: peak memory (goal <= 20 GB), tokens/s and MFU (goal >= 45%).
 
     python benchmarks/bench_train.py --mode llama8b                      # cuda, 32 layers, 8 x 300
@@ -40,32 +40,24 @@ import torch
 from llama.kernels import use_compiled_kernels
 from llama.model import ModelArgs, Transformer
 from moa import MoAConfig, RouterStats, attach_adapters
+from moa.method.presets import LLAMA31_8B, preset_config
 from moa.train.data import IGNORE_INDEX
 from moa.train.schedule import ADAMW_BETAS, make_adamw
 from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward, peak_memory_mb
 
 SMOLLM2 = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256,
                norm_eps=1e-5, rope_theta=100000.0)
-LLAMA31_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-                  ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-TARGETS = "Q,K,V,O,FFN_DOWN"
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
-WEIGHT_DECAY = 0.02  # the seed command's
+WEIGHT_DECAY = 0.02  # the paper's Soft MoA command's
 # Peak dense bf16 tensor-core FLOP/s (vendor data sheets), by a substring of the CUDA device name.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 
 
-def adapter_configs(n_layers: int) -> dict[str, dict]:
-    """Our three configurations over all `n_layers` blocks: LoRA r8, the seed command's Soft MoA,
-    Sparse MoA (no prompt, learned threshold)."""
-    span = f"0-{n_layers}"
-    lora = dict(lora_layers=span, lora_rank=8, lora_alpha=8, lora_targets=TARGETS)
-    return {
-        "ours LoRA r8": dict(lora, type_router="none"),
-        "ours Soft MoA (seed command)": dict(lora, hydra_moe=True, p_adapter_layers=span, p_adapter_size=16,
-                                             p_adapter_hydra=True, prompt_layers=span, prompt_len=10, swi_x=4),
-        "ours Sparse MoA": dict(lora, p_adapter_layers=span, p_adapter_size=16, swi_x=4, type_router="sparse"),
-    }
+def adapter_configs(n_layers: int) -> dict[str, MoAConfig]:
+    """Our three configurations over all `n_layers` blocks (moa/method/presets.py): LoRA r8, the paper's
+    Soft MoA command (7 types, swi_x 4), Sparse MoA (no prompt, learned threshold)."""
+    return {name: preset_config(preset, n_layers) for name, preset in (
+        ("ours LoRA r8", "lora"), ("ours Soft MoA (paper's command)", "soft_moa"), ("ours Sparse MoA", "sparse_moa"))}
 
 
 def make_batch(vocab_size: int, batch: int, seq_len: int, prompt_len: int) -> dict[str, torch.Tensor]:
@@ -142,7 +134,7 @@ def run_compare(args: argparse.Namespace) -> None:
         import peft
     except ImportError:
         sys.exit("error: --mode compare measures against PEFT: pip install peft")
-    from tests.hf_reference import hf_twin
+    from references import hf_twin
 
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     bf16 = dtype == torch.bfloat16
@@ -151,10 +143,10 @@ def run_compare(args: argparse.Namespace) -> None:
     batch = make_batch(SMOLLM2["vocab_size"], args.batch, args.seq_len, args.prompt_len)
 
     steps, models = {}, {}
-    for name, flags in adapter_configs(SMOLLM2["n_layers"]).items():
+    for name, cfg in adapter_configs(SMOLLM2["n_layers"]).items():
         model = Transformer(ModelArgs(**SMOLLM2, max_seq_len=args.seq_len))
         model.load_state_dict(base.state_dict())
-        models[name] = model = attach_adapters(model.to(device, dtype), MoAConfig(**flags)).train()
+        models[name] = model = attach_adapters(model.to(device, dtype), cfg).train()
         steps[name] = our_step(model, batch, device, bf16)
 
     hf = peft.get_peft_model(hf_twin(base).to(device, dtype).train(),
@@ -226,8 +218,7 @@ def run_llama8b(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     params = {**LLAMA31_8B, "n_layers": args.n_layers}
     model = build_random_bf16(params, args.seq_len, device, args.attn_impl)
-    flags = adapter_configs(args.n_layers)["ours Soft MoA (seed command)"]
-    attach_adapters(model, MoAConfig(**flags)).train()
+    attach_adapters(model, adapter_configs(args.n_layers)["ours Soft MoA (paper's command)"]).train()
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch = make_batch(params["vocab_size"], args.batch, args.seq_len, args.prompt_len)
     n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -235,7 +226,8 @@ def run_llama8b(args: argparse.Namespace) -> None:
     peak = peak_tflops(device, args.peak_tflops)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
-    print(f"\nLLaMA-3.1-8B shape ({args.n_layers} layers), random bf16 base, Soft MoA (seed command) fp32 adapters "
+    print(f"\nLLaMA-3.1-8B shape ({args.n_layers} layers), random bf16 base, Soft MoA (the paper's command) "
+          f"fp32 adapters "
           f"({n_adapter:,} trainable), bf16 autocast, batch {args.batch} x {args.seq_len} ({n_labels} labels), "
           f"attention {args.attn_impl}, {where}, peak {peak or 'unknown'} TFLOP/s bf16, median of {args.rounds}")
     print("| activation checkpointing | step time (s) | tokens/s | peak memory (GiB) | MFU | HFU |")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training tokens/s of real runs in fp32 and under `--bf16 auto`, back to back on this machine (#15).
+# Training tokens/s of real runs in fp32 and under `--bf16 auto`, back to back on this machine.
 # Each setting is one short main_finetune.py run of a method on the same GSM8K rows of the bundled
 # SmolLM2-135M; the table gives the trainer's own tokens/s over its epoch (the `epoch` record of log.txt: real tokens, pads
 # excluded) and what `auto` chose.

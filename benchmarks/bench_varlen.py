@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llama.model import flash_attn_module, pack_rows, unpack_rows, varlen_index
+from llama.flash import flash_attn_module, pack_rows, unpack_rows, varlen_index
 
 
 def padded_batch(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, device: str):

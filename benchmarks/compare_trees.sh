@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's CPU figures for two checkouts, back to back on this machine (compare the ratios: absolute
+# The CPU benchmark figures for two checkouts, back to back on this machine (compare the ratios: absolute
 # times drift ~10% between runs):
 #
 #     git worktree add /tmp/before <older commit>        # or: git archive <commit> | tar -x -C /tmp/before

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 18 in one go (< 8 minutes on one H100/H200, every step at its limit), one Markdown file:
+# Every GPU measurement of benchmarks/ in one go (< 8 minutes on one H100/H200, every step at its limit), one
+# Markdown file:
 # a summary table (measurement, command, seconds, exit status) followed by each benchmark's own table.
 #   bash benchmarks/gpu_suite.sh [OUT.md]          # default benchmarks/gpu_results.md
 # Each step has its own time limit (seconds, below), so a slow or failing step cannot eat the others'.

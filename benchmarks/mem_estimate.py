@@ -1,4 +1,4 @@
-"""Peak memory of one LLaMA-3.1-8B training step with the seed command's Soft MoA flags, without a GPU.
+"""Peak memory of one LLaMA-3.1-8B training step with the paper's Soft MoA command's flags, without a GPU.
 
 The whole 32-layer model runs one step (forward, label-only loss, backward, AdamW) on fake tensors
 (`FakeTensorMode`: shapes and dtypes, no data), counted by `moa.train.memory.LiveBytes` (the bytes
@@ -19,12 +19,12 @@ from bench_train import LLAMA31_8B, adapter_configs
 from torch._subclasses import FakeTensorMode
 
 from llama.model import ModelArgs, Transformer
-from moa import MoAConfig, attach_adapters
+from moa import attach_adapters
 from moa.train.memory import CATEGORIES, block_label_step, count_step_peak
 from moa.train.schedule import make_adamw
 
 GOAL_GB = 20.0
-SOFT_MOA = "ours Soft MoA (seed command)"
+SOFT_MOA = "ours Soft MoA (paper's command)"
 
 
 def _bf16_transformer(args: ModelArgs) -> Transformer:
@@ -43,7 +43,7 @@ def fake_step_peak(n_layers: int, batch: int, seq_len: int, prompt_len: int, gra
     args = ModelArgs(**dict(LLAMA31_8B, n_layers=n_layers), max_seq_len=max(seq_len, 2048))
     with FakeTensorMode():
         model = _bf16_transformer(args)
-        attach_adapters(model, MoAConfig(**adapter_configs(n_layers)[config]))
+        attach_adapters(model, adapter_configs(n_layers)[config])
         model.train()
         model.grad_checkpointing = grad_ckpt
         optimizer = make_adamw(model, 1e-4, 0.02)
@@ -74,7 +74,7 @@ def main() -> None:
     a = ap.parse_args()
     rows = {f"--grad_checkpointing {flag}": fake_step_peak(a.n_layers, a.batch, a.seq_len, a.prompt_len, flag)
             for flag in (False, True)}
-    print(f"LLaMA-3.1-8B shape, {a.n_layers} layers, Soft MoA (seed command), bf16 base + fp32 adapters/AdamW, "
+    print(f"LLaMA-3.1-8B shape, {a.n_layers} layers, Soft MoA (the paper's command), bf16 base + fp32 adapters/AdamW, "
           f"batch {a.batch} x {a.seq_len} ({a.seq_len - a.prompt_len} labels per row), one step on fake tensors\n")
     print_table(rows)
 

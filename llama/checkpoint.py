@@ -18,13 +18,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
 from llama import hf
+from llama.files import check_state_dict, read_json_object
 from llama.model import ModelArgs, Transformer
-from llama.tokenizer import SentencePiece, load_tokenizer
+from llama.tokenizer import SentencePiece, load_hf_tokenizer, load_tokenizer
 from llama.torchfile import load_torch_file, new_temp_dir
 
 # How Meta's model parallelism splits each weight (fairscale layers in Meta's reference model):
@@ -51,17 +52,8 @@ def load_params(model_dir: str | os.PathLike) -> dict:
     """
     if hf.is_hf_dir(model_dir):
         return hf.load_hf_params(model_dir)
-    path = Path(model_dir) / "params.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no params.json (a base-model directory holds params.json, "
-                                "consolidated.NN.pth and tokenizer.model)")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a JSON object of model hyper-parameters, got {type(params).__name__}")
-    return params
+    return read_json_object(Path(model_dir) / "params.json", "params.json", "a base-model directory holds params.json, "
+                            "consolidated.NN.pth and tokenizer.model")
 
 
 def context_length(params: Mapping, tiktoken_tokenizer: bool) -> int:
@@ -169,14 +161,13 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
     (LLaMA-2) is taken from the tokenizer, and a sentencepiece model without `rope_theta` gets
     LLaMA-2's 10000. Errors name the file: missing params.json / shard -> FileNotFoundError;
     unknown or missing params key, missing or unexpected weights, wrong shapes -> ValueError.
-    A Hugging Face folder (config.json, safetensors, tokenizer.json) loads through `hf.load_hf_model`.
+    A Hugging Face folder (config.json, safetensors, tokenizer.json): see `_load_hf_model`.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory not found")
     if hf.is_hf_dir(model_dir):
-        return hf.load_hf_model(model_dir, dtype=dtype, device=device, max_seq_len=max_seq_len,
-                                attn_impl=attn_impl)
+        return _load_hf_model(model_dir, dtype=dtype, device=device, max_seq_len=max_seq_len, attn_impl=attn_impl)
     params = load_params(model_dir)
     params_path = model_dir / "params.json"
     tok_path = model_dir / "tokenizer.model"
@@ -197,26 +188,48 @@ def load_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float
         raise ValueError(f"max_seq_len {max_seq_len} exceeds the context length {context} of the model in "
                          f"{model_dir} (131072 for LLaMA-3.1, 8192 for LLaMA-3 and other tiktoken models, "
                          f"4096 for LLaMA-2)")
+    model = build_model(params, params_path, lambda: load_state_dict(model_dir, dtype=dtype, device=device),
+                        max_seq_len=max_seq_len, attn_impl=attn_impl)
+    return model, tokenizer
+
+
+def _load_hf_model(model_dir: Path, *, dtype: torch.dtype, device: torch.device | str,
+                   max_seq_len: Optional[int], attn_impl: str):
+    """`(Transformer in eval mode, HFTokenizer)` of a Hugging Face folder, read by `llama.hf`.
+
+    max_seq_len: default and upper bound `max_position_embeddings` of config.json.
+    """
+    where = str(model_dir / hf.CONFIG)
+    config = hf.read_config(model_dir)
+    params = hf.params_from_config(config, where)
+    tokenizer = load_hf_tokenizer(model_dir)
+    context = hf.context_length(config, where)
+    if max_seq_len is None:
+        max_seq_len = context
+    elif max_seq_len > context:
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds the context length {context} of the model in "
+                         f"{model_dir} ({where} field 'max_position_embeddings')")
+    model = build_model(params, model_dir / hf.CONFIG,
+                        lambda: hf.load_hf_state_dict(model_dir, dtype=dtype, device=device, params=params),
+                        max_seq_len=max_seq_len, attn_impl=attn_impl)
+    return model, tokenizer
+
+
+def build_model(params: Mapping, params_path: Path, load_weights: Callable[[], dict[str, torch.Tensor]], *,
+                max_seq_len: int, attn_impl: str = "sdpa") -> Transformer:
+    """The `Transformer` (eval mode) of `params`, read from `params_path` (params.json or config.json), with
+    the weights `load_weights()` returns assigned as they are (no copy). A bad `params` value is a ValueError
+    naming `params_path`; weights that are not exactly the model's keys and shapes, one naming its folder."""
     try:
         args = ModelArgs.from_params(**params, max_seq_len=max_seq_len, attn_impl=attn_impl)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{params_path}: {e}") from None
-
     with torch.device("meta"):
         model = Transformer(args)
-    sd = load_state_dict(model_dir, dtype=dtype, device=device)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{model_dir}: checkpoint does not match params.json: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    for key, t in sd.items():
-        if t.shape != expected[key].shape:
-            raise ValueError(f"{model_dir}: {key} has shape {tuple(t.shape)}, params.json implies "
-                             f"{tuple(expected[key].shape)}")
+    sd = load_weights()
+    check_state_dict(model.state_dict(), sd, str(params_path.parent), params_path.name)
     model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:

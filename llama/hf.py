@@ -25,7 +25,8 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-from llama.model import ModelArgs, Transformer
+from llama.files import read_json_object
+from llama.params import ModelArgs, ffn_params
 from llama.torchfile import new_temp_dir
 
 CONFIG = "config.json"
@@ -50,7 +51,7 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _IGNORED_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 # LLaMA-3.1 / 3.2 RoPE scaling: the only `rope_type` besides "default" our model computes; every
-# field but `factor` is fixed in `llama.model.rope_inv_freq`.
+# field but `factor` is fixed in `llama.rope.rope_inv_freq`.
 _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -64,17 +65,8 @@ def is_hf_dir(model_dir: str | os.PathLike) -> bool:
 
 def read_config(model_dir: str | os.PathLike) -> dict:
     """The dict of `model_dir/config.json`; FileNotFoundError / ValueError naming the file."""
-    path = Path(model_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (a Hugging Face model folder holds config.json, "
-                                "model.safetensors and tokenizer.json)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(Path(model_dir) / CONFIG, CONFIG, "a Hugging Face model folder holds config.json, "
+                            "model.safetensors and tokenizer.json")
 
 
 def _field(config: Mapping, name: str, where: str):
@@ -87,24 +79,6 @@ def _require(config: Mapping, name: str, expected, where: str, why: str) -> None
     """ValueError unless config[name] (when present) equals `expected`."""
     if name in config and config[name] is not None and config[name] != expected:
         raise ValueError(f"{where}: field {name!r} is {config[name]!r}; only {expected!r} is supported ({why})")
-
-
-def ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
-    """(multiple_of, ffn_dim_multiplier) for which Meta's SwiGLU rule gives exactly `hidden`.
-
-    Round values first (LLaMA-3.1-8B: 1024, 1.3; SmolLM2: 256, None); the last resort, multiple_of 1
-    with a multiplier a half unit above the exact ratio, gives any width.
-    """
-    base = int(2 * (4 * dim) / 3)
-    sizes = (256, 1024, 512, 128, 64, 32, 16, 8, 4, 2, 1)  # ModelArgs' default first
-    candidates = [(m, None) for m in sizes] + [(m, round(hidden / base, 4)) for m in sizes]
-    candidates += [(m, hidden / base) for m in sizes] + [(1, (hidden + 0.5) / base)]
-    for multiple_of, mult in candidates:
-        args = ModelArgs(dim=dim, n_layers=1, n_heads=1, vocab_size=1, multiple_of=multiple_of,
-                         ffn_dim_multiplier=mult)
-        if args.ffn_hidden_dim == hidden:
-            return multiple_of, mult
-    raise ValueError(f"no multiple_of / ffn_dim_multiplier gives FFN width {hidden} for dim {dim}")
 
 
 def _rope_params(config: Mapping, where: str) -> dict:
@@ -289,51 +263,6 @@ def stored_dtype(model_dir: str | os.PathLike) -> torch.dtype:
                 if code in _SAFETENSORS_DTYPES:
                     return _SAFETENSORS_DTYPES[code]
     raise ValueError(f"{model_dir}: no floating-point tensor in its safetensors files")
-
-
-def check_state_dict(model: Transformer, sd: Mapping[str, torch.Tensor], where: str) -> None:
-    """ValueError naming `where` unless `sd` has exactly the model's keys and shapes."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: weights do not match config.json: missing (Meta names) {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    for key, t in sd.items():
-        if t.shape != expected[key].shape:
-            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, config.json implies "
-                             f"{tuple(expected[key].shape)}")
-
-
-def load_hf_model(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-                  attn_impl: str = "sdpa"):
-    """`(Transformer in eval mode, HFTokenizer)` of a Hugging Face folder (see `load_model`).
-
-    max_seq_len: default and upper bound `max_position_embeddings` of config.json.
-    """
-    from llama.tokenizer import load_hf_tokenizer
-
-    model_dir = Path(model_dir)
-    where = str(model_dir / CONFIG)
-    config = read_config(model_dir)
-    params = params_from_config(config, where)
-    tokenizer = load_hf_tokenizer(model_dir)
-    context = context_length(config, where)
-    if max_seq_len is None:
-        max_seq_len = context
-    elif max_seq_len > context:
-        raise ValueError(f"max_seq_len {max_seq_len} exceeds the context length {context} of the model in "
-                         f"{model_dir} ({where} field 'max_position_embeddings')")
-    try:
-        args = ModelArgs.from_params(**params, max_seq_len=max_seq_len, attn_impl=attn_impl)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{where}: {e}") from None
-    with torch.device("meta"):
-        model = Transformer(args)
-    sd = load_hf_state_dict(model_dir, dtype=dtype, device=device, params=params)
-    check_state_dict(model, sd, str(model_dir))
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval(), tokenizer
 
 
 # ---- tensors and config out ---------------------------------------------------------------------

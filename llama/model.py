@@ -1,6 +1,7 @@
-"""LLaMA-3/3.1 in one file, with Meta's parameter names so `consolidated.*.pth` loads as is.
-(Over 400 lines on purpose: the whole model reads top to bottom in one place, as nanoGPT's and
-Meta's reference `model.py` do.)
+"""LLaMA-3/3.1 (and dense Qwen3), with Meta's parameter names so `consolidated.*.pth` loads as is: the
+whole model reads top to bottom here, as nanoGPT's and Meta's reference `model.py` do. Beside it:
+`ModelArgs` and the checks of params.json (`llama/params.py`), RoPE (`llama/rope.py`), flash-attn and its
+varlen packing (`llama/flash.py`), the CPU probe that picks the KV cache's dtype (`llama/probe.py`).
 
 Padding: every forward may take `token_mask` (B, T), True at real tokens. A row's real tokens get
 RoPE positions 0, 1, 2, ... counted over real tokens only, and attention never reads a padded
@@ -11,126 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
-import functools
-import importlib.util
-import math
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from llama.flash import VarlenIndex, flash_attn_module, pack_rows, unpack_rows, varlen_index
 from llama.kernels import rms_norm, swiglu
-
-
-def _is_int(v: object, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_positive(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-# What each params.json key (and run-time size) must hold: (description, test). JSON strings such as
-# "2" or "1e-5" are refused here rather than failing (or computing nonsense) later.
-_PARAM_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
-    "dim": ("an integer >= 1", lambda v: _is_int(v, 1)),
-    "n_layers": ("an integer >= 1", lambda v: _is_int(v, 1)),
-    "n_heads": ("an integer >= 1", lambda v: _is_int(v, 1)),
-    "vocab_size": ("an integer >= 1 (-1: from the tokenizer)", lambda v: _is_int(v, 1) or v == -1),
-    "n_kv_heads": ("an integer >= 1 or null", lambda v: v is None or _is_int(v, 1)),
-    "multiple_of": ("an integer >= 1", lambda v: _is_int(v, 1)),
-    "ffn_dim_multiplier": ("a number > 0 or null", lambda v: v is None or _is_positive(v)),
-    "norm_eps": ("a number > 0", _is_positive),
-    "rope_theta": ("a number > 0", _is_positive),
-    "use_scaled_rope": ("true or false", lambda v: isinstance(v, bool)),
-    "rope_scaling_factor": ("a number > 0", _is_positive),
-    "attn_head_dim": ("an even integer >= 2 or null", lambda v: v is None or (_is_int(v, 2) and v % 2 == 0)),
-    "qk_norm": ("true or false", lambda v: isinstance(v, bool)),
-    "max_seq_len": ("an integer >= 1", lambda v: _is_int(v, 1)),
-    "attn_impl": ("'sdpa' or 'flash_attn'", lambda v: v in ("sdpa", "flash_attn")),
-}
-
-
-def check_params(params: dict) -> None:
-    """A ValueError naming the first key whose value has the wrong type or range, its value and what
-    it should be (`n_layers: expected an integer >= 1, got '2' (str)`)."""
-    for key, value in params.items():
-        what, ok = _PARAM_RULES.get(key, ("anything", lambda v: True))  # every field has one (tests check)
-        if not ok(value):
-            raise ValueError(f"{key}: expected {what}, got {value!r} ({type(value).__name__})")
-
-
-@dataclass(kw_only=True)
-class ModelArgs:
-    """Every key of Meta's LLaMA-3/3.1 `params.json`, plus the run-time sizes.
-
-    `ModelArgs.from_params(**params)` raises `ValueError` naming an unknown or missing key.
-    """
-
-    dim: int
-    n_layers: int
-    n_heads: int
-    vocab_size: int
-    n_kv_heads: Optional[int] = None
-    multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    use_scaled_rope: bool = False
-    rope_scaling_factor: float = 8.0  # LLaMA-3.1's 8; LLaMA-3.2 1B/3B use 32 (with use_scaled_rope)
-    attn_head_dim: Optional[int] = None  # per-head width when not dim / n_heads (Qwen3: 128 at any dim)
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k (weights (head_dim,)) before RoPE
-    max_seq_len: int = 2048
-    attn_impl: str = "sdpa"  # "sdpa" or "flash_attn" (optional; padded batches use its varlen kernel)
-
-    @classmethod
-    def from_params(cls, **params) -> "ModelArgs":
-        """`ModelArgs(**params)` for the keys of a params.json (plus the run-time sizes), checked
-        first: an unknown or missing key, or a value of the wrong type or range (`check_params`), is a
-        ValueError naming it (the constructor's TypeError would not say which keys params.json may hold)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(fields))
-        if unknown:
-            raise ValueError(f"ModelArgs: unknown key(s) {unknown}; expected keys of params.json: {sorted(fields)}")
-        missing = [n for n, f in fields.items()
-                   if n not in params and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ValueError(f"ModelArgs: missing required key(s) {missing}")
-        check_params(params)
-        return cls(**params)
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.vocab_size <= 0:
-            raise ValueError(f"ModelArgs: vocab_size must be positive, got {self.vocab_size} "
-                             "(LLaMA-2 params.json stores -1: set it from the tokenizer)")
-        if self.attn_head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelArgs: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if self.attn_impl not in ("sdpa", "flash_attn"):
-            raise ValueError(f"ModelArgs: attn_impl must be 'sdpa' or 'flash_attn', got {self.attn_impl!r}")
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head: `attn_head_dim`, or dim / n_heads (LLaMA)."""
-        return self.attn_head_dim if self.attn_head_dim is not None else self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """Meta's SwiGLU width: 2/3 of 4*dim, times `ffn_dim_multiplier`, rounded up to `multiple_of`."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
+from llama.params import ModelArgs
+from llama.probe import kv_cache_dtype
+from llama.rope import apply_rotary_emb, rope_inv_freq, rope_table
 
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_recomputing", default=False)
 
@@ -165,53 +59,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)  # fp32 inside, the input dtype outside
 
 
-def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> torch.Tensor:
-    """Rotary inverse frequencies (head_dim/2,), fp32, with LLaMA-3.1 scaling when `use_scaled_rope`.
-
-    LLaMA-3.1 scaling (factor `rope_scaling_factor`, 8 for 3.1 and 32 for 3.2 1B/3B, low-frequency
-    factor 1, high-frequency factor 4, original context 8192): wavelengths shorter than 8192/4 are
-    kept, longer than 8192/1 divided by the factor, and those between interpolated smoothly.
-    """
-    hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32)[: hd // 2] / hd))
-    if not args.use_scaled_rope:
-        return inv_freq
-    factor, low_ff, high_ff, old_ctx = args.rope_scaling_factor, 1.0, 4.0, 8192.0
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_ctx / wavelen - low_ff) / (high_ff - low_ff)
-    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelen > old_ctx / low_ff, inv_freq / factor, interpolated)
-    return torch.where(wavelen < old_ctx / high_ff, inv_freq, scaled)
-
-
-def rope_table(angles: torch.Tensor) -> torch.Tensor:
-    """The rotary table of `angles` (..., hd/2) fp32: the unit complex numbers exp(i * angle), complex64.
-
-    Under torch.compile (a captured decode step) the same numbers as real pairs (..., hd/2, 2) =
-    (cos, sin) fp32: inductor generates no code for complex tensors (they would fall back to one
-    eager kernel each), while real arithmetic fuses into the neighbouring kernels."""
-    if torch.compiler.is_compiling():
-        return torch.stack([angles.cos(), angles.sin()], dim=-1)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the rotary table `rope` (`rope_table`:
-    (B, T, hd/2) complex64, or (B, T, hd/2, 2) real (cos, sin)): each pair, read as the complex number
-    x[2i] + i x[2i+1], is multiplied by exp(i * angle). Complex, that is one elementwise pass (as Meta's
-    reference code); real, the four products that a compiler fuses.
-
-    Meta's checkpoints store wq/wk rows in this interleaved layout (transformers' use a half split).
-    Computed in fp32, returned in x's dtype.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    if rope.is_complex():
-        return torch.view_as_real(torch.view_as_complex(pairs) * rope[:, :, None, :]).flatten(-2).type_as(x)
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # (B, T, 1, hd/2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
-
-
 @dataclass
 class ForwardMeta:
     """What every block needs besides its input, built once per forward by `Transformer`.
@@ -237,93 +84,18 @@ class ForwardMeta:
     token_mask: Optional[torch.Tensor]
     is_causal: bool = True
     slot: Optional[torch.Tensor] = None
-    _varlen: Optional["VarlenIndex"] = None
+    _varlen: Optional[VarlenIndex] = None
 
     @property
     def continues(self) -> bool:
         """Whether the chunk follows tokens already in the KV cache (a decode step, a later prefill chunk)."""
         return self.start_pos > 0 or self.slot is not None
 
-    def varlen_index(self) -> "VarlenIndex":
+    def varlen_index(self) -> VarlenIndex:
         """Where the real tokens of this padded chunk sit (computed once per forward, on first use)."""
         if self._varlen is None:
             self._varlen = varlen_index(self.token_mask)
         return self._varlen
-
-
-@dataclass
-class VarlenIndex:
-    """The real tokens of a padded batch packed row after row, as flash-attn's varlen kernels read them.
-
-    indices: (N,) int64 flat positions in the B*T slots of the N real tokens, in row-major order.
-    cu_seqlens: (B+1,) int32 cumulative real-token counts: row b is packed[cu_seqlens[b]:cu_seqlens[b+1]].
-    max_seqlen: the largest real-token count of a row (a host int).
-    """
-
-    indices: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-
-def varlen_index(token_mask: torch.Tensor) -> VarlenIndex:
-    """token_mask (B, T) bool, True at real tokens -> their `VarlenIndex` (one host sync: max_seqlen)."""
-    seqlens = token_mask.sum(1, dtype=torch.int32)  # (B,)
-    cu_seqlens = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
-    indices = token_mask.reshape(-1).nonzero().squeeze(1)
-    return VarlenIndex(indices, cu_seqlens, int(seqlens.max()))
-
-
-def pack_rows(x: torch.Tensor, idx: VarlenIndex) -> torch.Tensor:
-    """x (B, T, ...) -> (N, ...): the real tokens only, row after row."""
-    return x.reshape(-1, *x.shape[2:]).index_select(0, idx.indices)
-
-
-def unpack_rows(packed: torch.Tensor, idx: VarlenIndex, bsz: int, seqlen: int) -> torch.Tensor:
-    """packed (N, ...) -> (B, T, ...), zeros at the pad slots (inverse of `pack_rows`)."""
-    out = packed.new_zeros(bsz * seqlen, *packed.shape[1:])
-    return out.index_copy(0, idx.indices, packed).view(bsz, seqlen, *packed.shape[1:])
-
-
-@functools.lru_cache(maxsize=1)
-def _flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def flash_attn_module():
-    """The flash_attn package when it can be imported (one already in `sys.modules` counts), else None."""
-    module = sys.modules.get("flash_attn")
-    if module is None and _flash_attn_installed():
-        import flash_attn as module  # optional dependency, imported only when asked for
-    return module
-
-
-@functools.lru_cache(maxsize=None)
-def kv_cache_dtype(weight_dtype: torch.dtype, device: torch.device, n_heads: int, n_kv_heads: int,
-                   head_dim: int) -> torch.dtype:
-    """The dtype of a KV cache for weights of `weight_dtype`: the same, except bf16/fp16 on a CPU where a
-    probe finds one decode step's attention faster over an fp32 cache (then fp32, and attention runs in
-    fp32). CPUs without AMX run half-precision SDPA far slower than fp32 (~6x for a one-token query
-    over 200 keys on a 2-core EPYC) while their fp32 kernel reads the keys at memory speed; a GPU
-    keeps the weights' dtype. The probe (a few ms, once per process and head shape) times a batch of
-    8 one-token queries over 256 cached keys in both dtypes."""
-    if device.type != "cpu" or weight_dtype not in (torch.bfloat16, torch.float16):
-        return weight_dtype
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(8, n_heads, 1, head_dim, generator=g)
-    k, v = (torch.randn(8, n_kv_heads, 256, head_dim, generator=g) for _ in range(2))
-    gqa = n_heads != n_kv_heads
-
-    def best_seconds(dtype: torch.dtype) -> float:
-        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
-        times = []
-        with torch.inference_mode():
-            for _ in range(4):  # the first call (kernel setup) is not counted
-                t0 = time.perf_counter()
-                F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=gqa)
-                times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return torch.float32 if best_seconds(torch.float32) < best_seconds(weight_dtype) else weight_dtype
 
 
 class KVCache(nn.Module):

@@ -3,7 +3,7 @@
 the stop-token, special-token and config logic kept here once.)
 
 `load_tokenizer(path)` reads `tokenizer.model` and picks the class by the file's content, not
-its name. A tiktoken model may carry a `tokenizer_config.json` beside it (DESIGN 3b) that
+its name. A tiktoken model may carry a `tokenizer_config.json` beside it (docs/formats.md, "Tokenizers") that
 overrides the LLaMA-3 defaults (see `TokenizerConfig`); this is how a model that is not Meta's
 LLaMA-3 (e.g. SmolLM2 imported from GGUF, specials at ids 0..16) gets exactly its own ids.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Iterator, Optional, Union
 
 import sentencepiece
 import tiktoken
+
+from llama.files import read_json_object
 
 # Meta's LLaMA-3 split pattern (tiktoken / fancy-regex syntax).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -45,7 +46,7 @@ CHAT_TEMPLATES = {
 }
 
 # tiktoken's Rust core panics above ~400k chars per call and is quadratic on very long runs of
-# whitespace or non-whitespace (tiktoken issue 195); Meta cuts the text at these sizes.
+# whitespace or non-whitespace (github.com/openai/tiktoken/issues/195); Meta cuts the text at these sizes.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _RUN_RE = re.compile(r"\s+|\S+")  # `\s` here is exactly `str.isspace`
@@ -295,19 +296,6 @@ def _chat_format(template: object, specials: dict[str, int]) -> Optional[str]:
     return (written or usable or [None])[0]
 
 
-def _read_json_object(path: Path) -> dict:
-    """The JSON object in `path` ({} when the file is absent); ValueError naming the file otherwise."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def load_hf_tokenizer(model_dir: Union[str, os.PathLike]) -> HFTokenizer:
     """The `HFTokenizer` of a Hugging Face model folder (`tokenizer.json`, optional
     `tokenizer_config.json` and `generation_config.json`)."""
@@ -321,8 +309,9 @@ def load_hf_tokenizer(model_dir: Union[str, os.PathLike]) -> HFTokenizer:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception on a malformed file
         raise ValueError(f"{path}: not a tokenizers file ({str(e)[:160]})") from None
-    return HFTokenizer(backend, _read_json_object(model_dir / "tokenizer_config.json"),
-                       _read_json_object(model_dir / "generation_config.json"), str(model_dir))
+    optional = [model_dir / "tokenizer_config.json", model_dir / "generation_config.json"]
+    config, generation = (read_json_object(p) if p.is_file() else {} for p in optional)
+    return HFTokenizer(backend, config, generation, str(model_dir))
 
 
 Tokenizer = Union[Tiktoken, SentencePiece, HFTokenizer]
@@ -375,14 +364,7 @@ def _read_ranks(data: bytes, path: Path) -> dict[bytes, int]:
 def _load_config(config_path: Path, ranks: dict[bytes, int]) -> TokenizerConfig:
     """Read and validate `tokenizer_config.json` (LLaMA-3 defaults if the file is absent)."""
     where = str(config_path) if config_path.exists() else f"{config_path} (absent: LLaMA-3 defaults)"
-    raw: object = {}
-    if config_path.exists():
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(config_path) if config_path.exists() else {}
     known = [f.name for f in dataclasses.fields(TokenizerConfig)]
     unknown = sorted(set(raw) - set(known))
     if unknown:

@@ -1,9 +1,9 @@
-"""Heterogeneous Mixture-of-Adapters on a frozen llama `Transformer` (DESIGN §1).
+"""Heterogeneous Mixture-of-Adapters on a frozen llama `Transformer` (docs/method.md).
 
     from moa import MoAConfig, attach_adapters
     model = attach_adapters(model, MoAConfig(lora_layers="0-32", prompt_layers="0-32", swi_x=4))
 
-The packages, one concept each (DESIGN §2): `moa.method` (the paper's method: config, experts,
+The packages, one concept each (docs/architecture.md): `moa.method` (the paper's method: config, experts,
 routers, the injection seam, in-memory adapter state, router statistics), `moa.files` (adapter and
 PEFT files, all-or-none writes), `moa.train`, `moa.infer`, `moa.eval` (scoring, pure Python),
 `moa.lora` (merge, SVD extraction, combination), `moa.tasks` (many task adapters on one model).
@@ -27,6 +27,9 @@ _PUBLIC = {
     "load_adapter_state_dict": "moa.method.state",
     "merge_lora": "moa.method.state",
     "RouterStats": "moa.method.stats",
+    "PRESETS": "moa.method.presets",
+    "preset_config": "moa.method.presets",
+    "preset_flags": "moa.method.presets",
     "save_adapter": "moa.files.adapters",
     "load_adapter": "moa.files.adapters",
     "load_trained_adapter": "moa.files.adapters",

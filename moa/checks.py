@@ -6,7 +6,6 @@ No torch at import time (`moa.eval` and the CLIs' argument checks use this modul
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -28,16 +27,10 @@ def check_number(flag: str, value: Any, low: float = 0.0) -> float:
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """The parsed content of `path`; FileNotFoundError or ValueError (`PATH: not valid JSON (line L
-    column C: ...)`) naming the file and what it should have been."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such {what}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    column C: ...)`) naming the file and what it should have been (`llama.files.read_json`)."""
+    from llama.files import read_json  # here, not at the top: the `llama` package imports torch
+
+    return read_json(path, f"such {what}")
 
 
 def require_rows(rows: list, path: str | os.PathLike) -> list:

@@ -12,11 +12,10 @@ import torch
 
 from llama.checkpoint import load_model
 from llama.generation import generate
+from moa.infer.dtype import DTYPES
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_dir", required=True, help="base-model directory (params.json, consolidated.NN.pth, tokenizer)")
     p.add_argument("question", help="the user's message")
@@ -24,14 +23,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_gen_len", type=int, default=256, help="most new tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
 
     t0 = time.perf_counter()
     try:
-        model, tokenizer = load_model(a.ckpt_dir, dtype=_DTYPES[a.dtype], device=a.device)
+        model, tokenizer = load_model(a.ckpt_dir, dtype=DTYPES[a.dtype], device=a.device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"chat: error: {e}")
     messages = ([{"role": "system", "content": a.system}] if a.system else [])

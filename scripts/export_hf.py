@@ -66,12 +66,17 @@ def export_hf(ckpt_dir: str | os.PathLike, out: str | os.PathLike, adapter_path:
     return hf.save_hf_dir(out, config, hf.to_hf_state_dict(state, args, tie), files, max_shard_size)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_dir", required=True, help="Meta base-model directory or Hugging Face folder")
     p.add_argument("--adapter_path", default=None, help="a plain LoRA adapter.pth to merge in (optional)")
     p.add_argument("--out", required=True, help="Hugging Face folder to write (must not exist)")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 200MB")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
         print(f"wrote {export_hf(a.ckpt_dir, a.out, a.adapter_path, a.max_shard_size)}")

@@ -19,8 +19,7 @@ from typing import Optional
 from moa.files.official import import_official
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """The command line; 0 on success, 2 (with a one-line error) when the input cannot be converted."""
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="official checkpoint-N.pth or adapter.pth")
@@ -28,7 +27,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--flags", default="", help='the run\'s adapter flags in our names, e.g. "--lora_alpha 16"')
     ap.add_argument("--args_from", default=None, help="an official checkpoint-N.pth whose args hold the run's flags")
     ap.add_argument("--llama_path", default=None, help="base-model folder (params.json) for the shape check")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line; 0 on success, 2 (with a one-line error) when the input cannot be converted."""
+    a = build_parser().parse_args(argv)
     try:
         import_official(a.checkpoint, a.out, a.flags, a.args_from, a.llama_path)
     except (ValueError, FileNotFoundError) as e:

@@ -21,12 +21,9 @@ from llama.checkpoint import load_params
 from moa.checks import check_writable
 from moa.cli import one_line_errors
 from moa.files.adapters import write_adapter_files
-from moa.files.peft import export_peft, import_peft
-from moa.lora.algebra import ExtractReport, extract_lora_svd, kept_energy, merge_into_base, read_plain_lora
+from moa.lora.algebra import energy_tables, extract_lora_svd, merge_into_base, read_plain_lora
 from moa.lora.combine import COMBINE_METHODS, combine
-from moa.method.config import LORA_TARGETS
-
-_TARGET_OF_PATH = {path: t for t, (_, path) in LORA_TARGETS.items()}  # 'attention.wq' -> 'Q'
+from moa.lora.peft import export_peft, import_peft
 
 
 def _ranks(text: str) -> list[int]:
@@ -40,32 +37,7 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
-def energy_tables(report: ExtractReport, rank: int, ranks: list[int]) -> str:
-    """Two markdown tables of kept energy: per layer x target at `rank` (the extracted LoRA), and per
-    target x each of `ranks`, the mean over layers with the minimum in brackets."""
-    grid: dict[int, dict[str, str]] = {}
-    for site in report.kept_energy:
-        _, layer, path = site.split(".", 2)  # 'layers.N.attention.wq'
-        grid.setdefault(int(layer), {})[_TARGET_OF_PATH[path]] = site
-    targets = [t for t in LORA_TARGETS if any(t in row for row in grid.values())]
-    lines = [f"kept energy at rank {rank}, per layer and target:", "",
-             "| layer | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
-    for layer, row in sorted(grid.items()):
-        lines.append(f"| {layer} | " + " | ".join(f"{report.kept_energy[row[t]]:.4f}" for t in targets) + " |")
-    lines += ["", "kept energy by rank, mean over layers [min]:", "",
-              "| target | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
-    for t in targets:
-        sites = [row[t] for row in grid.values()]
-        cells = []
-        for r in ranks:
-            values = [kept_energy(report.singular_values[site], r) for site in sites]
-            cells.append(f"{sum(values) / len(values):.4f} [{min(values):.4f}]")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-@one_line_errors("lora_tools", status=1)
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -103,7 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--peft", required=True, help="folder with adapter_config.json, adapter_model.safetensors")
     i.add_argument("--base", required=True, help="base-model directory (its params.json)")
     i.add_argument("--out", required=True, help="adapter.pth to write (or a folder)")
+    return p
 
+
+@one_line_errors("lora_tools", status=1)
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         check_writable("out", args.out, folder=_out_is_folder(args.command, args.out))

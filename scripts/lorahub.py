@@ -24,7 +24,7 @@ from moa.tasks.lorahub import INITS, LoraHubConfig, lorahub
 from moa.train.data import load_rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_dir", required=True, help="base-model directory")
     p.add_argument("--adapters", nargs="+", required=True, help="plain LoRA files (adapter.pth or folders), >= 2")
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(sum_i w_i B_i)(sum_i w_i A_i), as published LoraHub numbers were made")
     p.add_argument("--rank", type=int, default=None, help="--method svd: output rank (default: largest input rank)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         cfg = LoraHubConfig(steps=a.steps, l1=a.l1, bound=a.bound, sigma0=a.sigma0, init=a.init, seed=a.seed,
                             batch_size=a.batch_size, max_seq_len=a.max_seq_len, mode=a.lorahub_mode)

@@ -71,7 +71,7 @@ now() { echo "$EPOCHREALTIME"; }
 # record_time FILE KEY T0 T1: add T1 - T0 seconds to KEY in the JSON object of FILE (a resumed
 # training adds its part), written atomically.
 record_time() {
-  python3 -c "import json,os,sys; from moa.files.atomic import atomic_write_json; f,k,a,b=sys.argv[1:]
+  python3 -c "import json,os,sys; from moa.atomic import atomic_write_json; f,k,a,b=sys.argv[1:]
 d=json.load(open(f)) if os.path.exists(f) else {}; d[k]=round(d.get(k,0)+float(b)-float(a),1); atomic_write_json(f,d)" "$@"
 }
 
@@ -83,7 +83,7 @@ RUN_SETTINGS="MODEL METHOD SEED TRAIN_ROWS TEST_ROWS LOSS_ROWS EPOCHS WARMUP BAT
 # first run; a later run into the same $OUT with other settings stops (its files would be stale).
 check_settings() {
   mkdir -p "$OUT"
-  python3 -c "import json,os,sys; from moa.files.atomic import atomic_write_json
+  python3 -c "import json,os,sys; from moa.atomic import atomic_write_json
 path=os.path.join(os.environ['OUT'], 'run_settings.json')
 now={k.lower(): os.environ.get(k, '') for k in sys.argv[1:]}
 old=json.load(open(path)) if os.path.exists(path) else None

@@ -4,12 +4,12 @@
         --adapter runs/gsm8k/adapter.pth --data data/math/train/gsm8k_train.json
     python scripts/registry.py delete --registry tasks.json --task gsm8k
     python scripts/registry.py list --registry tasks.json        (also a domain/task/ directory tree)
-    python scripts/registry.py list --data_config data.json --adapter_pool pool.json   (the seeds' two files)
+    python scripts/registry.py list --data_config data.json --adapter_pool pool.json   (Adapters Selector's two files)
     python scripts/registry.py balance --registry tasks.json [--n_train N]
     python scripts/registry.py import --data_config data.json --adapter_pool pool.json --registry tasks.json
 
 `balance` sets every task's `n_train` (rows the selector trains on) to N, default the smallest
-task's row count. `import` writes the seeds' data config (JSON {domain: {task: data_path}} or a tree
+task's row count. `import` writes an Adapters Selector data config (JSON {domain: {task: data_path}} or a tree
 domain/task/train.json) and adapter pool (JSON {domain: {task: adapter_path}}) as one registry JSON
 (example.py, train_selector.py and TaskRoutedModel also read the two files as they are: --data_config
 --adapter_pool, `load_pool_registry`). After adding, deleting or balancing tasks, update the
@@ -50,8 +50,7 @@ def format_registry(reg: Registry) -> str:
     return "\n".join(lines)
 
 
-@one_line_errors("registry.py")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="register a task adapter and its training rows")
@@ -64,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     listing = sub.add_parser("list", help="print the tasks")
     bal = sub.add_parser("balance", help="set every task's n_train to the same count")
     bal.add_argument("--n_train", type=int, default=None, help="default: the smallest task's row count")
-    imp = sub.add_parser("import", help="write the seeds' data config + adapter pool as a registry JSON")
+    imp = sub.add_parser("import", help="write an Adapters Selector data config + adapter pool as a registry JSON")
     for sp in sub.choices.values():
         sp.add_argument("--registry", required=sp is not listing,
                         help="registry JSON (list: also a domain/task/ tree; import: the file written)")
     for sp in (listing, imp):
         sp.add_argument("--data_config", default=None, required=sp is imp,
-                        help="the seeds' data config: JSON {domain: {task: data_path}} or a tree domain/task/train.json")
+                        help="an Adapters Selector data config: JSON {domain: {task: data_path}} or a tree "
+                             "domain/task/train.json")
         sp.add_argument("--adapter_pool", default=None, required=sp is imp,
-                        help="the seeds' adapter pool: JSON {domain: {task: adapter_path}}")
-    a = p.parse_args(argv)
+                        help="an Adapters Selector adapter pool: JSON {domain: {task: adapter_path}}")
+    return p
+
+
+@one_line_errors("registry.py")
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         if a.command != "list":
             check_writable("registry", a.registry)

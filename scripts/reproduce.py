@@ -5,13 +5,16 @@
     python scripts/reproduce.py --model /path/Meta-Llama-3.1-8B --nproc 4 --scale full \\
         --methods soft_moa,sparse_moa,lora,lora_r16,hydralora,molora,adamole,unipeft
 
+Methods are the named flag sets of moa/method/presets.py (`python -m moa.method.presets --list`); an
+unknown name stops reproduce.py before any run.
+
 Each (method, seed) is one `scripts/run_{benchmark}.sh` run in OUT/{scale}/{benchmark}/{method}/seed{seed};
 a run whose `acc_score.jsonl` exists is finished and skipped (so an interrupted reproduction
 resumes, and inside a run every step resumes too; a run script stops rather than reuse a folder
 whose `run_settings.json` records other settings). The table (OUT/{benchmark}_{scale}_results.md and .csv)
-has, per method, the accuracy of every set and their average as mean ± sd over the seeds that
-finished, the held-out loss likewise (runs with `--loss_rows`), each method's paired difference to
-LoRA over the seeds both finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_{scale}_runs.csv
+has, per method, the accuracy of every set and their average as mean ± sd over the training seeds
+that finished, the held-out loss likewise (runs with `--loss_rows`), each method's paired difference to
+LoRA over the training seeds both finished, the trainable parameters, the mean training time and the peak memory; OUT/{benchmark}_{scale}_runs.csv
 has one row per run, with the flags it ran with. `--tables DIR` writes the tables there instead (e.g.
 a committed `results/` folder): a run recorded in DIR's runs file with the same flags counts as
 finished even where its run folder is gone, so a reproduction longer than one machine's session
@@ -33,8 +36,9 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 
+from moa.atomic import atomic_write_text
 from moa.eval.scoring import COMMONSENSE_SETS, MATH_SETS, SUMMARY_FILE
-from moa.files.atomic import atomic_write_text
+from moa.method.presets import PRESETS
 
 LOSS_SUMMARY = "loss_score.jsonl"  # evaluate_loss.py's summary lines, beside its per-row files
 
@@ -47,7 +51,7 @@ SCALES: dict[str, dict[str, str]] = {
     # The paper's comparison at CPU scale on the bundled SmolLM2-135M: every method trains on the same
     # 1,000 GSM8K rows for one epoch (125 optimizer steps of 8 rows; peak lr 1e-3 = blr 0.032 x 8 / 256,
     # 10% warmup) and is scored on the same first 100 rows of every math set (loss and accuracy).
-    # fp32 throughout, not auto: auto picks bf16 on some CPUs and fp32 on others, and the seeds of one
+    # fp32 throughout, not auto: auto picks bf16 on some CPUs and fp32 on others, and the runs of one
     # table run on whatever machine each session gets.
     "cpu": {"train_rows": "1000", "test_rows": "100", "loss_rows": "100", "epochs": "1", "warmup": "0.1",
             "batch": "8", "accum": "1", "blr": "0.032", "max_gen_len": "128", "min_gen_len": "0",
@@ -167,7 +171,7 @@ def metric(r: RunResult, kind: str, name: str) -> Optional[float]:
 
 
 def paired_difference(runs: Sequence[RunResult], reference: Sequence[RunResult], kind: str) -> tuple[float, float]:
-    """Mean and sd over the seeds both finished of (this method - reference) on the average."""
+    """Mean and sd over the training seeds both finished of (this method - reference) on the average."""
     ref = {r.seed: metric(r, kind, "average") for r in reference}
     diffs = [metric(r, kind, "average") - ref[r.seed] for r in runs
              if ref.get(r.seed) is not None and metric(r, kind, "average") is not None]
@@ -177,7 +181,7 @@ def paired_difference(runs: Sequence[RunResult], reference: Sequence[RunResult],
 def aggregate(results: Sequence[RunResult], sets: Sequence[str], reference: str = "lora") -> list[dict]:
     """One row per method (in first-seen order): per set and average, accuracy (percent) and loss as
     mean and sd over its seeds; the paired difference to `reference` on both averages; params; mean
-    train time; max peak memory; the seeds that finished."""
+    train time; max peak memory; the training seeds that finished."""
     rows = []
     ref_runs = [r for r in results if r.method == reference]
     for method in dict.fromkeys(r.method for r in results):
@@ -246,9 +250,10 @@ def write_tables(out: Path, name: str, results: Sequence[RunResult], sets: Seque
     return table
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="soft_moa,lora", help="comma-separated names of scripts/methods.sh")
+    p.add_argument("--methods", default="soft_moa,lora",
+                   help=f"comma-separated method names (moa/method/presets.py): {','.join(PRESETS)}")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated training seeds")
     p.add_argument("--benchmarks", default="math", help="comma-separated: math, commonsense")
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke",
@@ -259,6 +264,11 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
                         "flags are finished (a committed results/ folder resumes on a fresh checkout)")
     p.add_argument("--stop_on_error", action="store_true",
                    help="stop at the first failed run (default: report it and run the others)")
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    p = build_parser()
     args, passthrough = p.parse_known_args(argv)
     for flag in ("--method", "--seed", "--out"):
         if flag in passthrough:
@@ -275,6 +285,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for b in benchmarks:
         if b not in BENCHMARK_SETS:
             print(f"reproduce.py: error: --benchmarks {b!r}: expected math or commonsense", file=sys.stderr)
+            return 2
+    for m in methods:  # before any run: a name the run scripts would refuse after other methods' hours
+        if m not in PRESETS:
+            print(f"reproduce.py: error: --methods {m!r}: unknown method; known: {','.join(PRESETS)}",
+                  file=sys.stderr)
             return 2
     scale_flags = [x for k, v in SCALES[args.scale].items() if f"--{k}" not in passthrough for x in (f"--{k}", v)]
     flags = scale_flags + passthrough

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from llama.checkpoint import load_model
 from moa import RouterStats
+from moa.atomic import atomic_write_files, atomic_write_json
 from moa.cli import str2bool
 from moa.files.adapters import load_trained_adapter
-from moa.files.atomic import atomic_write_files, atomic_write_json
 from moa.infer.generate import encode_prompt
 from moa.train.data import load_rows, pad_right
 
@@ -83,7 +83,7 @@ def plot(tables: dict[str, Any], path: Path, title: str, sparse: bool) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_dir", required=True, help="base-model directory")
     p.add_argument("--adapter_path", required=True, help="adapter.pth with adapter_params.json beside it")
@@ -95,7 +95,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--with_output", type=str2bool, nargs="?", const=True, default=False,
                    help="also run each row's reference response (teacher forcing)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         rows = load_rows(a.data_path)
         rows = rows[:a.max_rows] if a.max_rows > 0 else rows

@@ -16,7 +16,7 @@ import random
 import sys
 from pathlib import Path
 
-from moa.files.atomic import atomic_write_text
+from moa.atomic import atomic_write_text
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -51,7 +51,7 @@ def write_json_kept(path: Path, obj: object) -> None:
         atomic_write_text(path, text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="+", type=Path, help="JSON list files")
     p.add_argument("--out", required=True, type=Path, help="the slice to write")
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed when mixing several sources")
     p.add_argument("--with_output", choices=["True", "False"], default="False",
                    help="True: keep only rows with a non-empty reference output (held-out loss slices)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.rows < 0:
         p.error(f"--rows: expected >= 0, got {a.rows}")

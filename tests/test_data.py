@@ -1,4 +1,4 @@
-"""moa.train.data: the Alpaca template (DESIGN §3), row validation, test-set overlap, tokenisation with
+"""moa.train.data: the Alpaca template (docs/formats.md), row validation, test-set overlap, tokenisation with
 label masking and truncation, dynamic padding. Exact comparisons (integers and strings)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Adapters compute in the activations' dtype (DESIGN §3): on a bf16 base with fp32 adapters, the
+"""Adapters compute in the activations' dtype (docs/formats.md): on a bf16 base with fp32 adapters, the
 adapters add no cast of a (tokens, dim)-sized activation, forward or backward; their gradients
 arrive in fp32; and the result follows the fp32 model within bf16's precision."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BSZ, SEQ = 2, 24
 SPAN = f"0-{TINY_PARAMS['n_layers']}"
-# The seed command's 7 types (LoRA Q,K,V,O,FFN_DOWN, parallel adapter, prompt, SwiGLU router), the
+# The paper's Soft MoA command's 7 types (LoRA Q,K,V,O,FFN_DOWN, parallel adapter, prompt, SwiGLU router), the
 # E-expert mixtures, and Sparse MoA (gathered tokens).
 FLAGS = {
     "soft": dict(lora_layers=SPAN, lora_rank=8, lora_alpha=16, lora_targets="Q,K,V,O,FFN_DOWN",

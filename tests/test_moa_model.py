@@ -334,7 +334,7 @@ def test_sparse_experts_run_only_on_selected_tokens_exact():
     run = 0
     for (i, slot), rows in rows_seen.items():
         r, x = model.layers[i].type_router, block_inputs[i]
-        with torch.no_grad():  # the selection from DESIGN §1: sigmoid(SwiGLU(x)) > sigmoid(Linear(x)) * 0.5
+        with torch.no_grad():  # the selection from docs/method.md: sigmoid(SwiGLU(x)) > sigmoid(Linear(x)) * 0.5
             w = torch.sigmoid(r.w2(F.silu(r.w1(x)) * r.w3(x)))[..., r.slots.index(slot)]
             keep = (w > torch.sigmoid(r.threshold(x))[..., 0] * 0.5) & mask  # (B, T)
         assert torch.equal(rows, site_inputs[(i, slot)][keep]), (i, slot)

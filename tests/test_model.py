@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llama.model import ModelArgs, Transformer, rope_inv_freq
+from llama.model import ModelArgs, Transformer
+from llama.rope import rope_inv_freq
 from tests.hf_reference import hf_config, hf_twin
 
 CONFIGS = {

@@ -1,10 +1,10 @@
 """Import of the official MoA code's checkpoints (moa.files.official, scripts/import_official.py).
 
-The official-format state dicts are built here from the names and shapes of issue 16's mapping table
-(random values); after conversion and a strict load into a tiny random model, the logits are checked
-(fp32, rel <= 1e-5) against `reference_logits`: a forward written from the formulas of DESIGN §1 that
-reads the OFFICIAL tensors by their official names (the type router's weight of type t is the official
-output row of t in the official type order), never our converted ones.
+The official-format state dicts are built here from the names and shapes of MoA's official code (the name
+table of moa.files.official; random values); after conversion and a strict load into a tiny random model,
+the logits are checked (fp32, rel <= 1e-5) against `reference_logits`: a forward written from the
+formulas of docs/method.md that reads the OFFICIAL tensors by their official names (the type router's weight
+of type t is the official output row of t in the official type order), never our converted ones.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
-from llama.model import rope_inv_freq
+from llama.rope import rope_inv_freq
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
 from moa.files.official import FormatError, import_official
 from tests.helpers import TINY_PARAMS, random_state_dict, rel

@@ -1,5 +1,5 @@
-"""One writer per output, and no result reused or replaced under other settings (issue 17 groups 1,
-2, 5): through the real command lines, with real kills at real points (tiny models, a few rows)."""
+"""One writer per output, and no result reused or replaced under other settings:
+through the real command lines, with real kills at real points (tiny models, a few rows)."""
 from __future__ import annotations
 
 import json

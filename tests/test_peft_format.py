@@ -1,4 +1,4 @@
-"""moa/files/peft.py against PEFT itself (peft.PeftModel on transformers' LLaMA, tests/hf_reference.py):
+"""moa/lora/peft.py against PEFT itself (peft.PeftModel on transformers' LLaMA, tests/hf_reference.py):
 export -> PeftModel.from_pretrained and get_peft_model -> save -> import give our logits (rel <= 1e-4, fp32)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from llama.checkpoint import load_model, load_params
 from moa import MoAConfig, attach_adapters, load_adapter, save_adapter
-from moa.files.peft import export_peft, halves_to_interleaved, import_peft, interleaved_to_halves
+from moa.lora.peft import export_peft, halves_to_interleaved, import_peft, interleaved_to_halves
 from tests.helpers import make_lora_adapter, rel, write_meta_model_dir
 from tests.hf_reference import hf_twin, interleaved_to_half_split
 

@@ -23,10 +23,10 @@ from tests.test_hf_checkpoint import hf_logits, hf_tokenizer, our_logits, tokens
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 VOCAB = 320
-# The paper's seed command (Soft MoA, 7 types, swi_x 4) at Qwen3-8B's shape.
-SEED = dict(lora_layers="0-36", lora_rank=8, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN", hydra_moe=True,
-            expert_num=1, p_adapter_layers="0-36", p_adapter_size=16, p_adapter_hydra=True, prompt_layers="0-36",
-            prompt_len=10, swi_x=4)
+# The paper's Soft MoA command (7 types, swi_x 4) at Qwen3-8B's shape.
+SOFT_MOA = dict(lora_layers="0-36", lora_rank=8, lora_alpha=8, lora_targets="Q,K,V,O,FFN_DOWN", hydra_moe=True,
+                expert_num=1, p_adapter_layers="0-36", p_adapter_size=16, p_adapter_hydra=True, prompt_layers="0-36",
+                prompt_len=10, swi_x=4)
 QWEN3_8B = {"model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
             "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
@@ -108,7 +108,7 @@ def test_lora_at_zero_init_equals_bare_logits_on_qwen3(qwen3):
 
 
 @pytest.mark.parametrize("flags", [
-    dict(SEED, lora_layers="0-2", p_adapter_layers="0-2", prompt_layers="0-2"),  # Soft MoA, 7 types
+    dict(SOFT_MOA, lora_layers="0-2", p_adapter_layers="0-2", prompt_layers="0-2"),  # Soft MoA, 7 types
     dict(lora_layers="0-2", lora_rank=4, lora_targets="Q,V", expert_num=4, expert_router="topk", top_k=2,
          p_adapter_layers="0-2", p_adapter_size=8, type_router="sparse"),
     dict(lora_layers="0-2", lora_rank=4, expert_num=4, expert_router="adamole", type_router="instance",
@@ -128,12 +128,12 @@ def test_every_adapter_and_router_runs_on_qwen3_with_gradients(qwen3, flags):
     assert trainable and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
-def test_seed_soft_moa_trainable_parameters_at_the_qwen3_8b_shape():
+def test_paper_soft_moa_trainable_parameters_at_the_qwen3_8b_shape():
     params = params_from_config(QWEN3_8B, "Qwen3-8B config.json")
     with torch.device("meta"):
         model = Transformer(ModelArgs(**params))
     assert model.args.ffn_hidden_dim == 12288 and model.args.head_dim == 128
-    attach_adapters(model, MoAConfig(**SEED))
+    attach_adapters(model, MoAConfig(**SOFT_MOA))
     n = count_adapter_parameters(model)
-    print(f"\nSoft MoA (the seed command) at the Qwen3-8B shape: {n / 1e6:.2f}M trainable parameters")
+    print(f"\nSoft MoA (the paper's Soft MoA command) at the Qwen3-8B shape: {n / 1e6:.2f}M trainable parameters")
     assert round(n / 1e6, 2) == 27.00

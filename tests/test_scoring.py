@@ -1,6 +1,6 @@
-"""Scoring rules (DESIGN §3a) and the sibling-file driver (DESIGN §3 "scores").
+"""Scoring rules (docs/inference-and-evaluation.md, "The scoring rule") and the sibling-file driver (docs/formats.md, "scores").
 
-Reference: the LLM-Adapters scoring rules as DESIGN §3a states them; every expected
+Reference: the LLM-Adapters scoring rules as docs/inference-and-evaluation.md, "The scoring rule" states them; every expected
 verdict below is worked out by hand in its comment. Numeric tolerance: 1e-3 absolute.
 """
 import json

@@ -1,5 +1,5 @@
 """moa/tasks/selector_update.py (scripts/train_selector.py --update), the embedding cache, and the
-seeds' registry form (moa/tasks/registry.py load_pool_registry).
+Adapters Selector data-config format of a registry (moa/tasks/registry.py load_pool_registry).
 
 References: the rows passed to the embedder, counted (an update embeds only the rows it never saw);
 the same update with every row embedded afresh (probabilities within 1e-5: cached rows were embedded
@@ -238,7 +238,7 @@ def test_train_selector_update_cli_prints_the_cache_and_refuses_a_changed_flag(f
         train_selector_main(common + ["--out", str(new), "--update", str(old)])  # no --action
 
 
-def test_seeds_data_config_and_adapter_pool_load_as_the_same_registry(files, tmp_path, capsys):
+def test_adapters_selector_data_config_and_adapter_pool_load_as_the_same_registry(files, tmp_path, capsys):
     base, adapters, data, model, tok = files
     reg_path = registry(tmp_path / "tasks.json", files, ["add", "yesno"])
     (tmp_path / "data.json").write_text(json.dumps({"synthetic": {t: str(data[t]) for t in ("add", "yesno")}}))

@@ -6,7 +6,7 @@ References: every row generated alone with its own adapter loaded through the si
 example.py --adapter_path (`load_trained_adapter` on a freshly loaded base; the CLI itself for the
 example.py test), greedy, fp32, token for token. "Clean" is checked against the model as loaded: the
 same module classes, state_dict keys and values, requires_grad, and logits of the bare base outside rows.
-The seeds' two files (`--data_config D --adapter_pool P`, `load_pool_registry`) are checked against the
+A data config and an adapter pool (`--data_config D --adapter_pool P`, `load_pool_registry`) are checked against the
 registry JSON that `scripts/registry.py import` writes from them (records and text equal).
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ from tests.task_helpers import make_task_adapter, write_rows
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 TASKS = ["lora0", "lora1", "soft_a", "soft_b", "hydra"]
-# Soft MoA: 5 LoRA types + prompt + parallel adapter in layer 1, SwiGLU type router (the seed command's shape).
+# Soft MoA: 5 LoRA types + prompt + parallel adapter in layer 1, SwiGLU type router (the paper's Soft MoA
+# command's shape).
 SOFT = MoAConfig(lora_layers="0-2", lora_targets="Q,K,V,O,FFN_DOWN", lora_rank=4, lora_alpha=8, prompt_layers="1-2",
                  prompt_len=3, p_adapter_layers="0-2", p_adapter_size=8, type_router="soft", swi_x=4)
 HYDRA = MoAConfig(lora_layers="0-2", lora_targets="Q,V,FFN_UP", lora_rank=4, lora_alpha=8, expert_num=3,
@@ -329,9 +330,9 @@ def test_example_py_routes_moa_entries_top1_as_each_adapter_alone(setup, tmp_pat
             [g for g, row in zip(ref, test) if row["task"] == t], t
 
 
-def seeds_files(root: Path, paths: dict[str, Path], folder: Path, tasks: list[str]) -> tuple[Path, Path]:
-    """The seeds' two files for `tasks` (in that order) in `folder`: a data config and an adapter pool,
-    their paths relative to `folder` (as the seeds write them)."""
+def pool_files(root: Path, paths: dict[str, Path], folder: Path, tasks: list[str]) -> tuple[Path, Path]:
+    """The Adapters Selector data-config format's two files for `tasks` (in that order) in `folder`: a data
+    config and an adapter pool, their paths relative to `folder` (as Adapters Selector writes them)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data_config.json"
     pool = folder / "adapter_pool.json"
@@ -340,13 +341,14 @@ def seeds_files(root: Path, paths: dict[str, Path], folder: Path, tasks: list[st
     return data, pool
 
 
-def test_example_py_with_the_seeds_two_files_writes_the_records_of_the_imported_registry(setup, tmp_path, capsys):
+def test_example_py_with_data_config_and_adapter_pool_writes_the_records_of_the_imported_registry(setup, tmp_path,
+                                                                                                   capsys):
     """example.py --data_config D --adapter_pool P against --adapter_registry of the JSON that
     `scripts/registry.py import` writes from the same two files: the same records, line for line; a rerun
     with either file changed is refused naming it."""
     root, base, paths, _ = setup
     tasks = ["hydra", "lora1", "soft_b"]
-    data, pool = seeds_files(root, paths, tmp_path / "seeds", tasks)
+    data, pool = pool_files(root, paths, tmp_path / "pool_files", tasks)
     imported = tmp_path / "imported.json"
     assert registry_main(["import", "--data_config", str(data), "--adapter_pool", str(pool),
                           "--registry", str(imported)]) == 0
@@ -400,7 +402,7 @@ def test_example_py_routing_flags_name_the_two_registry_forms(setup, tmp_path, c
         assert message in capsys.readouterr().err, flags
 
 
-def test_task_routed_model_loads_the_seeds_two_files_as_the_imported_registry(setup, tmp_path):
+def test_task_routed_model_loads_data_config_and_adapter_pool_as_the_imported_registry(setup, tmp_path):
     """TaskRoutedModel.load with `load_pool_registry(D, P)` against the registry JSON imported from the same
     files: the same routing and text per row; a selector of other tasks is refused naming both files."""
     from moa import TaskRoutedModel
@@ -408,7 +410,7 @@ def test_task_routed_model_loads_the_seeds_two_files_as_the_imported_registry(se
 
     root, base, paths, _ = setup
     tasks = ["soft_a", "lora0"]
-    data, pool = seeds_files(root, paths, tmp_path / "seeds", tasks)
+    data, pool = pool_files(root, paths, tmp_path / "pool_files", tasks)
     imported = tmp_path / "imported.json"
     assert registry_main(["import", "--data_config", str(data), "--adapter_pool", str(pool),
                           "--registry", str(imported)]) == 0

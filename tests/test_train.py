@@ -1,4 +1,4 @@
-"""Training (issue #6): the seed command end to end with Meta's real tokenizer, DDP on 2 CPU processes
+"""Training: the paper's Soft MoA command end to end with Meta's real tokenizer, DDP on 2 CPU processes
 (Gloo) against one process, exact resume, the learning-rate schedule, label-only loss, bad inputs.
 
 Run as a script (`python -m torch.distributed.run --nproc_per_node 2 tests/test_train.py OUT MODEL DATA`)
@@ -26,7 +26,7 @@ import extract_adapter_from_checkpoint
 import main_finetune
 from llama.model import ModelArgs, Transformer  # noqa: E402
 from moa import MoAConfig, adapter_state_dict, attach_adapters, load_adapter_state_dict  # noqa: E402
-from moa.files.adapters import file_sha256  # noqa: E402
+from moa.files.settings import sha256_file as file_sha256  # noqa: E402
 from moa.train.data import Example, InstructionDataset, collate  # noqa: E402
 from moa.train.schedule import WarmupCosine, param_groups, scaled_lr  # noqa: E402
 from moa.train.trainer import CausalLMLoss, DistEnv, forward_backward, wrap_ddp  # noqa: E402
@@ -155,9 +155,9 @@ def test_torchrun_two_cpu_processes_sparse_moa_no_hang_and_grads_equal_one_proce
     assert any(single[n].abs().max() > 0 for n in single if ".attention.wq.lora_" in n)
 
 
-# ---- the seed command ----------------------------------------------------------------------------------
-def seed_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
-    """Issue #6's command, N = 4 (accum_iter 32/4/8 = 1), layer spans 0-2 for the 2-layer model."""
+# ---- the paper's Soft MoA command ----------------------------------------------------------------------
+def soft_moa_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
+    """The paper's Soft MoA command, N = 4 (accum_iter 32/4/8 = 1), layer spans 0-2 for the 2-layer model."""
     return ("--llama_path {m}/ --data_path {d} --expert_num 1 --lora_layers 0-2 --lora_rank 8 "
             "--lora_targets Q,K,V,O,FFN_DOWN --lora_alpha 8 --hydra_moe True --seed 0 --p_adapter_layers 0-2 "
             "--p_adapter_size 16 --p_adapter_hydra True --prompt_layers 0-2 --prompt_len 10 --swi_x 4 "
@@ -172,9 +172,9 @@ def _lr_formula(peak: float, min_lr: float, warmup: float, epochs: int, e: float
     return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup)))
 
 
-def test_seed_command_trains_bf16_with_meta_tokenizer_loss_down_files_and_extract(meta_tok_model_dir, tmp_path,
-                                                                                   capsys):
-    """The seed command (plus --lr, --log_every 1, --data_root) on a tiny random model with Meta's
+def test_paper_soft_moa_command_trains_bf16_with_meta_tokenizer_loss_down_files_and_extract(meta_tok_model_dir,
+                                                                                            tmp_path, capsys):
+    """The paper's Soft MoA command (plus --lr, --log_every 1, --data_root) on a tiny random model with Meta's
     tokenizer.model: loss goes down, lr follows the formula, checkpoints hold only adapters + state,
     extraction writes exactly the adapters and the flags to rebuild them."""
     rows = _rows(32)
@@ -182,7 +182,7 @@ def test_seed_command_trains_bf16_with_meta_tokenizer_loss_down_files_and_extrac
     (tmp_path / "root" / "math" / "Toy").mkdir(parents=True)
     _write_data(tmp_path / "root" / "math" / "Toy" / "test.json", [{"instruction": "what is 2 +  2?", "output": ""}])
     data, out = _write_data(tmp_path / "train.json", rows), tmp_path / "out"
-    argv = seed_argv(meta_tok_model_dir, data, out) + ["--lr", "0.02", "--log_every", "1",
+    argv = soft_moa_argv(meta_tok_model_dir, data, out) + ["--lr", "0.02", "--log_every", "1",
                                                          "--data_root", str(tmp_path / "root")]
     assert main_finetune.main(argv) == 0
     printed = capsys.readouterr().out
@@ -406,7 +406,7 @@ def test_boolean_flags_take_true_false_and_bare_flag_means_true():
 
 # ---- memory features and padding -----------------------------------------------------------------------
 def _soft_moa_model(type_router: str = "soft") -> Transformer:
-    """Tiny model with the seed command's adapter types (7 per block), adapters at random values."""
+    """Tiny model with the paper's Soft MoA command's adapter types (7 per block), adapters at random values."""
     model = Transformer(ModelArgs(**TINY_PARAMS, max_seq_len=64))
     model.load_state_dict(random_state_dict(TINY_PARAMS, seed=0))
     attach_adapters(model, MoAConfig(lora_layers="0-2", lora_rank=4, p_adapter_layers="0-2", p_adapter_size=8,

@@ -124,6 +124,13 @@ def test_unknown_method_is_refused_with_the_known_names(tiny_model_dir, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_reproduce_refuses_an_unknown_method_before_any_run(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--methods", "lora,nope", "--seeds", "0",
+                           "--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--methods 'nope': unknown method" in proc.stderr and "hydralora" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_reproduce_two_methods_one_seed_table_rows_and_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "repro"
     cmd = [sys.executable, "scripts/reproduce.py", "--methods", "lora,p_adapter", "--seeds", "0",

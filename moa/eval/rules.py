@@ -1,4 +1,4 @@
-"""The scoring rules (DESIGN §3a): what a generation predicts for a set, and whether that
+"""The scoring rules (docs/inference-and-evaluation.md, "The scoring rule"): what a generation predicts for a set, and whether that
 prediction is right. The standard rules are the LLM-Adapters rules that the MoA paper's numbers
 use; the strict rules (math only) read an explicit final answer and are reported beside them.
 

@@ -1,4 +1,4 @@
-"""Scoring of prediction files for the math and commonsense benchmarks (DESIGN §3 "scores", §3a).
+"""Scoring of prediction files for the math and commonsense benchmarks (docs/formats.md "scores", docs/inference-and-evaluation.md "the scoring rule").
 
 Pure Python (no torch), so scoring runs anywhere the prediction files are.
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from moa.atomic import atomic_write_text
 from moa.checks import check_writable
 from moa.eval.rules import (  # noqa: F401
     COMMONSENSE_SETS,
@@ -42,7 +43,6 @@ from moa.eval.rules import (  # noqa: F401
     rule_for,
     score_generation,
 )
-from moa.files.atomic import atomic_write_text
 
 SUMMARY_FILE = "acc_score.jsonl"
 SCORED_SUFFIX = "_scored"

@@ -22,13 +22,15 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from llama.files import state_dict_mismatch
+from moa.atomic import atomic_write_files, write_json
 from moa.checks import load_tensors, read_json
-from moa.files.atomic import atomic_write_files, write_json
+from moa.files.settings import file_identity, sha256_file
 from moa.method.config import WRITE_MANIFEST, MoAConfig, parse_adapter_params
 from moa.method.inject import adapter_names, attach_adapters, moa_config
 from moa.method.state import adapter_state_dict, load_adapter_state_dict, pissa_as_plain_lora
@@ -37,6 +39,20 @@ ADAPTER_FILE = "adapter.pth"
 ADAPTER_PARAMS = "adapter_params.json"
 # Base tensors that training changed (norms, biases; --w_bias True), beside adapter.pth.
 BASE_TRAINED = "base_trained.pth"
+
+
+def adapter_identity(adapter_path: Optional[str | os.PathLike]) -> dict[str, Any]:
+    """An adapter, for the settings record of an output (moa/files/settings.py): its path and the content
+    of adapter.pth and the files beside it that it is read with (adapter_params.json, base_trained.pth);
+    {"adapter_path": None} for the bare model."""
+    if not adapter_path:
+        return {"adapter_path": None}
+    path = os.path.abspath(adapter_path)
+    file = os.path.join(path, ADAPTER_FILE) if os.path.isdir(path) else path
+    folder = os.path.dirname(file)
+    files = {n: file_identity(os.path.join(folder, n)) for n in (ADAPTER_PARAMS, BASE_TRAINED)}
+    files[os.path.basename(file)] = file_identity(file)
+    return {"adapter_path": path, "adapter_files": {k: v for k, v in files.items() if v is not None}}
 
 
 @dataclass
@@ -86,15 +102,6 @@ def _tensor_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_same_write(params_path: Path, manifest: object) -> None:
     """A ValueError unless every file `manifest` names exists beside `params_path` with the hash recorded
     there (written together with it). No manifest: files of older code, unchecked."""
@@ -104,7 +111,7 @@ def check_same_write(params_path: Path, manifest: object) -> None:
         raise ValueError(f"{params_path}: {WRITE_MANIFEST!r} must map file names to SHA-256 hashes")
     for name, digest in sorted(manifest.items()):
         file = params_path.parent / str(name)
-        if not file.is_file() or file_sha256(file) != digest:
+        if not file.is_file() or sha256_file(file) != digest:
             why = "missing" if not file.is_file() else "its content hash differs from the one recorded there"
             raise ValueError(f"{file} and {params_path} are from different writes ({name} {why}): write the "
                              "adapter again (python extract_adapter_from_checkpoint.py --checkpoint PATH)")
@@ -242,8 +249,7 @@ def load_trained_adapter(model: nn.Module, adapter_path: str | os.PathLike, base
         raise ValueError(f"{params_path}: {e}: the adapter was trained on a different base model than "
                          f"--ckpt_dir {base}, or this {ADAPTER_PARAMS} was changed") from None
     params_now = dict(model.named_parameters())
-    wrong = [(k, tuple(files.state[k].shape), tuple(params_now[k].shape)) for k in adapter_names(model)
-             if k in files.state and files.state[k].shape != params_now[k].shape]
+    wrong = state_dict_mismatch({k: params_now[k] for k in adapter_names(model)}, files.state)[2]
     if wrong:
         raise ValueError(_shape_mismatch(model, files.cfg, path, params_path, base, wrong))
     try:

@@ -56,21 +56,6 @@ def model_identity(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return {"ckpt_dir": folder, "model_files": files}
 
 
-def adapter_identity(adapter_path: Optional[str | os.PathLike]) -> dict[str, Any]:
-    """An adapter: its path and the content of adapter.pth and the files beside it that it is read
-    with (adapter_params.json, base_trained.pth); {"adapter_path": None} for the bare model."""
-    if not adapter_path:
-        return {"adapter_path": None}
-    from moa.files.adapters import ADAPTER_FILE, ADAPTER_PARAMS, BASE_TRAINED
-
-    path = os.path.abspath(adapter_path)
-    file = os.path.join(path, ADAPTER_FILE) if os.path.isdir(path) else path
-    folder = os.path.dirname(file)
-    files = {n: file_identity(os.path.join(folder, n)) for n in (ADAPTER_PARAMS, BASE_TRAINED)}
-    files[os.path.basename(file)] = file_identity(file)
-    return {"adapter_path": path, "adapter_files": {k: v for k, v in files.items() if v is not None}}
-
-
 def data_identity(data_path: str | os.PathLike) -> dict[str, Any]:
     """A data file: its path and content."""
     return {"data_path": os.path.abspath(data_path), "data_file": file_identity(data_path)}

@@ -1,2 +1,4 @@
-"""Inference (example.py): `prompts` (the Alpaca template), `generate` (batched, data-parallel,
-resumable benchmark generation), `predictions` (prediction files and their partial files)."""
+"""Inference (example.py, evaluate_loss.py): `generate` (batched, data-parallel, resumable benchmark
+generation), `loss` (the held-out loss of reference outputs), `rowjob` (the resumable pass over a test
+file's rows both make), `predictions` (output files and their partial files), `dtype` (the weights'
+dtype)."""

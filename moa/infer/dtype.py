@@ -18,12 +18,15 @@ from typing import Callable, Optional
 
 import torch
 
+# The one table of --dtype names (example.py, evaluate_loss.py, scripts and benchmarks); a command line
+# that accepts fewer says which (`resolve_dtype(..., names=)`, argparse `choices`).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The names `resolve_dtype` accepts unless told otherwise (evaluate_loss.py's --dtype): float16 is not one.
 DTYPE_NAMES = ("auto", "float32", "bfloat16")
 BF16_MARGIN = 1.3  # bf16 must be at least this many times faster than fp32 to be chosen
 PROBE_SHAPE = (1024, 576, 1536)  # (m, k, n): (m, k) @ (k, n)
 PROBE_SECONDS = 0.4  # timing budget per dtype (after one warm-up call)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _cache: dict[int, tuple[float, float]] = {}  # thread count -> (fp32 GFLOP/s, bf16 GFLOP/s)
 
 
@@ -79,15 +82,16 @@ def clear_probe_cache() -> None:
     _cache.clear()
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> tuple[torch.dtype, str]:
-    """The dtype `name` (auto | float32 | bfloat16) means on `device`, and a one-line report of the choice.
+def resolve_dtype(name: str, device: torch.device | str,
+                  names: tuple[str, ...] = DTYPE_NAMES) -> tuple[torch.dtype, str]:
+    """The dtype `name` (auto or a key of `DTYPES`) means on `device`, and a one-line report of the choice.
 
-    ValueError for another name.
+    ValueError for a name not in `names` (default: auto | float32 | bfloat16).
     """
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"--dtype: expected one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    if name not in names:
+        raise ValueError(f"--dtype: expected one of {', '.join(names)}, got {name!r}")
     if name != "auto":
-        return _DTYPES[name], f"dtype {name} (as asked)"
+        return DTYPES[name], f"dtype {name} (as asked)"
     dev = torch.device(device)
     if dev.type == "cuda":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

@@ -28,46 +28,37 @@ may round differently at another batch size, which can flip a near-tie in bf16).
 `torch.Generator` per rank seeded with `seed + rank`: reproducible for the same flags, batch size
 and number of ranks, but a row's sample depends on which rows share its batch and its rank.
 
-Resumable, atomic output (the partial files and their merge: moa/infer/predictions.py): each rank appends
-finished rows to its own partial file, flushed after every batch; a rerun with the same settings
-skips them; rank 0 writes the prediction file in test order, atomically, once every row is done.
+Resumable, atomic output (the partial files and their merge: moa/infer/predictions.py; the pass over
+the rows, shared with the held-out loss: moa/infer/rowjob.py): each rank appends finished rows to its
+own partial file, flushed after every batch; a rerun with the same settings skips them; rank 0 writes
+the prediction file in test order, atomically, once every row is done.
+
+Per-row adapters (example.py --adapter_registry / --data_config with --selector) come from the caller:
+`run_inference(cfg, routing)` takes a `RoutingLoader` (example.py builds it from the task modules,
+`moa.tasks.routing.generation_routing`); this module knows nothing of registries or selectors.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
 from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import Transformer
 from moa.checks import check_int, require_rows
-from moa.files.adapters import LoadedAdapter, load_trained_adapter
-from moa.files.lock import OutputLock
-from moa.files.settings import adapter_identity, data_identity, file_identity, jsonable, model_identity
-from moa.infer.dtype import resolve_dtype
-from moa.infer.predictions import (
-    complete_already,
-    merge_partials,
-    partial_header,
-    partial_path,
-    prediction_record,
-    read_partials,
-)
-from moa.tasks.registry import registry_from_flags, registry_named
-from moa.tasks.routing import RoutingPlan, check_routing_flags, plan_task_routing
+from moa.files.adapters import LoadedAdapter, adapter_identity, load_trained_adapter
+from moa.files.settings import data_identity, file_identity, jsonable, model_identity
+from moa.infer.dtype import DTYPES, resolve_dtype
+from moa.infer.predictions import prediction_record
+from moa.infer.rowjob import RowJob, run_locked
 from moa.train.data import build_prompt, load_rows
-from moa.train.distributed import init_distributed, on_rank0
+from moa.train.distributed import on_rank0
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 @dataclass
 class InferenceConfig:
@@ -78,7 +69,7 @@ class InferenceConfig:
     save_path: str
     adapter_path: Optional[str] = None
     adapter_registry: Optional[str] = None  # task adapters picked/fused per row by --selector (moa/tasks/routing.py)
-    data_config: Optional[str] = None  # with adapter_pool: the seeds' two files instead of adapter_registry
+    data_config: Optional[str] = None  # with adapter_pool: instead of adapter_registry (Adapters Selector format)
     adapter_pool: Optional[str] = None
     selector: Optional[str] = None
     fusion: str = "top1"  # top1 | topp
@@ -106,15 +97,16 @@ class InferenceConfig:
             raise ValueError(f"--temperature: expected >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p: expected a value in (0, 1], got {self.top_p!r}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"--dtype: expected auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        check_routing_flags(self.adapter_path, self.adapter_registry, self.selector, self.fusion,
-                            self.top_p_adapters, self.data_config, self.adapter_pool)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        # The routing flags (registry, selector, fusion) are checked where the routing is built
+        # (moa.tasks.routing.check_routing_flags, from example.py and generation_routing).
 
     @property
     def routed(self) -> bool:
-        """Whether each row runs on the task adapter(s) the selector picks (a registry is named)."""
-        return registry_named(self.adapter_registry, self.data_config, self.adapter_pool)
+        """Whether the flags name per-row task routing (a registry and its selector): then `run_inference`
+        takes the routing built from them."""
+        return bool(self.adapter_registry or self.data_config or self.adapter_pool or self.selector)
 
 
 @dataclass
@@ -154,6 +146,30 @@ class Prompt:
     tokens: list[int]
     budget: int
     truncated: Optional[str]  # None, "input" or "prompt_left"
+
+
+class RowRouting(Protocol):
+    """Per-row adapters for generation, on the loaded model (example.py's: `moa.tasks.routing.RoutingPlan`)."""
+
+    @property
+    def max_seq_len(self) -> Optional[int]:
+        """The adapters' smallest training max_seq_len (None: none recorded); routed rows run at it."""
+
+    def partition(self, items: Sequence[Prompt]) -> list[list[Prompt]]:
+        """`items` in parts served alike, in serving order (batches are made within a part)."""
+
+    def serving(self) -> ContextManager[Any]:
+        """Generate the batches inside; the model is put back at its end."""
+
+    def rows(self, batch: Sequence[Prompt]) -> ContextManager[Any]:
+        """Run one batch's generation inside with each row on its adapters."""
+
+    def row_info(self, index: int) -> dict[str, Any]:
+        """What to record with row `index`'s prediction (e.g. the chosen task)."""
+
+
+RoutingPlanner = Callable[[Transformer, Any, list[dict]], RowRouting]  # (model, tokenizer, test rows) -> routing
+RoutingLoader = Callable[[], RoutingPlanner]  # reads and checks the routing's files, before the model is loaded
 
 
 def resolve_max_seq_len(requested: Optional[int], train_max_seq_len: Optional[int], context: int) -> tuple[int, str]:
@@ -244,69 +260,73 @@ def make_batches(prompts: list[Prompt], max_batch_size: int, max_slots: int) -> 
 
 
 # ---- the generation loop -------------------------------------------------------------------------
+def generate_batch(model: Transformer, tokenizer: Any, rows: list[dict], batch: list[Prompt], cfg: InferenceConfig,
+                   generator: torch.Generator, routing: Optional[RowRouting] = None) -> tuple[list[dict], int]:
+    """Generate one batch: its prediction records (each with the row `index` first) and the new tokens
+    kept. With `routing` the batch runs with its rows' adapters, and each record gets the row's choice."""
+    with routing.rows(batch) if routing is not None else contextlib.nullcontext():
+        outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
+                        temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer,
+                        generator=generator, compile_decode=cfg.compile_decode)
+    records, new_tokens = [], 0
+    for p, out in zip(batch, outs):
+        # The batch may run past a row's own budget; a row that reached its budget without a
+        # stop token ended at its limit, whichever of the two it was.
+        if len(out) >= p.budget:
+            finish = "max_gen_len" if p.budget == cfg.max_gen_len else "max_seq_len"
+        else:
+            finish = "stop"
+        out = out[: p.budget]
+        new_tokens += len(out)
+        record = prediction_record(rows[p.index], tokenizer.decode(out), len(p.tokens), len(out), finish,
+                                   p.truncated)
+        if routing is not None:
+            record.update(routing.row_info(p.index))
+        records.append({"index": p.index, **record})
+    return records, new_tokens
+
+
 def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], batches: list[list[Prompt]],
-                          cfg: InferenceConfig, partial: Path, header: dict, generator: torch.Generator,
-                          show_progress: bool, routing: Optional[RoutingPlan] = None) -> tuple[int, float]:
-    """Generate `batches` and append their prediction records (with the row index) to `partial`, which
-    gets `header` as its first line when new; flushed and synced after every batch. With `routing`
-    (a task registry and --selector), each batch first gets its rows' task adapters, and each record the choice.
+                          cfg: InferenceConfig, job: RowJob, generator: torch.Generator, show_progress: bool,
+                          routing: Optional[RowRouting] = None) -> tuple[int, float]:
+    """Generate `batches` and append their prediction records (with the row index) to this rank's partial
+    file of `job` (`RowJob.write_partial`: flushed and synced after every batch).
 
     Returns (new tokens kept, seconds of generation).
     """
-    new_tokens, t0 = 0, time.perf_counter()
-    fresh = not partial.exists() or partial.stat().st_size == 0
-    bar = tqdm(total=sum(map(len, batches)), unit="row", disable=not show_progress,
-               desc=Path(cfg.save_path).name)
-    with open(partial, "a", encoding="utf-8") as f:
-        if fresh:
-            f.write(json.dumps(header) + "\n")
-        for batch in batches:
-            with routing.rows(batch) if routing is not None else contextlib.nullcontext():
-                outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
-                                temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer,
-                                generator=generator, compile_decode=cfg.compile_decode)
-            lines = []
-            for p, out in zip(batch, outs):
-                # The batch may run past a row's own budget; a row that reached its budget without a
-                # stop token ended at its limit, whichever of the two it was.
-                if len(out) >= p.budget:
-                    finish = "max_gen_len" if p.budget == cfg.max_gen_len else "max_seq_len"
-                else:
-                    finish = "stop"
-                out = out[: p.budget]
-                new_tokens += len(out)
-                record = prediction_record(rows[p.index], tokenizer.decode(out), len(p.tokens), len(out), finish,
-                                           p.truncated)
-                if routing is not None:
-                    record.update(routing.row_info(p.index))
-                lines.append(json.dumps({"index": p.index, **record}, ensure_ascii=False) + "\n")
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
-    bar.close()
-    return new_tokens, time.perf_counter() - t0
+    new_tokens = 0
+
+    def run_batch(batch: list[Prompt]) -> list[dict]:
+        nonlocal new_tokens
+        records, n = generate_batch(model, tokenizer, rows, batch, cfg, generator, routing)
+        new_tokens += n
+        return records
+
+    seconds = job.write_partial(batches, run_batch, show_progress=show_progress,
+                                postfix=lambda s: {"tok_s": f"{new_tokens / max(s, 1e-9):.1f}"})
+    return new_tokens, seconds
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def run_inference(cfg: InferenceConfig) -> InferenceSummary:
+def run_inference(cfg: InferenceConfig, routing: Optional[RoutingLoader] = None) -> InferenceSummary:
     """Generate the prediction file `cfg.save_path` for the test rows of `cfg.data_path`.
+
+    `routing`: when the flags name per-row task routing (`cfg.routed`), the routing built from them
+    (example.py: `moa.tasks.routing.generation_routing(cfg)`); it reads its files after the settings
+    check and before the model is loaded, and plans the rows on the loaded model.
 
     Under torchrun every rank calls this: the rows are split across ranks and rank 0 writes the
     file. Returns the same summary on every rank. User mistakes raise ValueError /
     FileNotFoundError naming the flag or file.
     """
-    own_group = not dist.is_initialized()
-    env = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lock = OutputLock(cfg.save_path)  # held by rank 0, the writer of the file, for the whole run
-    try:
-        on_rank0(lock.acquire, env.rank, env.world_size)
-        return _run(cfg, env.rank, env.world_size, str(env.device))
-    finally:
-        lock.release()
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+    if cfg.routed and routing is None:
+        raise ValueError("--adapter_registry / --data_config / --selector name per-row task routing: pass the "
+                         "routing built from them (moa.tasks.routing.generation_routing(cfg), as example.py does)")
+    if routing is not None and not cfg.routed:
+        raise ValueError("a routing was given, but no task registry is named (--adapter_registry, or "
+                         "--data_config with --adapter_pool, and --selector)")
+    return run_locked(cfg.save_path, cfg.device,
+                      lambda rank, world, device: _run(cfg, routing, rank, world, str(device)))
 
 
 def _auto_dtype(device: str) -> str:
@@ -316,50 +336,45 @@ def _auto_dtype(device: str) -> str:
     return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 
-def _run(cfg: InferenceConfig, rank: int, world: int, device: str) -> InferenceSummary:
+def _run(cfg: InferenceConfig, routing: Optional[RoutingLoader], rank: int, world: int,
+         device: str) -> InferenceSummary:
     dtype_name = cfg.dtype if cfg.dtype != "auto" else on_rank0(lambda: _auto_dtype(device), rank, world)
     save = Path(cfg.save_path)
     rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
-    settings = on_rank0(lambda: _settings(cfg, dtype_name), rank, world)
-    if on_rank0(lambda: complete_already(save, settings, len(rows), cfg.overwrite, "example.py"), rank, world):
+    job = RowJob(save, rows, rank, world)
+    if job.settle(lambda: _settings(cfg, dtype_name), cfg.overwrite, "example.py"):
         return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
 
-    # The registry's files are read (and checked) before the model is loaded.
-    registry = registry_from_flags(cfg.adapter_registry, cfg.data_config, cfg.adapter_pool) if cfg.routed else None
-    model, tokenizer = load_model(cfg.ckpt_dir, dtype=_DTYPES[dtype_name], device=device)
+    # The routing's files (the registry) are read (and checked) before the model is loaded.
+    planner = routing() if routing is not None else None
+    model, tokenizer = load_model(cfg.ckpt_dir, dtype=DTYPES[dtype_name], device=device)
     context = model.args.max_seq_len
     loaded = load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir) if cfg.adapter_path else LoadedAdapter(None, [])
-    routing = None
-    if registry is not None:
-        routing = plan_task_routing(model, tokenizer, rows, registry, cfg.selector, cfg.fusion,
-                                    cfg.top_p_adapters, base_dir=cfg.ckpt_dir)
+    router = planner(model, tokenizer, rows) if planner is not None else None
     # Routed rows run at the registry adapters' (smallest) training max_seq_len, as one adapter does at its own.
-    train_len = loaded.max_seq_len if routing is None else routing.max_seq_len
+    train_len = loaded.max_seq_len if router is None else router.max_seq_len
     max_seq_len, source = resolve_max_seq_len(cfg.max_seq_len, train_len, context)
     model.eval()
 
-    done = set(on_rank0(lambda: sorted(read_partials(save, settings, rows, repair=True)), rank, world))
-    pending = [i for i in range(len(rows)) if i not in done]
+    pending = job.pending()
     prompts = make_prompts(tokenizer, rows, pending, max_seq_len, cfg.max_gen_len, cfg.min_gen_len)
-    prompts.sort(key=lambda p: (-len(p.tokens), p.index))
-    mine = prompts[rank::world]  # round-robin over the length order: every rank gets a similar mix
+    mine = job.deal(prompts, length=lambda p: len(p.tokens), index=lambda p: p.index)
     # Routed rows: the bank's rows mix LoRAs freely; each non-LoRA task adapter's rows get batches of their own.
-    parts = [mine] if routing is None else routing.partition(mine)
+    parts = [mine] if router is None else router.partition(mine)
     batches = [b for part in parts for b in make_batches(part, cfg.max_batch_size, context)]
 
     generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     new_tokens, seconds = 0, 0.0
     if mine:
-        with routing.serving() if routing is not None else contextlib.nullcontext():  # attach each adapter once
-            new_tokens, seconds = generate_into_partial(
-                model, tokenizer, rows, batches, cfg, partial_path(save, rank, world),
-                partial_header(save, settings), generator, show_progress=cfg.progress and rank == 0, routing=routing)
-    gathered = _gather({"rows": len(mine), "tokens": new_tokens, "seconds": seconds}, world)
+        with router.serving() if router is not None else contextlib.nullcontext():  # attach each adapter once
+            new_tokens, seconds = generate_into_partial(model, tokenizer, rows, batches, cfg, job, generator,
+                                                        show_progress=cfg.progress and rank == 0, routing=router)
+    gathered = job.gather({"rows": len(mine), "tokens": new_tokens, "seconds": seconds})
 
-    counts = on_rank0(lambda: merge_partials(save, settings, rows), rank, world)
+    counts = job.finish()
     return InferenceSummary(
         save_path=str(save), rows=len(rows), generated_rows=sum(s["rows"] for s in gathered),
-        resumed_rows=len(done), new_tokens=sum(s["tokens"] for s in gathered),
+        resumed_rows=job.resumed, new_tokens=sum(s["tokens"] for s in gathered),
         seconds=max(s["seconds"] for s in gathered), world_size=world, max_seq_len=max_seq_len,
         max_seq_len_source=source, base_trained=len(loaded.base_trained), **counts)
 
@@ -378,7 +393,7 @@ def _settings(cfg: InferenceConfig, dtype_name: str) -> dict[str, Any]:
     if cfg.adapter_registry:
         settings.update(adapter_registry=os.path.abspath(cfg.adapter_registry),
                         registry_file=file_identity(cfg.adapter_registry))
-    if cfg.data_config:  # the seeds' two files: both recorded, as the registry file is
+    if cfg.data_config:  # a data config and an adapter pool: both recorded, as the registry file is
         settings.update(data_config=os.path.abspath(cfg.data_config),
                         data_config_file=file_identity(cfg.data_config),
                         adapter_pool=os.path.abspath(cfg.adapter_pool),
@@ -388,15 +403,6 @@ def _settings(cfg: InferenceConfig, dtype_name: str) -> dict[str, Any]:
                         selector_file=file_identity(cfg.selector) if cfg.selector else None,
                         fusion=cfg.fusion, top_p_adapters=cfg.top_p_adapters if cfg.fusion == "topp" else None)
     return jsonable(settings)
-
-
-def _gather(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:
-    """Every rank's `stats`; also the barrier after which every partial file is closed."""
-    if world == 1:
-        return [stats]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, stats)
-    return gathered
 
 
 def format_summary(s: InferenceSummary, min_gen_len: int) -> str:

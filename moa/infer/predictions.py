@@ -1,4 +1,4 @@
-"""The prediction file (DESIGN §3 "predictions") and the partial files that make it resumable.
+"""The prediction file (docs/formats.md, "predictions") and the partial files that make it resumable.
 
 One JSON object per test row, in the test file's order: `generate, output, input, instruction,
 answer` first, then the row's other fields, then what inference adds (`prompt_tokens`,
@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from moa.files.atomic import atomic_write_files
+from moa.atomic import atomic_write_files
 from moa.files.settings import read_sidecar, settings_diff, sidecar_path, sidecar_record
 
 PARTIAL_SUFFIX = ".partial"
@@ -36,7 +36,7 @@ PREDICTION_FIELDS = ("generate", "output", "input", "instruction", "answer")
 
 def prediction_record(row: dict, text: str, prompt_tokens: int, n_new: int, finish: str,
                       truncated: Optional[str]) -> dict:
-    """One line of the prediction file: the DESIGN fields first, then the row's others, then ours.
+    """One line of the prediction file: the documented fields first, then the row's others, then ours.
 
     text: the decoded new tokens; prompt_tokens / n_new: token counts of the prompt (BOS included)
     and of the kept generation; finish: "stop", "max_gen_len" or "max_seq_len"; truncated: None,

@@ -1,6 +1,6 @@
 """LoRA algebra on adapter files: merge a plain LoRA into a base-model directory, extract a LoRA
-from the difference of two base-model directories (truncated SVD); combining several LoRAs is
-moa/lora/combine.py.
+from the difference of two base-model directories (truncated SVD) and tabulate the energy it keeps
+(`energy_tables`); combining several LoRAs is moa/lora/combine.py.
 
 A *plain LoRA* is an adapter whose only type is LoRA, one per site, applied at weight 1:
 `--expert_num 1`, `--type_router none`, no prompt, no parallel adapter. Only such an adapter is a
@@ -263,3 +263,30 @@ def extract_lora_svd(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, 
     site_keys = {f"{s}.weight" for s in sites}
     other = [k for k in base if k not in site_keys and not torch.equal(base[k].float(), tuned[k].float())]
     return cfg, state, ExtractReport(energy, values, other)
+
+
+_TARGET_OF_PATH = {path: t for t, (_, path) in LORA_TARGETS.items()}  # 'attention.wq' -> 'Q'
+
+
+def energy_tables(report: ExtractReport, rank: int, ranks: Sequence[int]) -> str:
+    """Two Markdown tables of an extraction's kept energy: per layer x target at `rank` (the extracted
+    LoRA), and per target x each of `ranks`, the mean over layers with the minimum in brackets."""
+    grid: dict[int, dict[str, str]] = {}
+    for site in report.kept_energy:
+        _, layer, path = site.split(".", 2)  # 'layers.N.attention.wq'
+        grid.setdefault(int(layer), {})[_TARGET_OF_PATH[path]] = site
+    targets = [t for t in LORA_TARGETS if any(t in row for row in grid.values())]
+    lines = [f"kept energy at rank {rank}, per layer and target:", "",
+             "| layer | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for layer, row in sorted(grid.items()):
+        lines.append(f"| {layer} | " + " | ".join(f"{report.kept_energy[row[t]]:.4f}" for t in targets) + " |")
+    lines += ["", "kept energy by rank, mean over layers [min]:", "",
+              "| target | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
+    for t in targets:
+        sites = [row[t] for row in grid.values()]
+        cells = []
+        for r in ranks:
+            values = [kept_energy(report.singular_values[site], r) for site in sites]
+            cells.append(f"{sum(values) / len(values):.4f} [{min(values):.4f}]")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from moa.atomic import atomic_write_json
 from moa.checks import read_json
-from moa.files.atomic import atomic_write_json
 
 # --lora_targets name -> (slot name, path of the projection inside a TransformerBlock).
 # The slot name is the key the type router uses for that LoRA type.
@@ -66,7 +66,7 @@ def _flag(default: Any, help: str) -> Any:
 
 @dataclass
 class MoAConfig:
-    """The adapter flags, by their command-line names (see DESIGN §1 for what each one means).
+    """The adapter flags, by their command-line names (see docs/method.md for what each one means).
 
     Layer spans are strings `a-b[,c-d]` over block indices, end exclusive (`0-32` = blocks 0..31,
     `0-0` = none); their range is checked against the model in `layers()`.

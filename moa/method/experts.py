@@ -1,4 +1,4 @@
-"""The expert modules (DESIGN §1): LoRA sites (plain, MoLoRA, HydraLoRA), the parallel adapter
+"""The expert modules (docs/method.md): LoRA sites (plain, MoLoRA, HydraLoRA), the parallel adapter
 (single, MoE, hydra) and the prompt (single, E prompt sets).
 
 Every site reads its `Route` with `current_route(self.slot)` (handed out by its block for the
@@ -257,7 +257,7 @@ def pissa_factors(weight: torch.Tensor, rank: int, scale: float, niter: int = 0)
 
 
 class ParallelAdapter(nn.Module):
-    """`up(SiLU(down(u)))` added to the FFN output, u = ffn_norm(h) (DESIGN §1).
+    """`up(SiLU(down(u)))` added to the FFN output, u = ffn_norm(h) (docs/method.md).
 
     E = 1: `down (size, dim)`, `down_bias (size,)`, `up (dim, size)`, `up_bias (dim,)`.
     E > 1: `up (E, dim, size)`, `up_bias (E, dim)`, `router` (Linear(dim, E) with bias); `down`

@@ -177,7 +177,7 @@ def attach_adapters(model: Transformer, cfg: MoAConfig, dtype: Optional[torch.dt
 
 
 def reset_adapter_parameters(model: Transformer) -> None:
-    """Re-initialise every adapter tensor as at creation (DESIGN §1), e.g. after `to_empty()` of a
+    """Re-initialise every adapter tensor as at creation (docs/method.md), e.g. after `to_empty()` of a
     model attached on the meta device. Frozen base weights are never touched."""
     for module in model.modules():
         if isinstance(module, LoRALinear):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from llama.files import first_keys, state_dict_mismatch
 from moa.method.experts import LoRALinear
 from moa.method.inject import MoABlock, adapter_buffers, adapter_names, moa_config
 
@@ -30,28 +31,21 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
     Strict: a missing or unexpected key, or a shape that differs, is a `ValueError` naming it.
     """
-    tensors = dict(model.named_parameters()) | adapter_buffers(model)
-    names = list(adapter_names(model)) + list(adapter_buffers(model))
-    missing = [n for n in names if n not in state]
-    unexpected = sorted(set(state) - set(names))
+    params = dict(model.named_parameters())
+    tensors = {name: params[name] for name in adapter_names(model)} | adapter_buffers(model)
+    missing, unexpected, wrong = state_dict_mismatch(tensors, state)
     if missing or unexpected:
         raise ValueError("adapter state does not match the model's adapters: "
-                         + (f"missing keys {_first_keys(missing)}" if missing else "")
+                         + (f"missing keys {first_keys(missing)}" if missing else "")
                          + ("; " if missing and unexpected else "")
-                         + (f"unexpected keys {_first_keys(unexpected)}" if unexpected else "")
+                         + (f"unexpected keys {first_keys(unexpected)}" if unexpected else "")
                          + _deciding_flags(missing + unexpected))
-    for name in names:
-        if tuple(state[name].shape) != tuple(tensors[name].shape):
-            raise ValueError(f"adapter state: {name} has shape {tuple(state[name].shape)}, "
-                             f"the model expects {tuple(tensors[name].shape)}")
+    if wrong:
+        name, got, want = wrong[0]
+        raise ValueError(f"adapter state: {name} has shape {got}, the model expects {want}")
     with torch.no_grad():
-        for name in names:
-            tensors[name].copy_(state[name])
-
-
-def _first_keys(keys: list[str], shown: int = 6) -> str:
-    """`keys` as a list, cut after `shown` with a count of the rest (a whole model's names flood)."""
-    return str(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+        for name, t in tensors.items():
+            t.copy_(state[name])
 
 
 # Which MoAConfig flags decide that a tensor of this kind exists (matched on its key, first match wins).

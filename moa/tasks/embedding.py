@@ -27,8 +27,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from llama.model import Transformer
+from moa.atomic import atomic_write_files
 from moa.checks import check_int, load_tensors
-from moa.files.atomic import atomic_write_files
 from moa.files.settings import file_identity
 from moa.method.routers import masked_mean
 from moa.train.data import pad_right

@@ -8,9 +8,10 @@ Two forms, loaded into the same `Registry`:
 - a directory tree `ROOT/domain/task/` holding `adapter.pth` (+ `adapter_params.json`) and
   `train.json` (the task's training rows).
 
-The seeds' form, a data config (JSON `{domain: {task: data_path}}` or a tree `ROOT/domain/task/train.json`)
-with a separate adapter-pool JSON `{domain: {task: adapter_path}}`, loads into the same `Registry`
-(`load_pool_registry`; command lines: `--data_config D --adapter_pool P`, `registry_from_flags`).
+The Adapters Selector data-config format, a data config (JSON `{domain: {task: data_path}}` or a tree
+`ROOT/domain/task/train.json`) with a separate adapter-pool JSON `{domain: {task: adapter_path}}`, loads
+into the same `Registry` (`load_pool_registry`; command lines: `--data_config D --adapter_pool P`,
+`registry_from_flags`).
 
 Task names are unique over the whole registry (a task name is a selector class and names its
 adapter): the same task under two domains, or twice in one domain of the JSON, is a `ValueError`
@@ -26,8 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+from moa.atomic import atomic_write_json
 from moa.files.adapters import ADAPTER_FILE, adapter_file
-from moa.files.atomic import atomic_write_json
 from moa.files.lock import OutputLock
 from moa.tasks.swap import adapter_kind
 from moa.train.data import load_rows
@@ -54,7 +55,7 @@ class TaskEntry:
 @dataclass
 class Registry:
     """Tasks in file order (that order is the selector's class order). `source`: the JSON file or
-    directory it was read from (None for one built in memory); for the seeds' form the adapter pool,
+    directory it was read from (None for one built in memory); for a data config and an adapter pool, the pool,
     with `data_config` the data config it was read with (None otherwise)."""
 
     entries: list[TaskEntry]
@@ -280,7 +281,7 @@ def balance_tasks(path: str | os.PathLike, n_train: Optional[int] = None) -> Reg
     return load_registry(path)
 
 
-# ---- the seeds' form: a data config and an adapter pool -----------------------------------------------
+# ---- the Adapters Selector data-config format: a data config and an adapter pool ----------------------
 
 def _read_task_paths(path: Path, flag: str, what: str) -> dict[str, tuple[str, Path]]:
     """{task: (domain, path)} of a JSON `{domain: {task: PATH}}` whose paths name `what` files
@@ -314,8 +315,8 @@ def _read_data_tree(root: Path) -> dict[str, tuple[str, Path]]:
 
 
 def load_pool_registry(data_config: str | os.PathLike, adapter_pool: str | os.PathLike) -> Registry:
-    """The seeds' two configs as one validated `Registry` (Adapters Selector's data config and adapter
-    pool): `data_config`, a JSON `{domain: {task: data_path}}` or a tree `ROOT/domain/task/train.json`,
+    """A data config and an adapter pool (the Adapters Selector data-config format) as one validated
+    `Registry`: `data_config`, a JSON `{domain: {task: data_path}}` or a tree `ROOT/domain/task/train.json`,
     and `adapter_pool`, a JSON `{domain: {task: adapter_path}}` (relative paths: relative to the JSON
     file's folder). Both must list the same tasks under the same domains: a task in one only, or under
     another domain, is a `ValueError` naming the task and both files. Tasks in the data config's order;
@@ -350,8 +351,8 @@ def registry_named(adapter_registry: Optional[str | os.PathLike] = None,
     `--adapter_pool`; both forms at once, or one of the two files alone, is a `ValueError` naming the
     flags. Reads no file (checked before anything is loaded)."""
     if adapter_registry and (data_config or adapter_pool):
-        raise ValueError(f"--{registry_flag} excludes --data_config / --adapter_pool (those two files are the "
-                         "seeds' form of one registry)")
+        raise ValueError(f"--{registry_flag} excludes --data_config / --adapter_pool (those two files are one "
+                         "registry in the Adapters Selector data-config format)")
     if bool(data_config) != bool(adapter_pool):
         raise ValueError("--data_config and --adapter_pool go together (the tasks' training rows, and their adapters)")
     return bool(adapter_registry or data_config)
@@ -373,5 +374,5 @@ def registry_from_flags(adapter_registry: Optional[str | os.PathLike] = None,
 
 def as_registry(registry: "Registry | str | os.PathLike") -> Registry:
     """`registry` itself, or the validated registry read from that path (a registry JSON or domain/task/
-    tree, `load_registry`); the seeds' two files come as a `Registry` (`load_pool_registry`)."""
+    tree, `load_registry`); a data config and an adapter pool come as a `Registry` (`load_pool_registry`)."""
     return registry if isinstance(registry, Registry) else registry_from_flags(registry)

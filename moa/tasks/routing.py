@@ -1,6 +1,6 @@
 """Per-row task-adapter routing for generation (`example.py --adapter_registry FILE --selector PATH
-[--fusion top1|topp --top_p_adapters P]`; the seeds' two files instead of the registry:
-`--data_config D --adapter_pool P`).
+[--fusion top1|topp --top_p_adapters P]`; a data config and an adapter pool in the Adapters Selector
+data-config format instead of the registry: `--data_config D --adapter_pool P`).
 
 Before any adapter is attached, the selector reads every row's base-model embedding and gives task
 probabilities (R, N). Each row then runs with adapter weights (N,): one-hot on its most probable
@@ -27,14 +27,15 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import torch
 
 from llama.model import Transformer
+from moa.infer.generate import InferenceConfig, RoutingLoader
 from moa.tasks.embedding import embed_rows
 from moa.tasks.fusion import AttachedBank, attach_bank, load_bank, top_p_weights
-from moa.tasks.registry import Registry, as_registry, registry_named
+from moa.tasks.registry import Registry, as_registry, registry_from_flags, registry_named
 from moa.tasks.selector import Selector, check_tasks, load_selector
 from moa.tasks.swap import LORA_KIND, MOA_KIND, AdapterSwap, load_swap_adapter
 
@@ -277,7 +278,7 @@ def load_task_adapters(model: Transformer, reg: Registry, base_dir: str = "the b
 def load_routing(model: Transformer, registry: Registry | str | os.PathLike, selector: str | os.PathLike,
                  base_dir: str = "the base model") -> tuple[Selector, TaskAdapters]:
     """Read the selector (and the registry, when given by path: a registry JSON or domain/task/ tree; a
-    `Registry` is taken as it is, e.g. the seeds' two files read by `registry_from_flags`), and attach
+    `Registry` is taken as it is, e.g. a data config and an adapter pool read by `registry_from_flags`), and attach
     the registry's adapters to `model` (bare base; `load_task_adapters`). The registry's tasks must be
     the selector's classes, in any order (an updated selector keeps its old classes' indices): the
     adapters are taken in the selector's class order."""
@@ -294,3 +295,26 @@ def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], 
     """`load_routing`, then `route_rows` (example.py's one pass over a test file)."""
     sel, adapters = load_routing(model, registry, selector, base_dir)
     return route_rows(model, tokenizer, rows, sel, adapters, fusion, top_p_adapters)
+
+
+def generation_routing(cfg: InferenceConfig) -> Optional[RoutingLoader]:
+    """The routing that example.py's flags (`cfg`) describe, as `moa.infer.generate.run_inference(cfg,
+    routing)` takes it: None when they name no registry; otherwise the flags are checked
+    (`check_routing_flags`, reading no file) and the loader returned reads the registry
+    (`registry_from_flags`) when generation calls it, before the model is loaded; the planner it returns
+    routes the test rows on the loaded base (`plan_task_routing`)."""
+    check_routing_flags(cfg.adapter_path, cfg.adapter_registry, cfg.selector, cfg.fusion, cfg.top_p_adapters,
+                        cfg.data_config, cfg.adapter_pool)
+    if not registry_named(cfg.adapter_registry, cfg.data_config, cfg.adapter_pool):
+        return None
+
+    def load() -> Callable[[Transformer, Any, Sequence[dict]], RoutingPlan]:
+        registry = registry_from_flags(cfg.adapter_registry, cfg.data_config, cfg.adapter_pool)
+
+        def plan(model: Transformer, tokenizer: Any, rows: Sequence[dict]) -> RoutingPlan:
+            return plan_task_routing(model, tokenizer, rows, registry, cfg.selector, cfg.fusion,
+                                     cfg.top_p_adapters, base_dir=cfg.ckpt_dir)
+
+        return plan
+
+    return load

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa.atomic import atomic_write_files
 from moa.checks import check_int, load_tensors
-from moa.files.atomic import atomic_write_files
 from moa.files.settings import sha256_file
 from moa.tasks.embedding import EmbedConfig, EmbeddingCache, embed_tokens, row_tokens
 from moa.train.data import load_rows

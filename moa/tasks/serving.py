@@ -1,11 +1,11 @@
 """Many task adapters on one model, in process: load once, then route and generate as often as
-wanted (the seeds' `ModelWithSelector(...).generate(datapoint)`).
+wanted (Adapters Selector's `ModelWithSelector(...).generate(datapoint)`).
 
     model = TaskRoutedModel.load("models/smollm2", "runs/tasks/tasks.json", "runs/tasks/selector.pt")
     outs = model.generate([{"instruction": "What is 2 + 3?"}, "Is the sky green?"], max_gen_len=64)
     outs[0]["generate"], outs[0]["selected_task"], outs[0]["adapter_weights"]
     model.generate(rows, fusion="topp", top_p_adapters=0.9)   # again, the same loaded model
-    # the seeds' two files instead of a registry JSON (moa.tasks.registry.load_pool_registry):
+    # a data config and an adapter pool instead of a registry JSON (moa.tasks.registry.load_pool_registry):
     TaskRoutedModel.load("models/smollm2", load_pool_registry("data_config.json", "adapter_pool.json"), "selector.pt")
 
 The base, the registry's adapters (`moa.tasks.routing.TaskAdapters`: the plain LoRAs as one bank, the
@@ -48,7 +48,7 @@ class TaskRoutedModel:
              *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TaskRoutedModel":
         """The base of `base_dir`, the adapters of `registry` and the selector file trained on it.
         `registry`: a registry JSON or domain/task/ tree (as `--adapter_registry`), or a `Registry`, e.g.
-        the seeds' data config and adapter pool, `load_pool_registry(data_config, adapter_pool)`. The
+        an Adapters Selector data config and adapter pool, `load_pool_registry(data_config, adapter_pool)`. The
         registry is read and checked before the base is loaded."""
         reg = as_registry(registry)
         model, tokenizer = load_model(base_dir, dtype=dtype, device=device)

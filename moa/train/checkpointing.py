@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moa.atomic import atomic_write_files
 from moa.checks import load_tensors
-from moa.files.atomic import atomic_write_files
 from moa.method.config import MoAConfig
 from moa.method.state import adapter_state_dict, load_adapter_state_dict
 from moa.train.run_dir import check_resume_args

@@ -38,7 +38,7 @@ _WS = re.compile(r"\s+")
 
 
 def build_prompt(instruction: str, input: Optional[str] = None) -> str:
-    """The Alpaca prompt (DESIGN §3) of one row, used by training and inference alike.
+    """The Alpaca prompt (docs/formats.md) of one row, used by training and inference alike.
 
     An empty or missing `input` selects the template without input.
     """

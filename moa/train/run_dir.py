@@ -22,7 +22,7 @@ import os
 import re
 from typing import Any, Optional
 
-from moa.files.atomic import atomic_write_json, atomic_write_text
+from moa.atomic import atomic_write_json, atomic_write_text
 from moa.files.lock import OutputLock
 from moa.files.settings import data_identity, jsonable, model_identity, settings_diff
 

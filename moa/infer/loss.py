@@ -24,34 +24,29 @@ One forward per batch, no generation: rows sorted by length (longest first), rig
 computed row by row and a chunk of positions at a time by `moa.train.loss.label_cross_entropy`
 (never a (B, T, vocab) block). Data-parallel under torchrun (the length order dealt round-robin to the
 ranks), resumable through the partial files of moa/infer/predictions.py (same settings only); rank 0
-writes the file in test order, then appends the summary line to `loss_score.jsonl` beside it.
-
-This module imports torch; `moa.eval` itself does not import it.
+writes the file in test order, then appends the summary line to `loss_score.jsonl` beside it. The pass
+over the rows (lock, settings, resume, length order, partial files, merge) is generation's too:
+moa/infer/rowjob.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
 from llama.checkpoint import load_model
 from llama.model import Transformer
 from moa.checks import check_int, require_rows
-from moa.files.adapters import load_trained_adapter
-from moa.files.lock import OutputLock
-from moa.files.settings import adapter_identity, data_identity, jsonable, model_identity
+from moa.files.adapters import adapter_identity, load_trained_adapter
+from moa.files.settings import data_identity, jsonable, model_identity
 from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
-from moa.infer.predictions import complete_already, merge_partials, partial_header, partial_path, read_partials
+from moa.infer.rowjob import RowJob, run_locked
 from moa.train.data import IGNORE_INDEX, Example, InstructionDataset, collate, load_rows, tokenize_rows
-from moa.train.distributed import init_distributed, on_rank0
 from moa.train.loss import label_cross_entropy
 
 SCORE_FILE = "loss_score.jsonl"
@@ -178,49 +173,24 @@ def make_batches(items: list[tuple[int, Example, int]], max_batch_size: int) -> 
     return [ordered[s:s + max_batch_size] for s in range(0, len(ordered), max_batch_size)]
 
 
-def score_into_partial(model: Transformer, rows: list[dict], batches: list[list[tuple[int, Example, int]]],
-                       device: torch.device | str, partial: Path, header: dict, show_progress: bool,
-                       desc: str) -> tuple[int, float]:
-    """Score `batches` and append one record per row (with its index) to `partial` (gets `header` first
-    when new), flushed and synced after every batch. Returns (rows scored, seconds)."""
-    t0, n_rows = time.perf_counter(), 0
-    fresh = not partial.exists() or partial.stat().st_size == 0
-    bar = tqdm(total=sum(map(len, batches)), unit="row", disable=not show_progress, desc=desc)
-    with open(partial, "a", encoding="utf-8") as f:
-        if fresh:
-            f.write(json.dumps(header) + "\n")
-        for items in batches:
-            batch = collate([InstructionDataset([ex])[0] for _, ex, _ in items])
-            sums, counts = row_nll_sums(model, batch, device)
-            lines = []
-            for (i, _, cut), s, n in zip(items, sums, counts):
-                row = rows[i]
-                record = {"index": i, "nll": s / n, "tokens": n, "instruction": row["instruction"],
-                          "input": row.get("input"), "nll_sum": s, "cut_tokens": cut}
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-            n_rows += len(items)
-            bar.update(len(items))
-    bar.close()
-    return n_rows, time.perf_counter() - t0
+def score_batch(model: Transformer, rows: list[dict], items: list[tuple[int, Example, int]],
+                device: torch.device | str) -> list[dict]:
+    """One forward over a batch of items: one loss record per row, its index first."""
+    batch = collate([InstructionDataset([ex])[0] for _, ex, _ in items])
+    sums, counts = row_nll_sums(model, batch, device)
+    records = []
+    for (i, _, cut), s, n in zip(items, sums, counts):
+        row = rows[i]
+        records.append({"index": i, "nll": s / n, "tokens": n, "instruction": row["instruction"],
+                        "input": row.get("input"), "nll_sum": s, "cut_tokens": cut})
+    return records
 
 
 def evaluate_loss(cfg: LossConfig) -> LossSummary:
     """Write the per-row loss file `cfg.save_path` for the test rows of `cfg.data_path` and append the
     summary line to loss_score.jsonl beside it. Under torchrun every rank calls this; every rank
     returns the same summary. User mistakes raise ValueError / FileNotFoundError naming flag, file or row."""
-    own_group = not dist.is_initialized()
-    env = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lock = OutputLock(cfg.save_path)  # held by rank 0, the writer of the file, for the whole run
-    try:
-        on_rank0(lock.acquire, env.rank, env.world_size)
-        return _run(cfg, env.rank, env.world_size, env.device)
-    finally:
-        lock.release()
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_locked(cfg.save_path, cfg.device, lambda rank, world, device: _run(cfg, rank, world, device))
 
 
 def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSummary:
@@ -230,11 +200,11 @@ def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSu
     if cfg.strip_answer_cue:
         rows = [dict(row, output=strip_answer_cue(row["output"])) for row in rows]
         check_outputs(rows, cfg.data_path)  # a reference that is nothing but a cue
-    dtype, report = on_rank0(lambda: resolve_dtype(cfg.dtype, device), rank, world)  # every rank: one choice
+    job = RowJob(save, rows, rank, world)
+    dtype, report = job.on_rank0(lambda: resolve_dtype(cfg.dtype, device))  # every rank: one choice
     dtype_name = str(dtype).removeprefix("torch.")
-    settings = on_rank0(lambda: _settings(cfg, dtype_name), rank, world)
-    if on_rank0(lambda: complete_already(save, settings, len(rows), cfg.overwrite, "evaluate_loss.py"), rank, world):
-        return on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True), rank, world)
+    if job.settle(lambda: _settings(cfg, dtype_name), cfg.overwrite, "evaluate_loss.py"):
+        return job.on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True))
 
     model, tokenizer = load_model(cfg.ckpt_dir, dtype=dtype, device=device)
     if cfg.adapter_path:
@@ -247,26 +217,19 @@ def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSu
                          "(0 = the context)")
     max_seq_len = cfg.max_seq_len or context
 
-    done = set(on_rank0(lambda: sorted(read_partials(save, settings, rows, repair=True)), rank, world))
-    pending = [i for i in range(len(rows)) if i not in done]
-    items = loss_examples(tokenizer, rows, pending, max_seq_len, cfg.data_path)
-    items.sort(key=lambda it: (-len(it[1].tokens), it[0]))
-    mine = items[rank::world]  # round-robin over the length order: every rank gets a similar mix
-    n_rows, seconds = 0, 0.0
+    items = loss_examples(tokenizer, rows, job.pending(), max_seq_len, cfg.data_path)
+    mine = job.deal(items, length=lambda it: len(it[1].tokens), index=lambda it: it[0])
+    seconds = 0.0
     if mine:
-        n_rows, seconds = score_into_partial(model, rows, make_batches(mine, cfg.max_batch_size), device,
-                                             partial_path(save, rank, world), partial_header(save, settings),
-                                             show_progress=cfg.progress and rank == 0, desc=save.name)
-    gathered = _gather({"rows": n_rows, "seconds": seconds}, world)
+        seconds = job.write_partial(make_batches(mine, cfg.max_batch_size),
+                                    lambda batch: score_batch(model, rows, batch, device),
+                                    show_progress=cfg.progress and rank == 0)
+    gathered = job.gather({"rows": len(mine), "seconds": seconds})
 
-    def finish() -> LossSummary:
-        merge_partials(save, settings, rows)
-        return _summarise(cfg, save, rows, left_alone=False)
-
-    summary = on_rank0(finish, rank, world)
+    summary = job.finish(lambda counts: _summarise(cfg, save, rows, left_alone=False))
     summary.max_seq_len, summary.dtype, summary.dtype_report = max_seq_len, dtype_name, report
     summary.evaluated_rows = sum(g["rows"] for g in gathered)
-    summary.resumed_rows = len(done)
+    summary.resumed_rows = job.resumed
     summary.seconds = max(g["seconds"] for g in gathered)
     summary.world_size = world
     if rank == 0:
@@ -323,15 +286,6 @@ def _settings(cfg: LossConfig, dtype_name: str) -> dict[str, Any]:
                 **adapter_identity(cfg.adapter_path), "max_seq_len": cfg.max_seq_len or 0, "dtype": dtype_name,
                 "strip_answer_cue": cfg.strip_answer_cue}
     return jsonable(settings)
-
-
-def _gather(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:
-    """Every rank's `stats`; also the barrier after which every partial file is closed."""
-    if world == 1:
-        return [stats]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, stats)
-    return gathered
 
 
 def format_summary(s: LossSummary) -> str:
