@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "context; compare bare and adapted scores at the same value")
     p.add_argument("--max_batch_size", type=int, default=32, help="rows per forward (per rank)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                   help="weights' dtype; auto: bfloat16 on CUDA with bf16 support, and on a CPU where a short "
-                        "matmul probe shows bf16 at least 1.3x faster than fp32; float32 otherwise")
+                   help="weights' dtype; auto: bfloat16 where the device declares native bf16 (CUDA with bf16; "
+                        "CPU flags amx_bf16 or avx512_bf16, $MOA_CPU_FLAGS overrides), float32 otherwise; a "
+                        "rerun reuses the choice recorded with its partial or complete file")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="True: redo an existing loss file and discard partial files of an interrupted run")

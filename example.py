@@ -64,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", type=str2bool, nargs="?", const=True, default=False,
                    help="True: redo an existing prediction file and discard partial files of an interrupted run")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights' dtype; auto: bfloat16 where a short matmul probe at start shows it faster on this "
-                        "device (CUDA with bf16, CPUs with AMX / avx512_bf16), else float32")
+                   help="weights' dtype; auto: bfloat16 where the device declares native bf16 (CUDA with bf16; "
+                        "CPU flags amx_bf16 or avx512_bf16, $MOA_CPU_FLAGS overrides), else float32; a rerun "
+                        "reuses the choice recorded with its partial or complete file")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the KV cache's dtype; auto: the weights' dtype, but float32 under bf16/fp16 weights on a "
+                        "CPU without amx_bf16 (its half-precision attention is slow); a rerun reuses the recorded choice")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--compile_decode", type=str2bool, nargs="?", const=True, default=False,
                    help="run the decode steps as one graph captured by torch.compile (CUDA graphs on a GPU): "

@@ -21,7 +21,7 @@ import torch
 from moa import MoAConfig
 from moa.checks import check_writable
 from moa.cli import bool_or_auto, one_line_errors, str2bool
-from moa.train.trainer import TrainConfig, finetune
+from moa.train.trainer import TrainConfig, finetune, resolve_bf16
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--weight_decay", type=float, default=0.02, help="AdamW weight decay (matrices only)")
     flag_bool("w_bias", False, "also train the base's norms and biases")
     tr.add_argument("--bf16", type=bool_or_auto, nargs="?", const=True, default=False, metavar="True|False|auto",
-                    help="frozen base in bf16 with bf16 autocast (adapters stay fp32); auto: bf16 where a short "
-                         "matmul probe at start shows it faster on this device, else fp32 (default False)")
+                    help="frozen base in bf16 with bf16 autocast (adapters stay fp32); auto: bf16 where the "
+                         "device declares native bf16 (CUDA with bf16; CPU flags amx_bf16 or avx512_bf16, "
+                         "$MOA_CPU_FLAGS overrides), else fp32; a rerun or --resume reuses the recorded choice "
+                         "(default False)")
     flag_bool("grad_checkpointing", False, "recompute each block in backward (activation memory)")
     flag_bool("flash_attention2", False, "flash-attn when installed (CUDA, bf16), else PyTorch SDPA")
     flag_bool("compile_kernels", False, "fuse RMSNorm and SwiGLU into one kernel each with torch.compile "
@@ -88,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     moa_names = {f.name for f in dataclasses.fields(MoAConfig)}
     try:
         check_writable("output_dir", args.output_dir, folder=True)  # before the model and a whole epoch
+        # --bf16 auto: the device's declared features decide, or a rerun's recorded choice (resolve_bf16);
+        # the checkpoints' args keep bf16 as asked (compared on --resume) and bf16_resolved.
+        bf16, report = resolve_bf16(values["bf16"], values["device"], values["output_dir"], values["resume"],
+                                    values["overwrite"])
         if values["bf16"] == "auto":
-            from moa.infer.dtype import resolve_dtype
-
-            dtype, report = resolve_dtype("auto", values["device"])
-            print(f"--bf16 auto: {report}")
-            values["bf16"] = dtype == torch.bfloat16
+            print(report)
+        values["bf16_resolved"] = bf16
+        train_values = {k: v for k, v in values.items() if k not in moa_names and k != "bf16_resolved"}
+        train_values.update(bf16=bf16, bf16_requested="auto" if values["bf16"] == "auto" else None)
         moa_cfg = MoAConfig(**{k: v for k, v in values.items() if k in moa_names})
-        train_cfg = TrainConfig(**{k: v for k, v in values.items() if k not in moa_names})
+        train_cfg = TrainConfig(**train_values)
         finetune(train_cfg, moa_cfg, values)
     except (ValueError, OSError) as e:  # user mistakes name the flag/file/row; OSError: unwritable --output_dir, ...
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ Generation: both sides run the full `--new_tokens` per row (no stop token), so b
 batch x new_tokens tokens; tokens/s = that / the wall time of one generate call (prefill included),
 median of `--repeat` calls after a warm-up call. "rows identical" counts rows whose new tokens agree
 (only meaningful when both sides run one dtype). `--ours_dtype` (smollm2 only) loads ours in another
-dtype than transformers' `--dtype`; `auto` is example.py's default, resolved by the same probe.
+dtype than transformers' `--dtype`; `auto` is example.py's default, resolved by the same rule (llama/hardware.py).
 """
 from __future__ import annotations
 

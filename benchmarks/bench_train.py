@@ -185,15 +185,16 @@ def run_compare(args: argparse.Namespace) -> None:
 
 def print_matmul_floor(model: Transformer, n_adapter: int, batch: dict[str, torch.Tensor], seconds: float,
                        dtype: torch.dtype) -> None:
-    """The step's matmul floor on this CPU: model FLOPs / the `--dtype auto` probe's matmul rate in `dtype`."""
-    from moa.infer.dtype import matmul_gflops
+    """The step's matmul floor on this CPU: model FLOPs / the measured matmul rate in `dtype`
+    (benchmarks/matmul_rate.py: a printed number, never a choice)."""
+    from matmul_rate import matmul_gflops
 
     bsz, seq_len = batch["tokens"].shape
     n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     flops = train_step_flops(model.args, n_adapter, bsz, seq_len, n_labels)
     rate = matmul_gflops(dtype, seconds=1.0)
     floor = flops / (rate * 1e9)
-    print(f"LoRA r8 step: {flops / 1e12:.3f} TFLOP of model FLOPs; probe matmul rate {rate:,.0f} GFLOP/s "
+    print(f"LoRA r8 step: {flops / 1e12:.3f} TFLOP of model FLOPs; measured matmul rate {rate:,.0f} GFLOP/s "
           f"({str(dtype).removeprefix('torch.')}) -> floor {floor:.3f} s; step {seconds:.3f} s = "
           f"{seconds / floor:.2f}x the floor (goal <= 2.5x)")
 

@@ -2,6 +2,18 @@
 
 Knows nothing about adapters (see `moa/`).
 """
-from llama.model import ModelArgs, Transformer
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ModelArgs", "Transformer"]
+
+
+def __getattr__(name: str) -> Any:
+    """`from llama import Transformer` imports torch on first use only, so that the pure-Python
+    modules of llama/ (llama/tempnames.py) load without it."""
+    if name in __all__:
+        from llama import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'llama' has no attribute {name!r}")

@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from llama import hf
-from llama.files import check_state_dict, read_json_object
+from llama.files import check_state_dict, check_stored_dtype, read_json_object
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import SentencePiece, load_hf_tokenizer, load_tokenizer
 from llama.torchfile import load_torch_file, new_temp_dir
@@ -54,6 +54,23 @@ def load_params(model_dir: str | os.PathLike) -> dict:
         return hf.load_hf_params(model_dir)
     return read_json_object(Path(model_dir) / "params.json", "params.json", "a base-model directory holds params.json, "
                             "consolidated.NN.pth and tokenizer.model")
+
+
+def read_model_args(model_dir: str | os.PathLike) -> ModelArgs:
+    """The `ModelArgs` of a base-model directory from its params.json (a Hugging Face folder: its
+    config.json) alone, reading no weight and no tokenizer: the sizes that checks made before a model
+    loads need (dim, heads, layers, FFN width). A bad value is a ValueError naming the file. LLaMA-2's
+    `vocab_size: -1` (the tokenizer's size) is given as 1 here: read `load_model`'s model for the vocabulary."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model directory not found")
+    params = dict(load_params(model_dir))
+    if params.get("vocab_size") == -1:
+        params["vocab_size"] = 1
+    try:
+        return ModelArgs.from_params(**params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{model_dir / (hf.CONFIG if hf.is_hf_dir(model_dir) else 'params.json')}: {e}") from None
 
 
 def context_length(params: Mapping, tiktoken_tokenizer: bool) -> int:
@@ -128,6 +145,8 @@ def load_state_dict(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.
         if key in _IGNORED_KEYS:
             continue
         parts = [sd.pop(key) for sd in shards]
+        for path, part in zip(paths, parts):
+            check_stored_dtype(part, key, str(path))
         if len(parts) == 1:
             t = parts[0]
         else:
@@ -140,7 +159,7 @@ def load_state_dict(model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.
                 t = parts[0]
             else:
                 t = torch.cat(parts, dim=dim)
-        out[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+        out[key] = t.to(device=device, dtype=dtype)
         del parts, t
     return out
 

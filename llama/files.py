@@ -1,7 +1,7 @@
 """What llama/ and moa/ read back and check, with one-line errors that name the file: a JSON file
 (`read_json`), a JSON object (`read_json_object`: params.json, config.json, tokenizer_config.json,
 adapter_params.json, ...), and a state dict against the tensors a model expects (`state_dict_mismatch`,
-`check_state_dict`).
+`check_state_dict`; each stored tensor's dtype: `check_stored_dtype`).
 
 No torch at import time: `moa.checks`, which `moa.eval` imports, delegates here.
 """
@@ -67,3 +67,13 @@ def check_state_dict(expected: Mapping[str, Any], given: Mapping[str, Any], wher
         key, got, want = wrong[0]
         more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
         raise ValueError(f"{where}: {key} has shape {got}, {source} implies {want}{more}")
+
+
+def check_stored_dtype(tensor: Any, name: str, where: str) -> None:
+    """ValueError `WHERE: tensor NAME is stored as int32; expected a floating-point dtype` unless `tensor`
+    (a torch tensor as read from the weights file `where`, before any conversion) is floating-point: the
+    loaders convert every weight to the run's dtype, which would turn integers into nonsense weights or
+    leave them for `load_state_dict` to refuse with a traceback."""
+    if not tensor.is_floating_point():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise ValueError(f"{where}: tensor {name!r} is stored as {dtype}; expected a floating-point dtype")

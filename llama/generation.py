@@ -102,6 +102,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
     compile_decode: bool = False,
+    kv_cache_dtype: Optional[torch.dtype] = None,
 ) -> list[list[int]]:
     """Generate up to `max_gen_len` new tokens for each prompt; returns the new tokens of each row,
     cut before its first stop token.
@@ -115,8 +116,11 @@ def generate(
         GPU), the same tokens as eager; the prefill stays eager. Pays off over many steps of one
         model and batch size, since the first step compiles.
 
+    kv_cache_dtype: the KV cache's dtype; None: `setup_caches`' default (`llama.hardware.auto_kv_cache_dtype`).
+
     KV cache: a cache the caller made with `model.setup_caches` is reused (replaced by a larger one
-    when it is too small) and kept. Without one, a cache is made for this call and removed at the
+    when it is too small, or by one of `kv_cache_dtype` when that is given and differs) and kept.
+    Without one, a cache is made for this call and removed at the
     end, so that a later plain forward (training, scoring) runs without a cache, as before the call.
     """
     if not prompt_tokens:
@@ -135,8 +139,9 @@ def generate(
     max_gen_len = total_len - max_prompt
 
     own_cache = model.cache_shape is None
-    if own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len:
-        model.setup_caches(bsz, _cache_length(total_len, max_seq_len, compile_decode))
+    if (own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len
+            or (kv_cache_dtype is not None and model.layers[0].attention.cache.k.dtype != kv_cache_dtype)):
+        model.setup_caches(bsz, _cache_length(total_len, max_seq_len, compile_decode), dtype=kv_cache_dtype)
     try:
         out, n_steps = _generate_loop(model, prompt_tokens, max_gen_len, temperature, top_p, stop_tokens,
                                       generator, callback, compile_decode)

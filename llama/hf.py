@@ -25,8 +25,8 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-from llama.files import read_json_object
-from llama.params import ModelArgs, ffn_params
+from llama.files import check_stored_dtype, read_json_object
+from llama.params import ModelArgs, check_value, ffn_params
 from llama.torchfile import new_temp_dir
 
 CONFIG = "config.json"
@@ -54,6 +54,16 @@ _IGNORED_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$
 # field but `factor` is fixed in `llama.rope.rope_inv_freq`.
 _LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
+# The config.json fields the mapping reads -> the params.json key whose rule (`llama.params.check_value`)
+# each must pass: intermediate_size and vocab_size are widths (as `dim`), max_position_embeddings a
+# length (as `max_seq_len`), tie_word_embeddings a flag (as `qk_norm`). null counts as absent.
+_CONFIG_RULES = {
+    "hidden_size": "dim", "intermediate_size": "dim", "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "vocab_size": "dim",
+    "head_dim": "attn_head_dim", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",
+    "max_position_embeddings": "max_seq_len", "tie_word_embeddings": "qk_norm",
+}
+
 
 # ---- the folder ---------------------------------------------------------------------------------
 
@@ -75,6 +85,23 @@ def _field(config: Mapping, name: str, where: str):
     return config[name]
 
 
+def _check(where: str, field: str, value, key: str) -> None:
+    """ValueError `WHERE: FIELD: expected ..., got VALUE (TYPE)` unless `value` passes params key `key`'s rule."""
+    try:
+        check_value(key, value, field)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def check_config(config: Mapping, where: str) -> None:
+    """Every field of a config.json dict that the mapping reads (`_CONFIG_RULES`), when present and not
+    null, of the right type and range: else a ValueError naming `where` (the file) and the field
+    (`PATH/config.json: num_attention_heads: expected an integer >= 1, got 'four' (str)`)."""
+    for field, key in _CONFIG_RULES.items():
+        if config.get(field) is not None:
+            _check(where, field, config[field], key)
+
+
 def _require(config: Mapping, name: str, expected, where: str, why: str) -> None:
     """ValueError unless config[name] (when present) equals `expected`."""
     if name in config and config[name] is not None and config[name] != expected:
@@ -88,6 +115,8 @@ def _rope_params(config: Mapping, where: str) -> dict:
     field = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
     if not isinstance(rope, dict):
         raise ValueError(f"{where}: field {field!r} must be an object, got {rope!r}")
+    if config.get("rope_theta") is None and rope.get("rope_theta") is not None:
+        _check(where, f"{field}.rope_theta", rope["rope_theta"], "rope_theta")
     theta = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
@@ -95,11 +124,14 @@ def _rope_params(config: Mapping, where: str) -> dict:
     if kind != "llama3":
         raise ValueError(f"{where}: field {field!r} has rope_type {kind!r}; supported: 'default', 'llama3'")
     for key, value in _LLAMA3_ROPE_FIXED.items():
+        _check(where, f"{field}.{key}", rope.get(key, value), "rope_scaling_factor")
         if float(rope.get(key, value)) != value:
             raise ValueError(f"{where}: field {field!r}: {key} is {rope[key]!r}; LLaMA-3's RoPE scaling "
                              f"here supports only {value}")
     params = {"rope_theta": theta, "use_scaled_rope": True}
-    factor = float(_field(rope, "factor", f"{where}: field {field!r}"))
+    factor = _field(rope, "factor", f"{where}: field {field!r}")
+    _check(where, f"{field}.factor", factor, "rope_scaling_factor")
+    factor = float(factor)
     if factor != 8.0:
         params["rope_scaling_factor"] = factor
     return params
@@ -118,6 +150,7 @@ def params_from_config(config: Mapping, where: str) -> dict:
     _require(config, "hidden_act", "silu", where, "SwiGLU with SiLU")
     _require(config, "attention_bias", False, where, "no biases in the attention projections")
     _require(config, "mlp_bias", False, where, "no biases in the MLP")
+    check_config(config, where)
     dim, n_heads = int(_field(config, "hidden_size", where)), int(_field(config, "num_attention_heads", where))
     qwen3 = {}
     if model_type == "qwen3":
@@ -134,7 +167,7 @@ def params_from_config(config: Mapping, where: str) -> dict:
         "vocab_size": int(_field(config, "vocab_size", where)),
         "multiple_of": multiple_of,
         "ffn_dim_multiplier": ffn_mult,
-        "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "norm_eps": float(config.get("rms_norm_eps") or 1e-6),
         **_rope_params(config, where),
     }
 
@@ -146,7 +179,9 @@ def load_hf_params(model_dir: str | os.PathLike) -> dict:
 
 def context_length(config: Mapping, where: str) -> int:
     """`max_position_embeddings` of a config.json dict: the context the model was trained for."""
-    return int(_field(config, "max_position_embeddings", where))
+    value = _field(config, "max_position_embeddings", where)
+    _check(where, "max_position_embeddings", value, "max_seq_len")
+    return value
 
 
 def tied_embeddings(config: Mapping) -> bool:
@@ -241,7 +276,8 @@ def load_hf_state_dict(model_dir: str | os.PathLike, *, dtype: torch.dtype = tor
             continue
         if key in out:
             raise ValueError(f"{path}: tensor {name!r} appears in two shards")
-        t = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+        check_stored_dtype(t, name, str(path))
+        t = t.to(device=device, dtype=dtype)
         out[key] = _to_meta_layout(key, t, params).contiguous()
         del t
     if "output.weight" not in out and tied_embeddings(config) and "tok_embeddings.weight" in out:

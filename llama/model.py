@@ -1,7 +1,7 @@
 """LLaMA-3/3.1 (and dense Qwen3), with Meta's parameter names so `consolidated.*.pth` loads as is: the
 whole model reads top to bottom here, as nanoGPT's and Meta's reference `model.py` do. Beside it:
 `ModelArgs` and the checks of params.json (`llama/params.py`), RoPE (`llama/rope.py`), flash-attn and its
-varlen packing (`llama/flash.py`), the CPU probe that picks the KV cache's dtype (`llama/probe.py`).
+varlen packing (`llama/flash.py`), the KV cache's dtype by the hardware's declared features (`llama/hardware.py`).
 
 Padding: every forward may take `token_mask` (B, T), True at real tokens. A row's real tokens get
 RoPE positions 0, 1, 2, ... counted over real tokens only, and attention never reads a padded
@@ -21,9 +21,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from llama.flash import VarlenIndex, flash_attn_module, pack_rows, unpack_rows, varlen_index
+from llama.hardware import auto_kv_cache_dtype
 from llama.kernels import rms_norm, swiglu
 from llama.params import ModelArgs
-from llama.probe import kv_cache_dtype
 from llama.rope import apply_rotary_emb, rope_inv_freq, rope_table
 
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_recomputing", default=False)
@@ -116,7 +116,7 @@ class KVCache(nn.Module):
         """Write k, v (B, n_kv, T, hd) at slots [start_pos, start_pos+T); return all slots up to there.
         With `slot` (a () int64 tensor; T = 1): write at that slot and return every slot (static shapes)."""
         bsz, _, seqlen, _ = k.shape
-        if k.dtype != self.k.dtype:  # an fp32 cache under a bf16 model (`kv_cache_dtype`)
+        if k.dtype != self.k.dtype:  # an fp32 cache under a bf16 model (`auto_kv_cache_dtype`)
             k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if slot is not None:
             index = slot.view(1)
@@ -165,7 +165,7 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         """Softmax attention of q (B, H, T, hd) over k, v (B, KV, S, hd) -> (B, T, H*hd) in q's dtype,
-        computed in k's (an fp32 KV cache under a bf16 model: `kv_cache_dtype`)."""
+        computed in k's (an fp32 KV cache under a bf16 model: `auto_kv_cache_dtype`)."""
         if q.dtype != k.dtype:
             return self.attend(q.to(k.dtype), k, v, meta).to(q.dtype)
         flash = flash_attn_module() if self.attn_impl == "flash_attn" else None
@@ -242,15 +242,14 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
         """Allocate a KV cache of (max_batch_size, max_seq_len) in every layer (default: the weights'
-        device, and the dtype `kv_cache_dtype` picks: the weights', or fp32 under half-precision weights
-        on a CPU whose fp32 decode attention is faster)."""
+        device, and the dtype `llama.hardware.auto_kv_cache_dtype` picks: the weights', or fp32 under
+        half-precision weights on a CPU without amx_bf16)."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"setup_caches: max_seq_len {max_seq_len} exceeds the model's max_seq_len "
                              f"{self.args.max_seq_len}")
         w = self.tok_embeddings.weight
         device = device or w.device
-        dtype = dtype or kv_cache_dtype(w.dtype, torch.device(device), self.args.n_heads, self.args.n_kv_heads,
-                                        self.args.head_dim)
+        dtype = dtype or auto_kv_cache_dtype(w.dtype, device)
         for layer in self.layers:
             layer.attention.cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
                                             self.args.head_dim, dtype, device)

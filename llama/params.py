@@ -40,13 +40,20 @@ _PARAM_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
 }
 
 
+def check_value(key: str, value: object, field: Optional[str] = None) -> None:
+    """A ValueError unless `value` holds what params key `key` must hold: `FIELD: expected WHAT, got
+    VALUE (TYPE)`. field: the name the value has in the file it was read from (default `key`; a
+    Hugging Face config.json's `num_attention_heads` is checked by the rule of `n_heads`)."""
+    what, ok = _PARAM_RULES.get(key, ("anything", lambda v: True))  # every field has one (tests check)
+    if not ok(value):
+        raise ValueError(f"{field or key}: expected {what}, got {value!r} ({type(value).__name__})")
+
+
 def check_params(params: dict) -> None:
     """A ValueError naming the first key whose value has the wrong type or range, its value and what
     it should be (`n_layers: expected an integer >= 1, got '2' (str)`)."""
     for key, value in params.items():
-        what, ok = _PARAM_RULES.get(key, ("anything", lambda v: True))  # every field has one (tests check)
-        if not ok(value):
-            raise ValueError(f"{key}: expected {what}, got {value!r} ({type(value).__name__})")
+        check_value(key, value)
 
 
 @dataclass(kw_only=True)
@@ -113,6 +120,14 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(out, in) of each projection weight of a block, by its name (wq wk wv wo of the attention, w1 w3
+    w2 of the FFN), as `llama.model` builds them from `args`."""
+    q, kv, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    return {"wq": (q, args.dim), "wk": (kv, args.dim), "wv": (kv, args.dim), "wo": (args.dim, q),
+            "w1": (hidden, args.dim), "w3": (hidden, args.dim), "w2": (args.dim, hidden)}
 
 
 def ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:

@@ -1,21 +1,21 @@
 """Files on disk, for llama/ and moa/ alike. `load_torch_file` is `torch.load(weights_only=True)` on the
 CPU with one-line errors, never passing on torch's own multi-line messages (which suggest
 `weights_only=False`: loading arbitrary pickles runs arbitrary code); base-model shards here, adapter,
-checkpoint and selector files through `moa.checks.load_tensors`. `new_temp_dir` is the folder that a
-model or PEFT directory is written into before it is renamed into place.
+checkpoint and selector files through `moa.checks.load_tensors`. `new_temp_dir` (llama/tempnames.py) is the folder
+that a model or PEFT directory is written into before it is renamed into place.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import re
-import secrets
 import warnings
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from llama.tempnames import new_temp_dir  # noqa: F401  (its home before llama/tempnames.py)
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -80,12 +80,3 @@ def load_torch_file(path: str | os.PathLike, what: str = "tensor file", mmap: bo
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError,
             TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read this {what}: damaged or not a torch file ({_first_line(e)})") from None
-
-
-def new_temp_dir(out_dir: str | os.PathLike) -> Path:
-    """A new empty folder `.NAME.tmp-XXXXXXXX` beside `out_dir`, to fill and rename to `out_dir`. Made
-    with a plain mkdir, so it gets 0777 less the umask like any folder (mkdtemp's would stay 0700)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    return tmp

@@ -9,39 +9,25 @@ import errno
 import json
 import os
 import re
-import socket
 import tempfile
-import time
 from typing import Any, Callable
+
+from llama.tempnames import HOST, STALE_AFTER_S, pid_running, writer_gone  # noqa: F401
 
 # Our temporaries: `.NAME.HOST-PID-XXXXXXXX.tmp` (mkstemp's 8 random characters); earlier code wrote
 # `.NAME.XXXXXXXX.tmp`. A temporary left by a killed writer is removed by the next write to NAME: on
 # this host when its pid is no longer running, otherwise (another host, or the older names) once it has
-# not been touched for STALE_AFTER_S.
-_HOST = re.sub(r"\W", "_", socket.gethostname()) or "host"
-STALE_AFTER_S = 3600.0
+# not been touched for STALE_AFTER_S (llama/tempnames.py, shared with the temporary folders).
+_HOST = HOST
 
 
 def _temp_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"^\.{re.escape(name)}\.(?:(\w+)-(\d+)-)?[a-z0-9_]{{8}}\.tmp$")
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def _is_stale(match: re.Match[str], path: str) -> bool:
     """Whether the temporary `path` (its name matched by `_temp_pattern`) belongs to a dead writer."""
-    host, pid = match.group(1), match.group(2)
-    if host == _HOST and pid is not None:
-        return not _pid_running(int(pid))
-    return time.time() - os.stat(path).st_mtime > STALE_AFTER_S
+    return writer_gone(match.group(1), match.group(2), path)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:

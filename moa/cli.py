@@ -28,7 +28,7 @@ def str2bool(text: str) -> bool:
 
 
 def bool_or_auto(text: str) -> bool | str:
-    """argparse `type` for `--bf16`: True/False as `str2bool`, or `auto` (decided by a probe at start)."""
+    """argparse `type` for `--bf16`: True/False as `str2bool`, or `auto` (decided by the device's declared features: llama/hardware.py)."""
     return "auto" if text == "auto" else str2bool(text)
 
 

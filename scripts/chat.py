@@ -12,6 +12,7 @@ import torch
 
 from llama.checkpoint import load_model
 from llama.generation import generate
+from moa.cli import error_line
 from moa.infer.dtype import DTYPES
 
 
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_model(a.ckpt_dir, dtype=DTYPES[a.dtype], device=a.device)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"chat: error: {e}")
+    except (OSError, ValueError) as e:
+        sys.exit(f"chat: error: {error_line(e)}")
     messages = ([{"role": "system", "content": a.system}] if a.system else [])
     messages.append({"role": "user", "content": a.question})
     prompt = tokenizer.format_dialog(messages, add_generation_prompt=True)

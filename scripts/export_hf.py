@@ -11,7 +11,8 @@ Weights keep the stored dtype of --ckpt_dir. Only a plain LoRA (LoRA only, --exp
 --type_router none) is a fixed weight change that can be merged; any other adapter is refused with
 the reason. A tiktoken tokenizer is converted to tokenizer.json (same ids); a Hugging Face folder's
 tokenizer files are copied; a sentencepiece (LLaMA-2) tokenizer is refused.
-A user's mistake exits with status 1 and one line `export_hf: error: ...` on stderr.
+A user's mistake, or an operating-system error (an --out that cannot be written, a full disk), exits
+with status 1 and one line `export_hf: error: ...` on stderr; --out is checked before the model loads.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from llama import hf
 from llama.checkpoint import load_model, stored_dtype
 from llama.model import Transformer
 from llama.tokenizer import Tiktoken
+from moa.checks import check_writable
+from moa.cli import one_line_errors
 from moa.lora.algebra import merged_base
 
 
@@ -55,6 +58,7 @@ def export_hf(ckpt_dir: str | os.PathLike, out: str | os.PathLike, adapter_path:
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     if out.exists():  # checked before the load, again when renaming into place
         raise FileExistsError(f"{out} already exists: remove it or choose another --out")
+    check_writable("out", out, folder=True)  # an --out under a file or in an unwritable folder: before the load
     hf.parse_size(max_shard_size)  # a bad --max_shard_size fails before the load
     model, tokenizer, state = base_and_state(ckpt_dir, adapter_path)
     args = model.args
@@ -75,13 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@one_line_errors("export_hf", status=1)
 def main(argv: list[str] | None = None) -> None:
-    p = build_parser()
-    a = p.parse_args(argv)
-    try:
-        print(f"wrote {export_hf(a.ckpt_dir, a.out, a.adapter_path, a.max_shard_size)}")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        p.exit(1, f"export_hf: error: {err}\n")
+    a = build_parser().parse_args(argv)
+    print(f"wrote {export_hf(a.ckpt_dir, a.out, a.adapter_path, a.max_shard_size)}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="PEFT folder to write (must not exist)")
 
     i = sub.add_parser("import-peft", help="read a PEFT LoRA for transformers' LLaMA into our adapter format")
-    i.add_argument("--peft", required=True, help="folder with adapter_config.json, adapter_model.safetensors")
+    i.add_argument("--peft", required=True, help="folder with adapter_config.json, adapter_model.safetensors "
+                   "(or adapter_model.bin)")
     i.add_argument("--base", required=True, help="base-model directory (its params.json)")
     i.add_argument("--out", required=True, help="adapter.pth to write (or a folder)")
     return p

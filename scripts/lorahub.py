@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import load_model
+from moa.cli import error_line
 from moa.files.adapters import write_adapter_files
 from moa.tasks.lorahub import INITS, LoraHubConfig, lorahub
 from moa.train.data import load_rows
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = load_rows(a.data)
         model, tokenizer = load_model(a.ckpt_dir, device=a.device, max_seq_len=a.max_seq_len)
         result, combined_cfg, state = lorahub(model, tokenizer, a.adapters, rows, cfg, a.method, a.rank)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"lorahub.py: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"lorahub.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     path = write_adapter_files(a.out, combined_cfg, state)
     report = {"adapters": [str(Path(x).resolve()) for x in a.adapters], "config": asdict(cfg), "method": a.method,

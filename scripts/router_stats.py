@@ -25,7 +25,7 @@ from tqdm import tqdm
 from llama.checkpoint import load_model
 from moa import RouterStats
 from moa.atomic import atomic_write_files, atomic_write_json
-from moa.cli import str2bool
+from moa.cli import error_line, str2bool
 from moa.files.adapters import load_trained_adapter
 from moa.infer.generate import encode_prompt
 from moa.train.data import load_rows, pad_right
@@ -106,8 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         model, tokenizer = load_model(a.ckpt_dir, device=a.device, max_seq_len=a.max_seq_len,
                                       dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
         load_trained_adapter(model, a.adapter_path, a.ckpt_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"router_stats.py: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"router_stats.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     stats = collect(model, row_tokens(tokenizer, rows, a.max_seq_len, a.with_output), a.batch_size)
     tables = stats.tables()

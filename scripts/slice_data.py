@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from moa.atomic import atomic_write_text
+from moa.cli import error_line
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rows: expected >= 0, got {a.rows}")
     try:
         write_json_kept(a.out, slice_rows(a.sources, a.rows, a.seed, a.with_output == "True"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"slice_data.py: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"slice_data.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from moa.atomic import atomic_write_json, atomic_write_text
+from moa.cli import error_line
 from moa.eval.intervals import wilson_interval
 
 MATH_SETS = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     try:
         s = summarize(out, [x for x in a.sets.split(",") if x])
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"summarize_run.py: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"summarize_run.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     text = render(s)
     print(text)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import load_model
-from moa.cli import str2bool
+from moa.cli import error_line, str2bool
 from moa.files.lock import OutputLock
 from moa.tasks.embedding import ENCODERS, EmbedConfig, EmbeddingCache, base_identity
 from moa.tasks.registry import registry_from_flags
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             sel = train_on_registry(model, tokenizer, reg, a.kind or DEFAULT_KIND, a.rows_per_task,
                                     DEFAULT_HELDOUT if a.heldout_per_task is None else a.heldout_per_task,
                                     a.embed_batch_size, a.calibrate, cache, **options, **training)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         lock.release()
-        print(f"train_selector.py: error: {e}", file=sys.stderr)
+        print(f"train_selector.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     try:
         print(format_report(sel.report))

@@ -135,13 +135,16 @@ def test_slot_step_refuses_what_it_cannot_be() -> None:
         model(torch.tensor([[3, 4]]), slot=torch.tensor(0))
 
 
-def test_kv_cache_dtype_policy() -> None:
-    from llama.probe import kv_cache_dtype
+def test_kv_cache_dtype_policy(monkeypatch) -> None:
+    from llama.hardware import auto_kv_cache_dtype
 
     cpu = torch.device("cpu")
-    assert kv_cache_dtype(torch.float32, cpu, 4, 2, 8) == torch.float32  # fp32 weights: never changed
-    assert kv_cache_dtype(torch.bfloat16, torch.device("meta"), 4, 2, 8) == torch.bfloat16  # not a CPU
-    assert kv_cache_dtype(torch.bfloat16, cpu, 4, 2, 8) in (torch.bfloat16, torch.float32)  # the probe's pick
+    assert auto_kv_cache_dtype(torch.float32, cpu) == torch.float32  # fp32 weights: never changed
+    assert auto_kv_cache_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16  # not a CPU
+    monkeypatch.setenv("MOA_CPU_FLAGS", "avx512_bf16")  # the rule, by declared CPU flags (no AMX: fp32)
+    assert auto_kv_cache_dtype(torch.bfloat16, cpu) == torch.float32
+    monkeypatch.setenv("MOA_CPU_FLAGS", "amx_bf16")
+    assert auto_kv_cache_dtype(torch.bfloat16, cpu) == torch.bfloat16
     model = make_model("bare")
     model.setup_caches(2, 16)
     assert model.layers[0].attention.cache.k.dtype == torch.float32
@@ -150,7 +153,7 @@ def test_kv_cache_dtype_policy() -> None:
 @pytest.mark.parametrize("kind", ["bare", "soft"])
 @torch.inference_mode()
 def test_fp32_cache_under_bf16_weights(kind: str) -> None:
-    # A bf16 model decoding over an fp32 cache (what kv_cache_dtype picks on CPUs with slow bf16 attention):
+    # A bf16 model decoding over an fp32 cache (what auto_kv_cache_dtype picks on CPUs without AMX):
     # attention runs in fp32 and hands bf16 back; the logits are the bf16 model's within bf16 rounding
     # (the cache-less forward over the whole sequence as the reference), and the captured step's
     # index_copy_ takes the cast keys.

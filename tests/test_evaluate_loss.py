@@ -300,17 +300,15 @@ def test_routed_adapter_batch_size_1_and_4_agree_pads_reach_no_router(tiny_model
     assert abs(one.nll_per_token - four.nll_per_token) <= 1e-6 * four.nll_per_token
 
 
-def test_dtype_auto_follows_the_probe_and_bf16_stays_close_to_fp32(tiny_model_dir, test_file, reference, tmp_path,
-                                                                   monkeypatch):
-    import moa.infer.dtype as dt
-
-    dt.clear_probe_cache()
-    monkeypatch.setattr(dt, "matmul_gflops", lambda dtype, *a, **k: 100.0 if dtype == torch.float32 else 400.0)
-    try:
-        summary = run(tiny_model_dir, test_file, tmp_path / "auto.jsonl", dtype="auto", max_batch_size=4)
-    finally:
-        dt.clear_probe_cache()
-    assert summary.dtype == "bfloat16" and "100 GFLOP/s in fp32 and 400 GFLOP/s in bf16" in summary.dtype_report
+def test_dtype_auto_follows_the_cpu_flags_recorded_and_bf16_stays_close_to_fp32(tiny_model_dir, test_file, reference,
+                                                                               tmp_path, monkeypatch):
+    monkeypatch.setenv("MOA_CPU_FLAGS", "avx512_bf16")  # a CPU with native bf16: auto -> bfloat16
+    summary = run(tiny_model_dir, test_file, tmp_path / "auto.jsonl", dtype="auto", max_batch_size=4)
+    assert summary.dtype == "bfloat16" and "avx512_bf16" in summary.dtype_report
+    recorded = json.loads(Path(f"{tmp_path / 'auto.jsonl'}.settings.json").read_text())["settings"]
+    assert (recorded["dtype"], recorded["dtype_resolved"]) == ("auto", "bfloat16")
+    monkeypatch.setenv("MOA_CPU_FLAGS", "")  # a rerun on a machine that would choose fp32: the file is its result
+    assert run(tiny_model_dir, test_file, tmp_path / "auto.jsonl", dtype="auto", max_batch_size=4).left_alone
     fp32 = read_jsonl(reference.parent / "loss_score.jsonl")[0]["nll_per_token"]
     assert abs(summary.nll_per_token - fp32) <= 0.02 * fp32  # bf16 weights: close, not equal
 

@@ -5,6 +5,9 @@ equal logits and tokenization; the Multi-LoRAs extraction works on two Hugging F
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -319,3 +322,59 @@ def test_lora_merge_into_an_hf_base_points_to_export_hf(tmp_path):
     save_adapter(model, tmp_path / "lora" / "adapter.pth")
     with pytest.raises(ValueError, match=r"Hugging Face folder: merge into it with scripts/export_hf\.py"):
         merge_into_base(tmp_path / "base", tmp_path / "lora" / "adapter.pth", tmp_path / "out")
+
+
+def test_export_into_an_out_under_a_file_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    """--out under a regular file (root writes through permission bits, a file stops everyone)."""
+    from scripts import export_hf as export_cli
+
+    write_hf_llama(tmp_path / "base")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(export_cli, "base_and_state", no_load)
+    capsys.readouterr()  # transformers' progress bars
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main(["--ckpt_dir", str(tmp_path / "base"), "--out", str(afile / "out")])
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("export_hf: error: --out") and str(afile) in err[0], err
+    assert "is a file, not a folder" in err[0] and afile.read_text() == "not a folder"
+
+
+def test_export_an_os_error_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
+    from scripts import export_hf as export_cli
+
+    write_hf_llama(tmp_path / "base")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(export_cli.hf, "save_hf_dir", disk_full)
+    capsys.readouterr()  # transformers' progress bars
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main(["--ckpt_dir", str(tmp_path / "base"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"export_hf: error: {tmp_path / 'out'}: No space left on device"]
+
+
+def test_export_removes_the_temporary_folders_of_dead_writers_only(tmp_path):
+    from llama.tempnames import HOST
+
+    write_hf_llama(tmp_path / "base")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    left = {"dead": tmp_path / f".out.tmp-{HOST}-{dead_pid}-0123abcd",
+            "live": tmp_path / f".out.tmp-{HOST}-{os.getpid()}-4567abcd",
+            "other": tmp_path / f".other.tmp-{HOST}-{dead_pid}-89abcdef"}  # another output's: not ours
+    for folder in left.values():
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half a model")
+    out = export_hf(tmp_path / "base", tmp_path / "out")
+    assert (out / "config.json").is_file()
+    assert not left["dead"].exists() and left["live"].is_dir() and left["other"].is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")) == [left["live"].name]

@@ -471,3 +471,41 @@ def test_cli_converts_and_fails_with_one_line(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / "none.pth"), "--out",
                           str(tmp_path / "out2")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "none.pth" in bad.stderr
+
+
+def test_cli_refuses_an_out_holding_another_adapter_unless_overwrite(tmp_path):
+    torch.save(build_official(CASES["p_adapter"]), tmp_path / "adapter.pth")
+    torch.save(build_official(CASES["lora"]), tmp_path / "other.pth")
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "import_official.py"
+
+    def cli(checkpoint: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "--checkpoint", str(tmp_path / checkpoint), "--out",
+                               str(tmp_path / "out"), *extra], capture_output=True, text=True)
+
+    assert cli("adapter.pth").returncode == 0
+    before = (tmp_path / "out" / "adapter.pth").read_bytes()
+    refused = cli("other.pth")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "out") in lines[0] and "--overwrite True" in lines[0], lines
+    assert (tmp_path / "out" / "adapter.pth").read_bytes() == before
+    replaced = cli("other.pth", "--overwrite", "True")
+    assert replaced.returncode == 0, replaced.stderr
+    assert (tmp_path / "out" / "adapter.pth").read_bytes() != before
+
+
+def test_a_checkpoint_of_another_base_names_the_file_the_tensor_and_llama_path(tmp_path):
+    from tests.helpers import TINY_PARAMS, write_meta_model_dir
+
+    torch.save(build_official(CASES["lora"]), tmp_path / "adapter.pth")
+    wider = tmp_path / "wider"
+    write_meta_model_dir(wider, {**TINY_PARAMS, "dim": 128})
+    with pytest.raises(FormatError) as info:
+        import_official(tmp_path / "adapter.pth", tmp_path / "out", flags="--lora_alpha 16", llama_path=str(wider),
+                        log=lambda s: None)
+    message = str(info.value)
+    paths = len(str(tmp_path / "adapter.pth")) + len(str(wider))
+    assert "\n" not in message and len(message) - paths <= 200, (len(message), message)
+    assert message.startswith(f"{tmp_path / 'adapter.pth'}: tensor layers.0.")
+    assert f"--llama_path {wider}" in message and "probably trained on another base" in message
+    assert "flags:" not in message and not (tmp_path / "out").exists()

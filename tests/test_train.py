@@ -273,8 +273,45 @@ def test_resume_continues_with_the_identical_loss_sequence_exact(tiny_model_dir,
     other = common + ["--output_dir", str(tmp_path / "c"), "--lora_rank", "4",
                       "--resume", str(tmp_path / "a" / "checkpoint-0.pth")]
     assert main_finetune.main(other) == 2 and not (tmp_path / "c").exists()
-    assert "adapter flags differ from this command's: ['lora_rank']" in capsys.readouterr().err
+    assert "it was trained with other settings (lora_rank 8 -> 4)" in capsys.readouterr().err
 
+
+def test_resume_names_every_difference_in_one_message_adapter_flags_first(tiny_model_dir, tmp_path, capsys):
+    """--resume into a new folder with another --lora_rank, --blr, --batch_size and --data_path: one
+    line naming all four (lora_rank first, both data files); the data is compared by content and rows,
+    and a checkpoint whose args predate the data's SHA-256 is compared on its data path."""
+    data = _write_data(tmp_path / "train.json", _rows(4))
+    other = _write_data(tmp_path / "other.json", _rows(3))
+    common = ["--llama_path", str(tiny_model_dir), "--data_root", str(tmp_path), "--lora_layers", "0-1",
+              "--max_seq_len", "300", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "0"]
+    assert main_finetune.main(common + ["--data_path", str(data), "--output_dir", str(tmp_path / "a"),
+                                        "--batch_size", "4", "--blr", "0.01"]) == 0
+    ckpt = tmp_path / "a" / "checkpoint-0.pth"
+    saved = torch.load(ckpt, weights_only=True)["args"]
+    assert saved["data_sha256"] == file_sha256(data) and saved["data_rows"] == 4
+    capsys.readouterr()
+    differing = common + ["--output_dir", str(tmp_path / "b"), "--resume", str(ckpt), "--lora_rank", "4",
+                          "--blr", "0.02", "--batch_size", "2", "--data_path", str(other)]
+    assert main_finetune.main(differing) == 2 and not (tmp_path / "b").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    names = ["lora_rank 8 -> 4", "batch_size 4 -> 2", "blr 0.01 -> 0.02", f"data_path {data} -> {other}"]
+    assert all(n in err[0] for n in names), err[0]
+    assert err[0].index("lora_rank") < err[0].index("batch_size") < err[0].index("data_path"), err[0]
+    # the same path holding other rows: named by content
+    same_flags = common + ["--output_dir", str(tmp_path / "c"), "--batch_size", "4", "--blr", "0.01"]
+    data.write_text(json.dumps(_rows(5)))
+    assert main_finetune.main(same_flags + ["--resume", str(ckpt), "--data_path", str(data)]) == 2
+    assert f"(data_path {data} -> {data} (sha256" in capsys.readouterr().err
+    # a checkpoint written before the args held the data's hash: its path is what is compared
+    old = torch.load(ckpt, weights_only=True)
+    for key in ("data_sha256", "data_rows"):
+        del old["args"][key]
+    old["args"]["data_path"] = str(data)
+    torch.save(old, tmp_path / "old.pth")
+    assert main_finetune.main(same_flags + ["--resume", str(tmp_path / "old.pth"), "--data_path", str(other)]) == 2
+    assert f"(data_path {data} -> {other})" in capsys.readouterr().err
+    assert main_finetune.main(same_flags + ["--resume", str(tmp_path / "old.pth"), "--data_path", str(data)]) == 0
 
 def test_w_bias_trains_norms_in_fp32_and_extract_writes_them_apart(tiny_model_dir, tmp_path, capsys):
     """Also --keep_test_overlap True: the row that repeats a test question is reported and kept."""

@@ -1,7 +1,7 @@
 """Checkpoints of the official MoA code (GitHub DCDmllm/MoA, every `LLaMA3_*` folder) -> our adapter files.
 (Over 400 lines: one name mapping for all six official folders, which share most of it.)
 
-    import_official(checkpoint, out, flags="", args_path=None, llama_path=None) -> out/adapter.pth
+    import_official(checkpoint, out, flags="", args_path=None, llama_path=None, overwrite=False) -> out/adapter.pth
 
 Input: the `checkpoint-N.pth` of the official `main_finetune.py` (`{"model": the whole state dict, frozen
 base included, "args": argparse.Namespace}`) or the adapter tensors alone (its extract script's
@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from llama.model import ModelArgs, Transformer
-from moa.files.adapters import load_adapter, write_adapter_files
+from moa.files.adapters import ADAPTER_FILE, ADAPTER_PARAMS, BASE_TRAINED, load_adapter, write_adapter_files
 from moa.method.config import LORA_TARGETS, P_ADAPTER_SLOT, PROMPT_SLOT, MoAConfig
 from moa.method.inject import attach_adapters
 from moa.method.state import adapter_state_dict
@@ -436,9 +436,11 @@ def _type_router(src: _Source, i: int, router: torch.nn.Module) -> None:
             src.put(f"{q}threshold.{p}", i, f"adapter_threshold_fn.{p}")
 
 
-def convert(blocks: dict[int, Block], cfg: MoAConfig, model: Transformer) -> dict[str, torch.Tensor]:
+def convert(blocks: dict[int, Block], cfg: MoAConfig, model: Transformer, checkpoint: str = "checkpoint",
+            llama_path: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Our adapter state (every adapter tensor of `model`, attached with `cfg`) from the official tensors;
-    a FormatError naming the tensors missing, left over or of another shape."""
+    a one-line FormatError naming `checkpoint` and the tensors missing, left over or of another shape
+    (another base's shapes: the first such tensor against the base's, and --llama_path)."""
     src = _Source(blocks)
     mixture = "lora" if cfg.expert_num == 1 else ("hydra" if cfg.hydra_moe else "molora")
     for i, block in enumerate(model.layers):
@@ -454,21 +456,56 @@ def convert(blocks: dict[int, Block], cfg: MoAConfig, model: Transformer) -> dic
         if sites and block.type_router.mode != "none":
             _type_router(src, i, block.type_router)
     expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
-    wrong = [f"{k}: {tuple(src.out[k].shape)} vs {s}" for k, s in expected.items()
+    wrong = [(k, tuple(src.out[k].shape), s) for k, s in expected.items()
              if k in src.out and tuple(src.out[k].shape) != s]
     left = src.left_over()
-    if src.missing or left or wrong:
-        problems = [f"missing {src.missing[:8]}" if src.missing else "",
-                    f"not used by these flags {left[:8]}" if left else "", f"shapes {wrong[:8]}" if wrong else ""]
-        raise FormatError("the flags do not match the checkpoint's tensors (" + "; ".join(filter(None, problems))
-                          + f"); flags: {cfg.to_dict()}")
+    if src.missing or left:  # names the flags did not expect: a flag problem, whatever the shapes
+        problems = [f"missing {_cut(src.missing)}" if src.missing else "",
+                    f"not used by these flags {_cut(left)}" if left else "",
+                    f"{len(wrong)} tensors of other shapes" if wrong else ""]
+        given = {k: v for k, v in cfg.to_dict().items() if v != _DEFAULTS.get(k)}
+        raise FormatError(f"{checkpoint}: the flags do not match the checkpoint's tensors ("
+                          + "; ".join(filter(None, problems)) + f"); flags other than the defaults: {given}")
+    if wrong:
+        _refuse_shapes(checkpoint, wrong, model.args, llama_path)
     return {k: src.out[k].detach().clone().contiguous() for k in expected}
 
 
+_DEFAULTS = MoAConfig().to_dict()
+
+
+def _cut(names: list[str], keep: int = 2) -> str:
+    """The first `keep` names, and how many more there are."""
+    more = f" and {len(names) - keep} more" if len(names) > keep else ""
+    return f"{names[:keep]}{more}"
+
+
+def _refuse_shapes(checkpoint: str, wrong: list[tuple[str, tuple, tuple]], args: ModelArgs,
+                   llama_path: Optional[str]) -> None:
+    """The one-line FormatError for adapter tensors whose shapes are not what the base needs: the first
+    one (its shape against the base's), and, when a differing size is one of the base's sizes (width,
+    attention or FFN width), that the checkpoint was probably trained on another base."""
+    key, found, needed = wrong[0]
+    base_sizes = {args.dim, args.ffn_hidden_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim}
+    other_base = any(a != b and b in base_sizes for k, f, n in wrong if len(f) == len(n) for a, b in zip(f, n))
+    base = f"--llama_path {llama_path}" if llama_path else "the base its shapes imply (no --llama_path)"
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    why = ("the checkpoint was probably trained on another base (give that one as --llama_path)" if other_base
+           else "the flags do not match the checkpoint's tensors")
+    raise FormatError(f"{checkpoint}: tensor {key} has shape {list(found)} but {base} needs {list(needed)}{more}; "
+                      f"{why}")
+
+
 def import_official(checkpoint: str | Path, out: str | Path, flags: str = "", args_path: Optional[str] = None,
-                    llama_path: Optional[str] = None, log: Callable[[str], None] = print) -> Path:
+                    llama_path: Optional[str] = None, log: Callable[[str], None] = print,
+                    overwrite: bool = False) -> Path:
     """Convert `checkpoint` into `out/adapter.pth` + `out/adapter_params.json`, check that they load strictly
-    into a model of the base's shape (built on the meta device), and return the adapter path."""
+    into a model of the base's shape (built on the meta device), and return the adapter path. A ValueError
+    naming `out` when it holds another adapter's files, unless `overwrite`."""
+    held = [n for n in (ADAPTER_FILE, ADAPTER_PARAMS, BASE_TRAINED) if (Path(out) / n).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--out {out}: holds another adapter ({', '.join(held)}); give another --out, or "
+                         "--overwrite True to replace it")
     state, args = load_official(checkpoint)
     if args_path is not None:
         args = args_from(args_path)
@@ -477,7 +514,7 @@ def import_official(checkpoint: str | Path, out: str | Path, flags: str = "", ar
     margs = model_args(state, llama_path)
     with torch.device("meta"):
         model = Transformer(margs)
-    converted = convert(blocks, cfg, attach_adapters(model, cfg))
+    converted = convert(blocks, cfg, attach_adapters(model, cfg), str(checkpoint), llama_path)
     for note in notes:
         log(f"note: {note}")
     path = write_adapter_files(Path(out) / "adapter.pth", cfg, converted)

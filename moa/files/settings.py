@@ -4,7 +4,9 @@
   (files up to `HASH_LIMIT` bytes), or its size and modification time (larger ones, such as the
   shards of a base model, which would take too long to hash on every run).
 - `settings_diff(old, new)`: the keys whose values differ, as "key old -> new" phrases, for
-  one-line errors that name the differing setting.
+  one-line errors that name the differing setting. Keys ending in `_resolved` (what an automatic
+  flag such as `--dtype auto` resolved to) are not compared: the requested flags decide whether a
+  rerun matches, and a rerun reuses the recorded resolution (docs/formats.md, "Determinism").
 - a settings sidecar `<output>.settings.json` records the settings of a complete output file and
   the SHA-256 of its content, so that a file which the sidecar does not describe (another program's
   file, or an older run's) is never taken for this run's result.
@@ -19,6 +21,7 @@ import os
 import stat
 from typing import Any, Optional
 
+RESOLVED_SUFFIX = "_resolved"  # `<flag>_resolved`: what an automatic flag resolved to; not compared
 HASH_LIMIT = 1 << 30  # files up to 1 GiB are hashed; larger ones are identified by size and mtime
 SIDECAR_SUFFIX = ".settings.json"
 
@@ -79,10 +82,15 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """"key old -> new" for every (dotted, for nested dicts) key whose value differs between two
-    settings dicts, sorted."""
-    old, new = flatten(old), flatten(new)
+    settings dicts, sorted; keys ending in `RESOLVED_SUFFIX` are left out (requested flags only)."""
+    old, new = requested(flatten(old)), requested(flatten(new))
     keys = sorted(set(old) | set(new))
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def requested(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` without the keys ending in `RESOLVED_SUFFIX` (the flags as requested)."""
+    return {k: v for k, v in settings.items() if not k.endswith(RESOLVED_SUFFIX)}
 
 
 def sidecar_path(output: str | os.PathLike) -> str:

@@ -53,11 +53,10 @@ from llama.model import Transformer
 from moa.checks import check_int, require_rows
 from moa.files.adapters import LoadedAdapter, adapter_identity, load_trained_adapter
 from moa.files.settings import data_identity, file_identity, jsonable, model_identity
-from moa.infer.dtype import DTYPES, resolve_dtype
-from moa.infer.predictions import prediction_record
+from moa.infer.dtype import DTYPES, KV_CACHE_DTYPE_NAMES, resolve_dtype, resolve_kv_cache_dtype, settle_dtype
+from moa.infer.predictions import prediction_record, recorded_settings
 from moa.infer.rowjob import RowJob, run_locked
 from moa.train.data import build_prompt, load_rows
-from moa.train.distributed import on_rank0
 
 
 @dataclass
@@ -82,7 +81,8 @@ class InferenceConfig:
     top_p: float = 0.75
     seed: int = 1
     overwrite: bool = False
-    dtype: str = "auto"  # auto: bf16 where a short probe shows it faster (moa.infer.dtype), else fp32
+    dtype: str = "auto"  # auto: bf16 where the hardware declares it (llama.hardware.auto_dtype), else fp32
+    kv_cache_dtype: str = "auto"  # auto: llama.hardware.auto_kv_cache_dtype; float32 | bfloat16 as given
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # tqdm bar on rank 0
     compile_decode: bool = False  # decode steps as one captured graph (llama.generation.captured_decode)
@@ -99,6 +99,9 @@ class InferenceConfig:
             raise ValueError(f"--top_p: expected a value in (0, 1], got {self.top_p!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_NAMES:
+            raise ValueError(f"--kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPE_NAMES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         # The routing flags (registry, selector, fusion) are checked where the routing is built
         # (moa.tasks.routing.check_routing_flags, from example.py and generation_routing).
 
@@ -261,13 +264,16 @@ def make_batches(prompts: list[Prompt], max_batch_size: int, max_slots: int) -> 
 
 # ---- the generation loop -------------------------------------------------------------------------
 def generate_batch(model: Transformer, tokenizer: Any, rows: list[dict], batch: list[Prompt], cfg: InferenceConfig,
-                   generator: torch.Generator, routing: Optional[RowRouting] = None) -> tuple[list[dict], int]:
+                   generator: torch.Generator, routing: Optional[RowRouting] = None,
+                   kv_cache_dtype: Optional[torch.dtype] = None) -> tuple[list[dict], int]:
     """Generate one batch: its prediction records (each with the row `index` first) and the new tokens
-    kept. With `routing` the batch runs with its rows' adapters, and each record gets the row's choice."""
+    kept. With `routing` the batch runs with its rows' adapters, and each record gets the row's choice.
+    `kv_cache_dtype`: the KV cache's (None: `setup_caches`' default)."""
     with routing.rows(batch) if routing is not None else contextlib.nullcontext():
         outs = generate(model, [p.tokens for p in batch], max(p.budget for p in batch),
                         temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer,
-                        generator=generator, compile_decode=cfg.compile_decode)
+                        generator=generator, compile_decode=cfg.compile_decode,
+                        kv_cache_dtype=kv_cache_dtype)
     records, new_tokens = [], 0
     for p, out in zip(batch, outs):
         # The batch may run past a row's own budget; a row that reached its budget without a
@@ -288,7 +294,8 @@ def generate_batch(model: Transformer, tokenizer: Any, rows: list[dict], batch: 
 
 def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], batches: list[list[Prompt]],
                           cfg: InferenceConfig, job: RowJob, generator: torch.Generator, show_progress: bool,
-                          routing: Optional[RowRouting] = None) -> tuple[int, float]:
+                          routing: Optional[RowRouting] = None,
+                          kv_cache_dtype: Optional[torch.dtype] = None) -> tuple[int, float]:
     """Generate `batches` and append their prediction records (with the row index) to this rank's partial
     file of `job` (`RowJob.write_partial`: flushed and synced after every batch).
 
@@ -298,7 +305,7 @@ def generate_into_partial(model: Transformer, tokenizer: Any, rows: list[dict], 
 
     def run_batch(batch: list[Prompt]) -> list[dict]:
         nonlocal new_tokens
-        records, n = generate_batch(model, tokenizer, rows, batch, cfg, generator, routing)
+        records, n = generate_batch(model, tokenizer, rows, batch, cfg, generator, routing, kv_cache_dtype)
         new_tokens += n
         return records
 
@@ -329,21 +336,15 @@ def run_inference(cfg: InferenceConfig, routing: Optional[RoutingLoader] = None)
                       lambda rank, world, device: _run(cfg, routing, rank, world, str(device)))
 
 
-def _auto_dtype(device: str) -> str:
-    """`--dtype auto`: the probe's choice (moa.infer.dtype), printed with its measured rates."""
-    dtype, report = resolve_dtype("auto", device)
-    print(report)
-    return "bfloat16" if dtype == torch.bfloat16 else "float32"
-
-
 def _run(cfg: InferenceConfig, routing: Optional[RoutingLoader], rank: int, world: int,
          device: str) -> InferenceSummary:
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else on_rank0(lambda: _auto_dtype(device), rank, world)
     save = Path(cfg.save_path)
     rows = require_rows(load_rows(cfg.data_path), cfg.data_path)
     job = RowJob(save, rows, rank, world)
-    if job.settle(lambda: _settings(cfg, dtype_name), cfg.overwrite, "example.py"):
+    if job.settle(lambda: _resolved_settings(cfg, device), cfg.overwrite, "example.py"):
         return InferenceSummary(str(save), len(rows), left_alone=True, world_size=world)
+    dtype_name = job.settings["dtype_resolved"]
+    kv_cache_dtype = DTYPES[job.settings["kv_cache_dtype_resolved"]]
 
     # The routing's files (the registry) are read (and checked) before the model is loaded.
     planner = routing() if routing is not None else None
@@ -368,7 +369,8 @@ def _run(cfg: InferenceConfig, routing: Optional[RoutingLoader], rank: int, worl
     if mine:
         with router.serving() if router is not None else contextlib.nullcontext():  # attach each adapter once
             new_tokens, seconds = generate_into_partial(model, tokenizer, rows, batches, cfg, job, generator,
-                                                        show_progress=cfg.progress and rank == 0, routing=router)
+                                                        show_progress=cfg.progress and rank == 0, routing=router,
+                                                        kv_cache_dtype=kv_cache_dtype)
     gathered = job.gather({"rows": len(mine), "tokens": new_tokens, "seconds": seconds})
 
     counts = job.finish()
@@ -379,14 +381,29 @@ def _run(cfg: InferenceConfig, routing: Optional[RoutingLoader], rank: int, worl
         max_seq_len_source=source, base_trained=len(loaded.base_trained), **counts)
 
 
-def _settings(cfg: InferenceConfig, dtype_name: str) -> dict[str, Any]:
+def _resolved_settings(cfg: InferenceConfig, device: str) -> dict[str, Any]:
+    """`_settings` plus what `--dtype` and `--kv_cache_dtype` resolved to (`dtype_resolved`,
+    `kv_cache_dtype_resolved`): for auto, the values an earlier run with the same requested settings
+    recorded (its partial file or complete output), else the rule's choice (moa.infer.dtype); printed once."""
+    settings = _settings(cfg)
+    recorded = None if cfg.overwrite else recorded_settings(cfg.save_path, settings)
+    dtype_name, report = settle_dtype("dtype", cfg.dtype, lambda: resolve_dtype("auto", device), recorded)
+    kv_name, kv_report = settle_dtype("kv_cache_dtype", cfg.kv_cache_dtype,
+                                      lambda: resolve_kv_cache_dtype("auto", DTYPES[dtype_name], device), recorded)
+    print(f"{report}; {kv_report}")
+    return {**settings, "dtype_resolved": dtype_name, "kv_cache_dtype_resolved": kv_name}
+
+
+def _settings(cfg: InferenceConfig) -> dict[str, Any]:
     """What decides the predictions, recorded in the partial files' header and in the prediction
     file's sidecar: the flags as given (--max_seq_len too: its default follows from the adapter, whose
-    content is recorded), and the identity of the model, adapter, data (and routing) files."""
+    content is recorded; --dtype and --kv_cache_dtype as requested, `auto` included: what they resolved
+    to is added by `_resolved_settings`), and the identity of the model, adapter, data (and routing) files."""
     settings: dict[str, Any] = {
         **data_identity(cfg.data_path), **model_identity(cfg.ckpt_dir), **adapter_identity(cfg.adapter_path),
         "max_gen_len": cfg.max_gen_len, "min_gen_len": cfg.min_gen_len, "max_seq_len": cfg.max_seq_len,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": dtype_name,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "dtype": cfg.dtype,
+        "kv_cache_dtype": cfg.kv_cache_dtype,
     }
     if cfg.compile_decode:  # the same tokens in fp32; compiled bf16 kernels may round differently
         settings["compile_decode"] = True

@@ -44,7 +44,8 @@ from llama.model import Transformer
 from moa.checks import check_int, require_rows
 from moa.files.adapters import adapter_identity, load_trained_adapter
 from moa.files.settings import data_identity, jsonable, model_identity
-from moa.infer.dtype import DTYPE_NAMES, resolve_dtype
+from moa.infer.dtype import DTYPE_NAMES, DTYPES, resolve_dtype, settle_dtype
+from moa.infer.predictions import recorded_settings
 from moa.infer.rowjob import RowJob, run_locked
 from moa.train.data import IGNORE_INDEX, Example, InstructionDataset, collate, load_rows, tokenize_rows
 from moa.train.loss import label_cross_entropy
@@ -201,12 +202,21 @@ def _run(cfg: LossConfig, rank: int, world: int, device: torch.device) -> LossSu
         rows = [dict(row, output=strip_answer_cue(row["output"])) for row in rows]
         check_outputs(rows, cfg.data_path)  # a reference that is nothing but a cue
     job = RowJob(save, rows, rank, world)
-    dtype, report = job.on_rank0(lambda: resolve_dtype(cfg.dtype, device))  # every rank: one choice
-    dtype_name = str(dtype).removeprefix("torch.")
-    if job.settle(lambda: _settings(cfg, dtype_name), cfg.overwrite, "evaluate_loss.py"):
-        return job.on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True))
+    reports: list[str] = []
 
-    model, tokenizer = load_model(cfg.ckpt_dir, dtype=dtype, device=device)
+    def settings() -> dict[str, Any]:  # rank 0; every rank gets its result: one choice
+        requested = _settings(cfg)
+        recorded = None if cfg.overwrite else recorded_settings(save, requested)
+        name, report = settle_dtype("dtype", cfg.dtype, lambda: resolve_dtype("auto", device), recorded)
+        reports.append(report)
+        return {**requested, "dtype_resolved": name}
+
+    if job.settle(settings, cfg.overwrite, "evaluate_loss.py"):
+        return job.on_rank0(lambda: _summarise(cfg, save, rows, left_alone=True))
+    dtype_name = job.settings["dtype_resolved"]
+    report = reports[0] if reports else f"dtype {dtype_name}"
+
+    model, tokenizer = load_model(cfg.ckpt_dir, dtype=DTYPES[dtype_name], device=device)
     if cfg.adapter_path:
         load_trained_adapter(model, cfg.adapter_path, cfg.ckpt_dir)
     model.requires_grad_(False)
@@ -279,11 +289,12 @@ def _append_score(summary: LossSummary) -> None:
         os.fsync(f.fileno())
 
 
-def _settings(cfg: LossConfig, dtype_name: str) -> dict[str, Any]:
+def _settings(cfg: LossConfig) -> dict[str, Any]:
     """What decides the per-row numbers, recorded in the partial files' header and the loss file's
-    sidecar: --max_seq_len as given, the dtype, and the identity of the model, adapter and data files."""
+    sidecar: --max_seq_len and --dtype as given (`auto` too; `_run` adds `dtype_resolved`, what it
+    resolved to), and the identity of the model, adapter and data files."""
     settings = {"kind": "loss", **data_identity(cfg.data_path), **model_identity(cfg.ckpt_dir),
-                **adapter_identity(cfg.adapter_path), "max_seq_len": cfg.max_seq_len or 0, "dtype": dtype_name,
+                **adapter_identity(cfg.adapter_path), "max_seq_len": cfg.max_seq_len or 0, "dtype": cfg.dtype,
                 "strip_answer_cue": cfg.strip_answer_cue}
     return jsonable(settings)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from moa.atomic import atomic_write_files
-from moa.files.settings import read_sidecar, settings_diff, sidecar_path, sidecar_record
+from moa.files.settings import RESOLVED_SUFFIX, read_sidecar, settings_diff, sidecar_path, sidecar_record
 
 PARTIAL_SUFFIX = ".partial"
 # Fields every prediction line starts with, then the row's other fields, then what inference adds.
@@ -84,7 +84,9 @@ def _read_header(path: Path, line: str) -> dict:
 
 def _check_header(path: Path, recorded: dict, settings: dict) -> None:
     """ValueError naming the differing settings when a partial file was written with other ones."""
-    diff = settings_diff(recorded, settings)
+    diff = settings_diff(recorded, settings) or [
+        f"{k} {recorded[k]!r} -> {v!r}" for k, v in settings.items()
+        if k.endswith(RESOLVED_SUFFIX) and k in recorded and recorded[k] != v]  # never rows of two dtypes
     if diff:
         raise ValueError(f"{path}: an interrupted run with other settings ({'; '.join(diff)}) left this "
                          "partial file; rerun with its settings to resume it, or with --overwrite True to "
@@ -223,6 +225,27 @@ def complete_already(save_path: str | os.PathLike, settings: dict, n_rows: int, 
         raise ValueError(f"--save_path {save} has {n} lines for {n_rows} test rows; rerun with --overwrite True")
     _drop_finished_partials(save, settings)
     return True
+
+
+def recorded_settings(save_path: str | os.PathLike, settings: dict) -> Optional[tuple[dict, str]]:
+    """(settings, file) recorded by an earlier run with the same requested `settings` (`settings_diff`
+    finds no difference): the complete output's sidecar when it describes the file, else the first
+    partial file's header; None when there is none. A rerun adopts the automatic choices recorded
+    there (`<flag>_resolved`) instead of choosing again."""
+    candidates: list[tuple[Optional[dict], str]] = []
+    if Path(save_path).is_file():
+        candidates.append((read_sidecar(save_path), sidecar_path(save_path)))
+    for path in partial_files(save_path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        try:
+            candidates.append((_read_header(path, first), os.fspath(path)))
+        except ValueError:
+            continue
+    for recorded, where in candidates:
+        if recorded is not None and not settings_diff(recorded, settings):
+            return recorded, where
+    return None
 
 
 def count_lines(path: str | os.PathLike) -> int:

@@ -22,6 +22,7 @@ import torch
 from llama.checkpoint import load_model, load_params, load_state_dict, save_model_dir, shard_paths, stored_dtype
 from llama.hf import is_hf_dir
 from llama.model import ModelArgs
+from llama.params import linear_shapes
 from moa.files.adapters import (
     ADAPTER_PARAMS,
     BASE_TRAINED,
@@ -92,12 +93,7 @@ def lora_sites(cfg: MoAConfig) -> list[str]:
 
 def site_shape(args: ModelArgs, site: str) -> tuple[int, int]:
     """(out, in) of the frozen weight at module path `site` in a model with `args`."""
-    hd = args.head_dim
-    shapes = {"wq": (args.n_heads * hd, args.dim), "wk": (args.n_kv_heads * hd, args.dim),
-              "wv": (args.n_kv_heads * hd, args.dim), "wo": (args.dim, args.n_heads * hd),
-              "w1": (args.ffn_hidden_dim, args.dim), "w3": (args.ffn_hidden_dim, args.dim),
-              "w2": (args.dim, args.ffn_hidden_dim)}
-    return shapes[site.rsplit(".", 1)[1]]
+    return linear_shapes(args)[site.rsplit(".", 1)[1]]
 
 
 def adapter_config(file: Path) -> MoAConfig:

@@ -14,6 +14,7 @@ B for wq/wk are permuted (Meta -> halves on export, back on import); A is unchan
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -23,13 +24,16 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama.files import check_stored_dtype, read_json_object
 from llama.model import ModelArgs
 from llama.torchfile import new_temp_dir
+from moa.checks import load_tensors
 from moa.files.adapters import write_adapter_files
 from moa.lora.algebra import check_plain_lora, indices_to_spans, lora_sites, read_plain_lora, site_shape
 from moa.method.config import LORA_TARGETS, MoAConfig
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"  # what PEFT writes with safe_serialization=False
 PEFT_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model.model."
 # our module path inside a block -> transformers' (the PEFT target module name is the last part)
@@ -186,6 +190,71 @@ def _uniform_rank(pc: Mapping, peft_state: dict[str, torch.Tensor], where: str
     return big, float(big), False, out
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_positive(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# The adapter_config.json fields the import reads: what each must hold (null counts as absent; r and
+# lora_alpha must be there).
+_PEFT_RULES = {
+    "r": ("an integer >= 1", _is_int),
+    "lora_alpha": ("a number > 0", _is_positive),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "init_lora_weights": ("true, false or an initialisation's name", lambda v: isinstance(v, (bool, str))),
+    "target_modules": ("a list of module names or a pattern", lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v))),
+    "rank_pattern": ("an object of module pattern -> integer >= 1", lambda v: isinstance(v, dict) and all(
+        _is_int(x) for x in v.values())),
+    "alpha_pattern": ("an object of module pattern -> number > 0", lambda v: isinstance(v, dict) and all(
+        _is_positive(x) for x in v.values())),
+}
+
+
+def read_peft_config(path: Path) -> dict:
+    """The dict of a PEFT `adapter_config.json`, each field the import reads checked: a ValueError
+    `PATH: FIELD: expected ..., got VALUE (TYPE)` (or `missing field 'r'`), naming the file."""
+    pc = read_json_object(path, PEFT_CONFIG, f"a PEFT LoRA folder holds {PEFT_CONFIG} and {PEFT_WEIGHTS}")
+    for field in ("r", "lora_alpha"):
+        if pc.get(field) is None:
+            raise ValueError(f"{path}: missing field {field!r} ({_PEFT_RULES[field][0]})")
+    for field, (what, ok) in _PEFT_RULES.items():
+        value = pc.get(field)
+        if value is not None and not ok(value):
+            raise ValueError(f"{path}: {field}: expected {what}, got {value!r} ({type(value).__name__})")
+    return pc
+
+
+def read_peft_weights(peft_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """(tensors by PEFT's name, the file) of `adapter_model.safetensors`, else `adapter_model.bin`; one-line
+    errors naming the file: none there, damaged, not a dict of tensors, or a tensor that is not
+    floating-point."""
+    path = peft_dir / PEFT_WEIGHTS
+    if path.is_file():
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type on a damaged file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{path}: not a readable safetensors file ({reason})") from None
+    elif (peft_dir / PEFT_WEIGHTS_BIN).is_file():
+        path = peft_dir / PEFT_WEIGHTS_BIN
+        state = load_tensors(path, "PEFT adapter weights file")
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"{path}: not PEFT adapter weights (expected a dict of tensors keyed by name, got "
+                             f"{type(state).__name__})")
+    else:
+        raise FileNotFoundError(f"{path} does not exist, nor {PEFT_WEIGHTS_BIN} (a PEFT LoRA folder holds "
+                                f"{PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    for name, t in state.items():
+        check_stored_dtype(t, name, str(path))
+    return state, path
+
+
 def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_params: Mapping) -> Path:
     """Read a PEFT LoRA folder (for transformers' LLaMA) into our format: `out_path` (adapter.pth, or a
     folder that gets one) + adapter_params.json, a plain LoRA (`--type_router none`).
@@ -199,11 +268,10 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
     (PiSSA, OLoRA, CorDA, LoftQ) in a folder PEFT did not convert back to a plain LoRA.
     """
     peft_dir = Path(peft_dir)
-    cfg_path, weights_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist (a PEFT LoRA folder holds {PEFT_CONFIG} and {PEFT_WEIGHTS})")
-    pc = json.loads(cfg_path.read_text())
+    cfg_path = peft_dir / PEFT_CONFIG
+    if not peft_dir.is_dir():
+        raise FileNotFoundError(f"{peft_dir}: no such folder (a PEFT LoRA folder holds {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    pc = read_peft_config(cfg_path)
     if pc.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}, expected 'LORA'")
     for field, plain in (("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
@@ -216,7 +284,7 @@ def import_peft(peft_dir: str | os.PathLike, out_path: str | os.PathLike, base_p
                          "weights (W - scale * B A), which the folder does not hold, so its lora_A/lora_B are "
                          "not a delta to the original base; save it from PEFT converted to a plain LoRA "
                          "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and import that")
-    peft_state = load_file(str(weights_path))
+    peft_state, weights_path = read_peft_weights(peft_dir)
     r, alpha, rslora, peft_state = _uniform_rank(pc, peft_state, str(cfg_path))
     dora = bool(pc.get("use_dora", False))
     args = ModelArgs(**base_params)

@@ -9,10 +9,13 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from moa.atomic import atomic_write_json
 from moa.checks import read_json
+
+if TYPE_CHECKING:
+    from llama.params import ModelArgs
 
 # --lora_targets name -> (slot name, path of the projection inside a TransformerBlock).
 # The slot name is the key the type router uses for that LoRA type.
@@ -221,6 +224,26 @@ class MoAConfig:
 
 # Flags newer than the first adapter files, with the default that leaves them out of `to_dict`.
 _LATER_FLAGS = {"noisy_router": False, "use_rslora": False, "lora_variant": "lora", "lora_init": "default"}
+
+
+def check_pissa_rank(cfg: MoAConfig, args: "ModelArgs") -> None:
+    """Before the base's weights load: a ValueError unless --lora_rank fits every --lora_targets
+    projection that --lora_init pissa* starts from (PiSSA takes the top-r singular triplets of the
+    frozen weight (out, in), so r <= min(out, in)). `args`: the base's sizes, read from its params.json
+    or config.json alone (`llama.checkpoint.read_model_args`)."""
+    from llama.params import linear_shapes  # here: `llama` imports torch, this module does not
+
+    if pissa_iterations(cfg.lora_init) is None or not cfg.layers("lora_layers", args.n_layers):
+        return
+    shapes = linear_shapes(args)
+    names = [LORA_TARGETS[t][1].rsplit(".", 1)[1] for t in cfg.target_list]  # 'K' -> 'wk'
+    small = [name for name in names if cfg.lora_rank > min(shapes[name])]
+    if small:
+        limit = min(min(shapes[name]) for name in names)
+        sites = ", ".join(f"{name}: {shapes[name][0]}x{shapes[name][1]}" for name in small)
+        raise ValueError(f"--lora_rank {cfg.lora_rank} with --lora_init {cfg.lora_init}: PiSSA takes the top-r "
+                         f"singular vectors of each target (out x in), so r can be at most {limit} for "
+                         f"--lora_targets {cfg.lora_targets} on this base; too large for {sites}")
 
 
 def pissa_iterations(init: str) -> Optional[int]:

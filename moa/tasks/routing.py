@@ -36,7 +36,7 @@ from moa.infer.generate import InferenceConfig, RoutingLoader
 from moa.tasks.embedding import embed_rows
 from moa.tasks.fusion import AttachedBank, attach_bank, load_bank, top_p_weights
 from moa.tasks.registry import Registry, as_registry, registry_from_flags, registry_named
-from moa.tasks.selector import Selector, check_tasks, load_selector
+from moa.tasks.selector import Selector, check_selector_base, check_tasks, load_selector
 from moa.tasks.swap import LORA_KIND, MOA_KIND, AdapterSwap, load_swap_adapter
 
 FUSION_MODES = ("top1", "topp")
@@ -275,22 +275,22 @@ def load_task_adapters(model: Transformer, reg: Registry, base_dir: str = "the b
     return TaskAdapters(model, reg.tasks, bank, bank_tasks, AdapterSwap(model, swaps), where)
 
 
-def load_routing(model: Transformer, registry: Registry | str | os.PathLike, selector: str | os.PathLike,
+def load_routing(model: Transformer, registry: Registry | str | os.PathLike, selector: Selector | str | os.PathLike,
                  base_dir: str = "the base model") -> tuple[Selector, TaskAdapters]:
     """Read the selector (and the registry, when given by path: a registry JSON or domain/task/ tree; a
     `Registry` is taken as it is, e.g. a data config and an adapter pool read by `registry_from_flags`), and attach
     the registry's adapters to `model` (bare base; `load_task_adapters`). The registry's tasks must be
     the selector's classes, in any order (an updated selector keeps its old classes' indices): the
-    adapters are taken in the selector's class order."""
+    adapters are taken in the selector's class order. `selector`: a file, or a `Selector` already read."""
     reg = as_registry(registry)
-    sel = load_selector(selector)
+    sel = selector if isinstance(selector, Selector) else load_selector(selector)
     check_tasks(sel, reg.tasks, reg.flags)
     reg = replace(reg, entries=[reg.entry(t) for t in sel.cfg.tasks])
     return sel, load_task_adapters(model, reg, base_dir)
 
 
 def plan_task_routing(model: Transformer, tokenizer: Any, rows: Sequence[dict], registry: Registry | str | os.PathLike,
-                      selector: str | os.PathLike, fusion: str = "top1", top_p_adapters: float = 0.9,
+                      selector: Selector | str | os.PathLike, fusion: str = "top1", top_p_adapters: float = 0.9,
                       base_dir: str = "the base model") -> RoutingPlan:
     """`load_routing`, then `route_rows` (example.py's one pass over a test file)."""
     sel, adapters = load_routing(model, registry, selector, base_dir)
@@ -301,8 +301,9 @@ def generation_routing(cfg: InferenceConfig) -> Optional[RoutingLoader]:
     """The routing that example.py's flags (`cfg`) describe, as `moa.infer.generate.run_inference(cfg,
     routing)` takes it: None when they name no registry; otherwise the flags are checked
     (`check_routing_flags`, reading no file) and the loader returned reads the registry
-    (`registry_from_flags`) when generation calls it, before the model is loaded; the planner it returns
-    routes the test rows on the loaded base (`plan_task_routing`)."""
+    (`registry_from_flags`) and the selector when generation calls it, before the model is loaded (a
+    selector of another base or registry is refused there: `check_selector_base`, `check_tasks`); the
+    planner it returns routes the test rows on the loaded base (`plan_task_routing`)."""
     check_routing_flags(cfg.adapter_path, cfg.adapter_registry, cfg.selector, cfg.fusion, cfg.top_p_adapters,
                         cfg.data_config, cfg.adapter_pool)
     if not registry_named(cfg.adapter_registry, cfg.data_config, cfg.adapter_pool):
@@ -310,9 +311,12 @@ def generation_routing(cfg: InferenceConfig) -> Optional[RoutingLoader]:
 
     def load() -> Callable[[Transformer, Any, Sequence[dict]], RoutingPlan]:
         registry = registry_from_flags(cfg.adapter_registry, cfg.data_config, cfg.adapter_pool)
+        sel = load_selector(cfg.selector)
+        check_selector_base(sel, cfg.selector, cfg.ckpt_dir)
+        check_tasks(sel, registry.tasks, registry.flags)
 
         def plan(model: Transformer, tokenizer: Any, rows: Sequence[dict]) -> RoutingPlan:
-            return plan_task_routing(model, tokenizer, rows, registry, cfg.selector, cfg.fusion,
+            return plan_task_routing(model, tokenizer, rows, registry, sel, cfg.fusion,
                                      cfg.top_p_adapters, base_dir=cfg.ckpt_dir)
 
         return plan

@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.checkpoint import read_model_args
 from moa.atomic import atomic_write_files
 from moa.checks import check_int, load_tensors
 from moa.files.settings import sha256_file
-from moa.tasks.embedding import EmbedConfig, EmbeddingCache, embed_tokens, row_tokens
+from moa.tasks.embedding import EmbedConfig, EmbeddingCache, embed_tokens, parse_encoder, row_tokens
 from moa.train.data import load_rows
 
 if TYPE_CHECKING:  # type hints only: the registry is read by the caller
@@ -460,6 +461,21 @@ def load_selector(path: str | os.PathLike) -> Selector:
     else:
         sel.keys, sel.key_task = blob["keys"], blob["key_task"]
     return sel
+
+
+def check_selector_base(sel: Selector, path: str | os.PathLike, base_dir: str | os.PathLike,
+                        base_flag: str = "--ckpt_dir") -> None:
+    """Before the base loads: a ValueError unless the selector file `path` fits the base of `base_dir`
+    (read from its params.json / config.json alone): the width `dim` its embeddings had, and the block
+    its encoder `hidden:LAYER` reads. `base_flag` names the base in the message."""
+    args = read_model_args(base_dir)
+    if sel.cfg.dim != args.dim:
+        raise ValueError(f"--selector {path}: trained on a base with dim {sel.cfg.dim}, {base_flag} {base_dir} "
+                         f"has dim {args.dim}")
+    _, layer = parse_encoder(sel.cfg.encoder)
+    if layer is not None and layer >= args.n_layers:
+        raise ValueError(f"--selector {path}: its encoder {sel.cfg.encoder} reads block {layer}, {base_flag} "
+                         f"{base_dir} has {args.n_layers} blocks (0-{args.n_layers - 1})")
 
 
 def check_tasks(sel: Selector, tasks: Sequence[str], where: str) -> None:

@@ -28,10 +28,11 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from llama.model import Transformer
 from moa.checks import check_int
+from moa.infer.dtype import resolve_kv_cache_dtype
 from moa.infer.generate import make_batches, make_prompts
 from moa.tasks.registry import Registry, as_registry
 from moa.tasks.routing import RoutingPlan, TaskAdapters, load_routing, route_rows
-from moa.tasks.selector import Selector
+from moa.tasks.selector import Selector, check_selector_base, load_selector
 
 Row = Union[dict, str]  # a test row ({"instruction", "input"?}) or an instruction alone
 
@@ -49,11 +50,14 @@ class TaskRoutedModel:
         """The base of `base_dir`, the adapters of `registry` and the selector file trained on it.
         `registry`: a registry JSON or domain/task/ tree (as `--adapter_registry`), or a `Registry`, e.g.
         an Adapters Selector data config and adapter pool, `load_pool_registry(data_config, adapter_pool)`. The
-        registry is read and checked before the base is loaded."""
+        registry and the selector are read and checked (`check_selector_base`: the selector's base) before
+        the base is loaded."""
         reg = as_registry(registry)
+        sel = load_selector(selector)
+        check_selector_base(sel, selector, base_dir, base_flag="base_dir")
         model, tokenizer = load_model(base_dir, dtype=dtype, device=device)
         model.eval()
-        sel, adapters = load_routing(model, reg, selector, base_dir=str(base_dir))
+        sel, adapters = load_routing(model, reg, sel, base_dir=str(base_dir))
         return cls(model, tokenizer, sel, adapters)
 
     @property
@@ -69,16 +73,19 @@ class TaskRoutedModel:
     @torch.inference_mode()
     def generate(self, rows: Sequence[Row], max_gen_len: int = 200, *, fusion: str = "top1",
                  top_p_adapters: float = 0.9, temperature: float = 0.0, top_p: float = 1.0,
-                 max_batch_size: int = 16, seed: int = 0) -> list[dict]:
+                 max_batch_size: int = 16, seed: int = 0, kv_cache_dtype: str = "auto") -> list[dict]:
         """Route and generate `rows`; one dict per row, in order: `generate` (the new text),
-        `selected_task` (top-1) and `adapter_weights` ({task: weight} of the adapters it ran with)."""
+        `selected_task` (top-1) and `adapter_weights` ({task: weight} of the adapters it ran with).
+        `kv_cache_dtype`: auto | float32 | bfloat16, as example.py's --kv_cache_dtype."""
         check_int("max_gen_len", max_gen_len, 1)
         check_int("max_batch_size", max_batch_size, 1)
         rows = _as_rows(rows)
         plan = self.route(rows, fusion, top_p_adapters)
         context = self.model.args.max_seq_len
         prompts = make_prompts(self.tokenizer, rows, list(range(len(rows))), context, max_gen_len, 1)
-        generator = torch.Generator(device=self.model.tok_embeddings.weight.device).manual_seed(seed)
+        weight = self.model.tok_embeddings.weight
+        kv_dtype, _ = resolve_kv_cache_dtype(kv_cache_dtype, weight.dtype, weight.device)
+        generator = torch.Generator(device=weight.device).manual_seed(seed)
         out: list[dict] = [{} for _ in rows]
         with plan.serving():  # the model is put back at the end, also after an error
             for part in plan.partition(prompts):
@@ -86,7 +93,7 @@ class TaskRoutedModel:
                     with plan.rows(batch):
                         new = generate(self.model, [p.tokens for p in batch], max(p.budget for p in batch),
                                        temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
-                                       generator=generator)
+                                       generator=generator, kv_cache_dtype=kv_dtype)
                     for p, tokens in zip(batch, new):
                         out[p.index] = {"generate": self.tokenizer.decode(tokens[: p.budget]),
                                         **plan.row_info(p.index)}

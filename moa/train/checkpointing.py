@@ -12,7 +12,8 @@ A checkpoint is a plain dict, loadable with `torch.load(..., weights_only=True)`
     world_size    processes that wrote it
     rng           one RNG state per rank (`capture_rng_state`)
     adapter_params  `MoAConfig.to_dict()`
-    args          the command-line flags as a plain dict
+    args          the command-line flags as a plain dict, with the training data's absolute `data_path`,
+                  `data_sha256` and `data_rows` (rows trained on), compared on --resume
 The frozen base is never in it.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from moa.atomic import atomic_write_files
 from moa.checks import load_tensors
 from moa.method.config import MoAConfig
 from moa.method.state import adapter_state_dict, load_adapter_state_dict
-from moa.train.run_dir import check_resume_args
+from moa.train.run_dir import check_resume
 from moa.train.schedule import WarmupCosine
 
 CHECKPOINT_FORMAT = "moa-train-checkpoint"
@@ -138,20 +139,34 @@ def save_training_checkpoint(path: str, model: nn.Module, base_trained: list[str
         dist.barrier()
 
 
+def checked_resume_checkpoint(path: str, moa_cfg: MoAConfig, args: Optional[dict[str, Any]] = None,
+                              data: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The --resume checkpoint, loaded and compared with this command (before the model loads): its adapter
+    flags with `moa_cfg`, given `args` its RESULT_FLAGS, given `data` (`run_dir.data_record`) its data;
+    one ValueError naming every difference (`run_dir.check_resume`)."""
+    ckpt = load_training_checkpoint(path)
+    if args is not None:
+        saved_adapter = MoAConfig.from_dict(ckpt["adapter_params"]).to_dict()  # older files: defaults filled in
+        check_resume(path, ckpt["args"], saved_adapter, args, moa_cfg.to_dict(), data)
+    return ckpt
+
+
 def resume_training(path: str, model: nn.Module, base_trained: list[str], optimizer: torch.optim.Optimizer,
                     schedule: WarmupCosine, moa_cfg: MoAConfig, rank: int, world_size: int,
-                    say: Callable[[str], None] = print, args: Optional[dict[str, Any]] = None) -> tuple[int, int]:
+                    say: Callable[[str], None] = print, args: Optional[dict[str, Any]] = None,
+                    data: Optional[dict[str, Any]] = None, ckpt: Optional[dict[str, Any]] = None) -> tuple[int, int]:
     """Load a checkpoint into the model's adapters (and --w_bias tensors), the optimizer, the schedule
     and this rank's RNGs; returns (first epoch to run, optimizer steps taken).
 
-    ValueError (naming --resume) when its adapter flags or --w_bias differ from the current run's, or
-    (given this command's `args`) any flag that decides the results (`run_dir.RESULT_FLAGS`).
+    ValueError (naming --resume and, in one message, every difference: its adapter flags, then, given
+    this command's `args`, the flags that decide the results (`run_dir.RESULT_FLAGS`), then, given
+    `data` (`run_dir.data_record`), the training data) when they differ from the current run's, or its
+    --w_bias tensors do. `ckpt`: the checkpoint already loaded (`load_training_checkpoint(path)`).
     """
-    ckpt = load_training_checkpoint(path)
-    if args is not None:
-        check_resume_args(path, ckpt["args"], args)
-    if ckpt["adapter_params"] != moa_cfg.to_dict():
-        diff = sorted(k for k, v in moa_cfg.to_dict().items() if ckpt["adapter_params"].get(k) != v)
+    ckpt = checked_resume_checkpoint(path, moa_cfg, args, data) if ckpt is None else ckpt
+    saved_adapter = MoAConfig.from_dict(ckpt["adapter_params"]).to_dict()  # older files: their defaults filled in
+    if saved_adapter != moa_cfg.to_dict():
+        diff = sorted(k for k, v in moa_cfg.to_dict().items() if saved_adapter.get(k) != v)
         raise ValueError(f"--resume {path}: its adapter flags differ from this command's: {diff}")
     if sorted(ckpt["base_trained"]) != sorted(base_trained):
         raise ValueError(f"--resume {path}: it was trained with a different --w_bias")

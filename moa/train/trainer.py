@@ -29,21 +29,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from llama.checkpoint import load_model
+from llama.checkpoint import load_model, read_model_args
+from llama.hardware import auto_dtype
 from llama.kernels import use_compiled_kernels
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from moa.checks import check_int, check_number
 from moa.files.lock import OutputLock
-from moa.method.config import MoAConfig
+from moa.method.config import MoAConfig, check_pissa_rank
 from moa.method.inject import MoABlock, adapter_names, attach_adapters
-from moa.train.checkpointing import checkpoint_path, resume_training, save_training_checkpoint
+from moa.train.checkpointing import (
+    checked_resume_checkpoint,
+    checkpoint_path,
+    resume_training,
+    save_training_checkpoint,
+)
 from moa.train.data import InstructionDataset, collate, load_rows, split_test_overlap, tokenize_rows
 
 # The loss and the process-group names are also importable from here, where they used to live.
 from moa.train.distributed import DistEnv, init_distributed, on_rank0, wrap_ddp  # noqa: F401
 from moa.train.loss import LOGITS_CHUNK_ELEMENTS, CausalLMLoss, count_labels, label_cross_entropy  # noqa: F401
-from moa.train.run_dir import claim_output_dir, record_run, train_settings
+from moa.train.run_dir import SETTINGS_FILE, claim_output_dir, data_record, record_run, train_settings
 from moa.train.schedule import WarmupCosine, make_adamw, scaled_lr
 
 Say = Callable[..., None]
@@ -70,7 +76,8 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 0.02
     w_bias: bool = False
-    bf16: bool = False
+    bf16: bool = False  # what --bf16 resolved to (`resolve_bf16`)
+    bf16_requested: Optional[str] = None  # "auto" when --bf16 auto asked for it (recorded as bf16)
     grad_checkpointing: bool = False
     flash_attention2: bool = False
     compile_kernels: bool = False  # RMSNorm and SwiGLU fused by torch.compile (llama/kernels.py)
@@ -173,6 +180,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_bf16(requested: Any, device: str, output_dir: str, resume: str = "",
+                 overwrite: bool = False) -> tuple[bool, str]:
+    """What `--bf16 requested` (True, False or "auto") means for this run, and a one-line report. auto:
+    the choice an earlier run of this output folder (or of --resume's folder) recorded in its
+    train_settings.json (`bf16_resolved` under `bf16: "auto"`), so that a resumed run trains in the dtype
+    it started in; else `llama.hardware.auto_dtype` (the device's declared features, never a timing)."""
+    if requested != "auto":
+        return bool(requested), f"--bf16 {bool(requested)}"
+    folders = ([] if overwrite else [output_dir]) + ([os.path.dirname(resume) or "."] if resume else [])
+    for folder in folders:
+        path = os.path.join(folder, SETTINGS_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, dict) and recorded.get("bf16") == "auto" and \
+                isinstance(recorded.get("bf16_resolved"), bool):
+            return recorded["bf16_resolved"], f"--bf16 auto: reusing bf16 {recorded['bf16_resolved']} recorded in {path}"
+    dtype, reason = auto_dtype(device)
+    return dtype == torch.bfloat16, f"--bf16 auto -> {dtype == torch.bfloat16} ({reason})"
+
+
 def finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any]) -> dict[str, Any]:
     """Train the adapters of `moa_cfg` on `cfg.data_path` and write `checkpoint-{epoch}.pth` and
     `log.txt` to `cfg.output_dir` (created only once every input has been checked).
@@ -184,6 +214,7 @@ def finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any]) -> dict
     rows = load_rows(cfg.data_path)
     if cfg.resume and not os.path.isfile(cfg.resume):
         raise FileNotFoundError(f"--resume {cfg.resume}: checkpoint file not found")
+    check_pissa_rank(moa_cfg, read_model_args(cfg.llama_path))  # the base's sizes, before its weights load
     env = init_distributed(cfg.device)
     lock = OutputLock(cfg.output_dir)  # rank 0's, for the whole run
     try:
@@ -215,10 +246,15 @@ def _finetune(cfg: TrainConfig, moa_cfg: MoAConfig, args: dict[str, Any], rows: 
               env: DistEnv, settings: dict[str, Any]) -> dict[str, Any]:
     say: Say = print if env.is_main else (lambda *a, **k: None)
     rows = _drop_test_overlap(rows, cfg, say)
+    asked = {"bf16": cfg.bf16_requested} if cfg.bf16_requested is not None else {}  # compared as asked (auto)
+    flags, data = {**dataclasses.asdict(cfg), **asked}, data_record(cfg.data_path, len(rows))
+    args = {**args, **data}  # the checkpoints record the data (file, SHA-256, rows), compared on --resume
+    # --resume: every difference (adapter flags, training flags, data) in one message, before the model loads
+    ckpt = checked_resume_checkpoint(cfg.resume, moa_cfg, flags, data) if cfg.resume else None
     seed_everything(cfg.seed + env.rank)
     model, tokenizer, base_trained = _build_model(cfg, moa_cfg, env, say)
     sampler, loader = _make_loader(rows, tokenizer, cfg, env, say)
-    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say, dataclasses.asdict(cfg))
+    run = _make_run(cfg, moa_cfg, model, base_trained, len(loader), env, say, flags, ckpt)
     _report(model, cfg, env, len(sampler.dataset), run.peak_lr, -(-len(loader) // cfg.accum_iter), say)
 
     if env.is_main:
@@ -355,7 +391,8 @@ def _make_loader(rows: list[dict], tokenizer: Tokenizer, cfg: TrainConfig, env: 
 
 
 def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_trained: list[str],
-              batches_per_epoch: int, env: DistEnv, say: Say, flags: dict[str, Any]) -> _Run:
+              batches_per_epoch: int, env: DistEnv, say: Say, flags: dict[str, Any],
+              ckpt: Optional[dict[str, Any]] = None) -> _Run:
     """AdamW and its schedule at --start_epoch, or where the --resume checkpoint left off."""
     peak_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, env.world_size, cfg.lr)
     optimizer = make_adamw(model, peak_lr, cfg.weight_decay)
@@ -364,7 +401,7 @@ def _make_run(cfg: TrainConfig, moa_cfg: MoAConfig, model: Transformer, base_tra
     start_epoch, step = cfg.start_epoch, cfg.start_epoch * steps_per_epoch
     if cfg.resume:
         start_epoch, step = resume_training(cfg.resume, model, base_trained, optimizer, schedule, moa_cfg,
-                                            env.rank, env.world_size, say, flags)
+                                            env.rank, env.world_size, say, flags, ckpt=ckpt)
     if start_epoch >= cfg.epochs:
         raise ValueError(f"--epochs {cfg.epochs}: training would start at epoch {start_epoch}, nothing to do")
     return _Run(optimizer, schedule, peak_lr, base_trained, start_epoch, step,
