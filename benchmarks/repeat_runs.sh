@@ -43,7 +43,7 @@ other=$([ -n "$FLAGS" ] && echo "" || echo "avx512_bf16")
 (run "$WORK/killed.jsonl" MOA_CPU_FLAGS="$FLAGS") &
 pid=$!
 # the partial file's first line is its settings header; a second line is the first row written
-until [ "$(wc -l < "$WORK/killed.jsonl.partial" 2>/dev/null || echo 0)" -ge 2 ]; do
+until [ -f "$WORK/killed.jsonl.partial" ] && [ "$(wc -l < "$WORK/killed.jsonl.partial")" -ge 2 ]; do
   sleep 0.2; kill -0 $pid 2>/dev/null || break
 done
 pkill -KILL -f "save_path $WORK/killed.jsonl" || true
