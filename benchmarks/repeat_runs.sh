@@ -14,15 +14,14 @@ FLAGS=${FLAGS-avx512_bf16}
 MODEL=${MODEL:-models/smollm2}
 [ -f "$MODEL/params.json" ] || python3 scripts/import_gguf.py --out "$MODEL"
 WORK=$(mktemp -d)
-trap 'kill $LOADER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+LOADERS=()
+trap 'kill "${LOADERS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 python3 scripts/slice_data.py --rows "$ROWS" --out "$WORK/test.json" data/math/gsm8k/test.json >/dev/null
-# another process loading the CPU, as on a shared machine
-python3 -c "
-import multiprocessing as mp
-def spin(_):
-    while True: pass
-mp.Pool(2).map(spin, range(2))" &
-LOADER=$!
+# other processes loading both cores, as on a shared machine (each one a plain busy loop, killed at exit)
+for _ in 1 2; do
+  python3 -c "while True: pass" &
+  LOADERS+=($!)
+done
 run() {  # run OUT [extra env...]
   local out=$1; shift
   env "$@" python3 example.py --ckpt_dir "$MODEL" --data_path "$WORK/test.json" --save_path "$out" \
