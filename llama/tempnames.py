@@ -64,7 +64,7 @@ def remove_stale_temp_dirs(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def new_temp_dir(out_dir: str | os.PathLike) -> Path:
-    """A new empty folder `.NAME.tmp-HOST-PID-XXXXXXXX` beside `out_dir`, to fill and rename to `out_dir`,
+    """A new empty folder `.NAME.tmp-HOST-PID-<8 random characters>` beside `out_dir`, to fill and rename to `out_dir`,
     after removing the ones that dead writers of `out_dir` left. Made with a plain mkdir, so it gets
     0777 less the umask like any folder (mkdtemp's would stay 0700)."""
     out_dir = Path(out_dir)

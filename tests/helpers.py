@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -105,3 +108,17 @@ def make_lora_adapter(base_dir: Path, path: Path, lora_layers: str = "0-2", targ
     save_adapter(model, str(path))
     return model
 
+
+
+def kill_after_rows(cmd: list[str], cwd: Path, env: dict, partial: Path, rows: int, timeout: float = 120) -> None:
+    """Run `cmd` (example.py) and SIGKILL it once its partial file holds its settings line and `rows` rows;
+    AssertionError when it finished before it could be killed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_text().count("\n") >= rows + 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "example.py finished before it could be killed"

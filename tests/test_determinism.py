@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from moa.files.settings import sidecar_path
 from moa.infer.dtype import resolve_dtype
 from moa.infer.generate import InferenceConfig, run_inference
 from tests import test_example
+from tests.helpers import kill_after_rows
 from tests.test_example import tiny_rows, write_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,15 +89,7 @@ def test_killed_auto_run_resumed_on_a_machine_that_would_choose_fp32_reuses_bf16
            "--save_path", str(save), "--max_gen_len", "48", "--min_gen_len", "4", "--max_batch_size", "1",
            "--temperature", "0", "--progress", "False", "--dtype", "auto"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOA_CPU_FLAGS": "avx512_bf16"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 3:  # settings + 2 rows
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "example.py finished before it could be killed"
+    kill_after_rows(cmd, ROOT, env, partial, rows=2)
     header = json.loads(partial.read_text().splitlines()[0])["settings"]
     assert (header["dtype"], header["dtype_resolved"]) == ("auto", "bfloat16")
     assert (header["kv_cache_dtype"], header["kv_cache_dtype_resolved"]) == ("auto", "float32")

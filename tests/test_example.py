@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from llama.checkpoint import load_model
 from llama.generation import generate
 from moa.infer.generate import InferenceConfig, encode_prompt, format_summary, resolve_max_seq_len, run_inference
 from moa.train.data import build_prompt
-from tests.helpers import TINY_PARAMS, random_state_dict, write_meta_model_dir
+from tests.helpers import TINY_PARAMS, kill_after_rows, random_state_dict, write_meta_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
@@ -215,16 +213,7 @@ def test_resume_after_sigkill_of_example_py_exact(tiny_dir, tmp_path):
     cmd = [sys.executable, "example.py", "--ckpt_dir", str(tiny_dir), "--data_path", str(data),
            "--save_path", str(save), "--max_gen_len", "48", "--min_gen_len", "4", "--max_batch_size", "1",
            "--temperature", "0", "--progress", "False", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 4:  # settings + 3 rows
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "example.py finished before it could be killed"
+    kill_after_rows(cmd, ROOT, {**os.environ, "OMP_NUM_THREADS": "1"}, partial, rows=3)
     assert not save.exists()
     done_before = partial.read_text().count("\n") - 1
     summary = run_inference(config(tiny_dir, data, save, max_gen_len=48, max_batch_size=4))
