@@ -119,9 +119,9 @@ def generate(
     kv_cache_dtype: the KV cache's dtype; None: `setup_caches`' default (`llama.hardware.auto_kv_cache_dtype`).
 
     KV cache: a cache the caller made with `model.setup_caches` is reused (replaced by a larger one
-    when it is too small, or by one of `kv_cache_dtype` when that is given and differs) and kept.
-    Without one, a cache is made for this call and removed at the
-    end, so that a later plain forward (training, scoring) runs without a cache, as before the call.
+    when it is too small, or by one of `kv_cache_dtype` when that is given and differs) and kept. Without
+    one, a cache is made for this call and removed at the end, so that a later plain forward (training,
+    scoring) runs without a cache, as before the call.
     """
     if not prompt_tokens:
         return []
@@ -138,10 +138,7 @@ def generate(
     total_len = min(max_seq_len, max_prompt + max_gen_len)
     max_gen_len = total_len - max_prompt
 
-    own_cache = model.cache_shape is None
-    if (own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len
-            or (kv_cache_dtype is not None and model.layers[0].attention.cache.k.dtype != kv_cache_dtype)):
-        model.setup_caches(bsz, _cache_length(total_len, max_seq_len, compile_decode), dtype=kv_cache_dtype)
+    own_cache = _fit_cache(model, bsz, total_len, max_seq_len, compile_decode, kv_cache_dtype)
     try:
         out, n_steps = _generate_loop(model, prompt_tokens, max_gen_len, temperature, top_p, stop_tokens,
                                       generator, callback, compile_decode)
@@ -153,6 +150,18 @@ def generate(
         cut = next((j for j, t in enumerate(row) if t in stop_tokens), len(row))
         result.append(row[:cut])
     return result
+
+
+def _fit_cache(model: Transformer, bsz: int, total_len: int, max_seq_len: int, compile_decode: bool,
+               kv_cache_dtype: Optional[torch.dtype]) -> bool:
+    """Make the KV cache fit `bsz` rows of `total_len` tokens (and `kv_cache_dtype`, when given): the
+    caller's cache is kept when it fits, replaced when not. True when the model had no cache (the call's
+    own cache, removed at its end)."""
+    own_cache = model.cache_shape is None
+    if (own_cache or model.cache_shape[0] < bsz or model.cache_shape[1] < total_len
+            or (kv_cache_dtype is not None and model.layers[0].attention.cache.k.dtype != kv_cache_dtype)):
+        model.setup_caches(bsz, _cache_length(total_len, max_seq_len, compile_decode), dtype=kv_cache_dtype)
+    return own_cache
 
 
 def _cache_length(total_len: int, max_seq_len: int, compile_decode: bool) -> int:
